@@ -1,0 +1,70 @@
+"""Codec hot path: encode + decode_accumulate of one gradient vs the obvious torch code for the same job.
+
+Full mode: a 16 M-float (64 MiB) gradient; quick mode: 1 M floats. ``nbytes`` is the float32 gradient's
+size, so GB/s compare like with like. The torch baselines do what a straightforward PyTorch parameter
+server would: ``.half()`` then ``acc.add_(h, alpha=w)``; blockwise int8 with tensor ops;
+``torch.topk`` + ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.conftest import best_of, report, size
+from hetero_ps import codecs, kernels
+
+N = size(16 << 20, 1 << 20)
+W = 0.25
+
+
+def _grad():
+    return np.random.default_rng(0).standard_normal(N).astype(np.float32)
+
+
+def _torch_baseline(spec: str, g: torch.Tensor, acc: torch.Tensor, residual: torch.Tensor):
+    if spec == "none":
+        return lambda: acc.add_(g, alpha=W)
+    if spec in ("fp16", "bf16"):
+        dt = torch.float16 if spec == "fp16" else torch.bfloat16
+        return lambda: acc.add_(g.to(dt), alpha=W)
+    if spec == "int8":
+        def int8():
+            blocks = g.view(-1, 256)
+            scales = blocks.abs().amax(1) / 127
+            q = torch.round(blocks / scales.clamp_min(1e-30)[:, None]).to(torch.int8)
+            acc.view(-1, 256).add_(q.float() * (scales * W)[:, None])
+        return int8
+    k = max(1, math.ceil(float(spec.split(":")[1]) * N))
+
+    def topk():
+        e = g + residual
+        idx = torch.topk(e.abs(), k, sorted=False).indices
+        vals = e[idx]
+        residual.copy_(e)
+        residual[idx] = 0
+        acc.index_add_(0, idx, vals, alpha=W)
+    return topk
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "bf16", "int8", "topk:0.01"])
+def bench_codec_encode_decode_accumulate(spec):
+    g = _grad()
+    acc = np.zeros(N, np.float32)
+    enc, dec = codecs.make_codec(spec, N), codecs.make_codec(spec, N)
+
+    def ours():
+        fields, segments = enc.encode(g)
+        dec.decode_accumulate(acc, fields, segments, W)
+
+    t_ours = best_of(ours)
+    tg, tacc, tres = torch.from_numpy(g.copy()), torch.zeros(N), torch.zeros(N)
+    t_base = best_of(_torch_baseline(spec, tg, tacc, tres))
+    copy_dst = np.empty_like(g)
+    t_copy = best_of(lambda: np.copyto(copy_dst, g))
+    rec = report(f"codec {spec} encode+decode_accumulate [{kernels.BACKEND}]", t_ours,
+                 {"torch": t_base, "np.copyto (memory bandwidth)": t_copy}, g.nbytes)
+    assert rec["ours_s"] > 0

@@ -1,0 +1,65 @@
+"""Render the JSON lines written by ``benchmarks/conftest.py:report`` into ``benchmarks/RESULTS.md``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+
+def machine_info() -> list[str]:
+    import numpy
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        from hetero_ps import kernels
+
+        backend = kernels.BACKEND
+    except Exception as exc:  # report, do not fail the rendering
+        backend = f"unavailable ({exc})"
+    return [
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores; RAM {psutil.virtual_memory().total / 2**30:.1f} GiB",
+        f"- Python {platform.python_version()}, numpy {numpy.__version__}, torch {torch.__version__}",
+        f"- kernels backend: {backend}",
+    ]
+
+
+def render(records: list[dict]) -> str:
+    lines = ["# Benchmark results", "", "Written by `scripts/bench.sh` (full mode). Ratios above 1 mean",
+             "hetero_ps is faster than that baseline, measured in the same run.", "", "## Machine", ""]
+    lines += machine_info()
+    lines += ["", "## Results", "", "| benchmark | size | ours | baseline | baseline speed | ratio |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        mib = f"{r['bytes'] / 2**20:.0f} MiB"
+        ours = f"{r['ours_gbps']:.2f} GB/s"
+        if not r["baselines"]:
+            lines.append(f"| {r['name']} | {mib} | {ours} | | | |")
+        for name, b in r["baselines"].items():
+            lines.append(f"| {r['name']} | {mib} | {ours} | {name} | {b['gbps']:.2f} GB/s | {b['ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    src, dst = argv
+    with open(src) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(dst, "w") as f:
+        f.write(render(records))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,127 @@
+"""A loopback cluster of real processes (a master and its workers on 127.0.0.1) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+class LocalCluster:
+    """A master and workers as real processes on 127.0.0.1, for tests and benchmarks.
+
+    ``server_args`` are passed to ``python -m hetero_ps.server`` (``--host``, ``--port 0`` and
+    ``--port-file`` are added); each entry of ``workers`` is a list of extra arguments for one
+    ``python -m hetero_ps.worker``. Every process's output goes to ``<workdir>/<name>.log``.
+    Leaving the ``with`` block (or ``close()``) terminates whatever still runs, then kills it.
+
+        with LocalCluster(tmp_path, ["--model", "simple_cnn", "--world-size", "3", "--no-local-worker"],
+                          workers=[["--rank", "1"], ["--rank", "2"]]) as c:
+            assert c.wait(timeout=120) == 0
+            summary = c.summary()
+    """
+
+    def __init__(self, workdir, server_args, workers=(), token: str = "test-token", env: dict | None = None,
+                 start_timeout: float = 60.0):
+
+        self.workdir = os.fspath(workdir)
+        self.server_args = list(server_args)
+        self.worker_args = [list(w) for w in workers]
+        self.token = token
+        self.env = dict(os.environ, HETERO_PS_TOKEN=token, PYTHONUNBUFFERED="1", **(env or {}))
+        for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            self.env.pop(k, None)
+        self.start_timeout = start_timeout
+        self.server = None
+        self.workers: list = []
+        self.port = 0
+        self._logs: list = []
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None):
+
+        log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
+        self._logs.append(log)
+        return subprocess.Popen([sys.executable, *args], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                env=env or self.env, start_new_session=True)
+
+    def start(self) -> None:
+
+        port_file = os.path.join(self.workdir, "port")
+        self.server = self._spawn("server", ["-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", "0",
+                                             "--port-file", port_file, "--dashboard-port", "0", *self.server_args])
+        deadline = time.monotonic() + self.start_timeout
+        while not os.path.exists(port_file):
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the master exited with {self.server.returncode}:\n{self.output('server')}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"the master did not listen within {self.start_timeout} s")
+            time.sleep(0.05)
+        with open(port_file) as f:
+            self.port = int(f.read())
+        for args in self.worker_args:
+            self.add_worker(args)
+
+    def add_worker(self, args: list[str], env: dict | None = None):
+        p = self._spawn(f"worker{len(self.workers)}", ["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1",
+                                                       "--master-port", str(self.port), *args], env)
+        self.workers.append(p)
+        return p
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the master to exit; returns its exit status (raises TimeoutError)."""
+
+        try:
+            return self.server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the master did not finish within {timeout} s:\n{self.output('server')[-4000:]}")
+
+    def output(self, name: str) -> str:
+
+        path = os.path.join(self.workdir, f"{name}.log")
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def experiment_dir(self) -> str:
+        """The experiment folder the master wrote (the only one under workdir/experiments)."""
+
+        root = os.path.join(self.workdir, "experiments")
+        names = sorted(os.listdir(root))
+        if len(names) != 1:
+            raise RuntimeError(f"expected one experiment under {root}, found {names}")
+        return os.path.join(root, names[0])
+
+    def summary(self) -> dict:
+
+        with open(os.path.join(self.experiment_dir(), "summary.json")) as f:
+            return json.load(f)
+
+    def close(self) -> None:
+
+        procs = [p for p in [self.server, *self.workers] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()

@@ -1,0 +1,196 @@
+"""One training run on disk: ``experiments/NAME/{config.json, summary.json, model.pt, logs/, metrics/}``.
+
+Layout::
+
+    experiments/NAME/
+        config.json            the job and how the master was started (write_config)
+        summary.json           the outcome (write_summary)
+        model.pt               final weights (save_checkpoint)
+        logs/server.log        the master's log (log_path("server"))
+        logs/worker-R-HOST.log each worker's log (log_path("worker", R, HOST)), written by that node
+        metrics/steps.jsonl    one JSON object per optimizer step
+        metrics/epochs.jsonl   one per evaluation (eval loss / accuracy)
+        metrics/events.jsonl   scheduler decisions, joins, losses, skipped steps ...
+
+The metrics files are opened line-buffered and every record is one ``write`` of one line, so a crash
+loses at most the record being written and every complete line parses on its own.
+Non-finite floats (a NaN loss) are written as ``null`` so every line is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+
+import torch
+
+from hetero_ps.errors import ConfigError
+
+METRIC_STREAMS = ("steps", "epochs", "events")
+
+
+def _slug(s: str) -> str:
+    """A file-name-safe version of a model/data set name (``pkg.mod:fn`` → ``pkg.mod-fn``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") or "x"
+
+
+def _jsonable(obj):
+    """Strict-JSON version of ``obj``: NaN/Inf → None, numpy/torch scalars → Python numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return _jsonable(obj.item())
+    item = getattr(obj, "item", None)   # numpy scalars
+    if callable(item):
+        try:
+            return _jsonable(item())
+        except (TypeError, ValueError):
+            pass
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return _jsonable(tolist())
+    return str(obj)
+
+
+def _dump(obj) -> str:
+    return json.dumps(_jsonable(obj), allow_nan=False, separators=(",", ":"))
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)   # readers never see half a file
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``metrics/{steps,epochs,events}.jsonl``; safe to call from threads."""
+
+    def __init__(self, metrics_dir: str):
+        os.makedirs(metrics_dir, exist_ok=True)
+        self.dir = metrics_dir
+        self._lock = threading.Lock()
+        # buffering=1: line-buffered text files, each record reaches the OS when its newline does.
+        self._files = {s: open(os.path.join(metrics_dir, f"{s}.jsonl"), "a", buffering=1, encoding="utf-8")
+                       for s in METRIC_STREAMS}
+
+    def path(self, stream: str) -> str:
+        return os.path.join(self.dir, f"{stream}.jsonl")
+
+    def write(self, stream: str, record: dict) -> None:
+        """Append ``record`` (a dict) as one line of ``stream`` (steps | epochs | events)."""
+        if stream not in self._files:
+            raise ValueError(f"unknown metrics stream {stream!r}; expected one of {METRIC_STREAMS}")
+        line = _dump(record) + "\n"
+        with self._lock:
+            f = self._files[stream]
+            if f.closed:
+                raise ValueError(f"metrics writer for {self.dir} is closed")
+            f.write(line)
+            f.flush()
+
+    def log_step(self, record: dict) -> None:
+        """Per step: step, epoch, loss, lr, per-worker batch and times, bytes, samples/s."""
+        self.write("steps", record)
+
+    def log_epoch(self, record: dict) -> None:
+        """Per evaluation: epoch, eval_loss, eval_accuracy, ..."""
+        self.write("epochs", record)
+
+    def log_event(self, record: dict) -> None:
+        """Anything else worth a line (scheduler decisions with reasons, joins, losses). Adds ``t``."""
+        self.write("events", record if "t" in record else {"t": time.time(), **record})
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                if not f.closed:
+                    f.close()
+
+
+class Experiment:
+    """The directory of one run. ``name=None`` → ``YYYYmmdd-HHMMSS-<model>-<dataset>``.
+
+    A name that already holds a run (it has a ``config.json``) is never reused: ``-2``, ``-3``, ...
+    is appended, so a rerun never mixes its metrics into an old run's files. ``self.name`` and
+    ``self.path`` are the ones actually used.
+    """
+
+    def __init__(self, root: str = "experiments", name: str | None = None, job=None):
+        self.root = root
+        if name is None:
+            model = _slug(getattr(job, "model", "model"))
+            dataset = _slug(getattr(job, "dataset", "data"))
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{dataset}"
+        elif not name or name in (".", "..") or _slug(name) != name:
+            raise ConfigError(f"experiment name {name!r} may only use letters, digits, '.', '_' and '-'")
+        base, n = name, 1
+        while os.path.exists(os.path.join(root, name, "config.json")):
+            n += 1
+            name = f"{base}-{n}"
+        self.name = name
+        self.path = os.path.join(root, name)
+        self.logs_dir = os.path.join(self.path, "logs")
+        self.metrics_dir = os.path.join(self.path, "metrics")
+        os.makedirs(self.logs_dir, exist_ok=True)
+        self.metrics = MetricsWriter(self.metrics_dir)
+        self.job = job
+
+    def log_path(self, role: str, rank: int | None = None, host: str | None = None) -> str:
+        """``logs/server.log`` for the master, ``logs/worker-<rank>-<host>.log`` for a worker."""
+        if role in ("server", "master"):
+            return os.path.join(self.logs_dir, "server.log")
+        if role == "worker":
+            if rank is None or host is None:
+                raise ValueError("a worker's log path needs its rank and host")
+            return os.path.join(self.logs_dir, f"worker-{int(rank)}-{_slug(host)}.log")
+        raise ValueError(f"role must be 'server' or 'worker', got {role!r}")
+
+    def write_config(self, config: dict) -> str:
+        path = os.path.join(self.path, "config.json")
+        _write_json_atomic(path, config)
+        return path
+
+    def write_summary(self, summary: dict) -> str:
+        path = os.path.join(self.path, "summary.json")
+        _write_json_atomic(path, summary)
+        return path
+
+    def save_checkpoint(self, model_state: dict, job=None, path: str = "model.pt", **extra) -> str:
+        """Save ``{"model": state_dict, "job": job dict, ...extra}`` to ``path`` (relative to the run).
+
+        Loads with plain ``torch.load(path, weights_only=True)``; then
+        ``model.load_state_dict(ckpt["model"])``. ``extra`` values must be plain Python/tensors too.
+        """
+        full = path if os.path.isabs(path) else os.path.join(self.path, path)
+        job = job if job is not None else self.job
+        ckpt = {"model": dict(model_state), "format": 1}
+        if job is not None:
+            ckpt["job"] = job.to_wire() if hasattr(job, "to_wire") else dict(job)
+        ckpt.update(extra)
+        tmp = f"{full}.tmp{os.getpid()}"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, full)
+        return full
+
+    def close(self) -> None:
+        self.metrics.close()
+
+    def __enter__(self) -> "Experiment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

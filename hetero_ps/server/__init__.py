@@ -1,0 +1,1 @@
+"""The master: ``python -m hetero_ps.server`` — parameters, optimizer, scheduler, aggregation."""

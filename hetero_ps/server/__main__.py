@@ -1,0 +1,5 @@
+import sys
+
+from hetero_ps.server.cli import main
+
+sys.exit(main())

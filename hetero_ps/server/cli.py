@@ -1,0 +1,281 @@
+"""``python -m hetero_ps.server``: the master. It owns the job; workers learn it when they join.
+
+WORLD_SIZE (as in the seed guide) counts the master too. By default the master also trains, through
+a local worker process it starts itself, so WORLD_SIZE=3 means this machine plus two workers;
+``--no-local-worker`` keeps the master to serving (then WORLD_SIZE=3 still means two workers).
+``--batch-size`` is per device: the global batch is batch-size × training workers, unless
+``--global-batch-size`` sets it directly. The global batch never changes during a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, SYNC_MODES, JobConfig
+from hetero_ps.errors import ConfigError, HeteroPSError
+from hetero_ps.logs import add_file_log, setup_logging
+from hetero_ps.progress import Progress
+
+log = logging.getLogger("hetero_ps.server")
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "")
+    try:
+        return int(v) if v.strip() else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={v!r} is not an integer")
+
+
+def _kv(items: list[str], flag: str) -> dict:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with ints, floats and booleans parsed."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{flag} expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = JobConfig()
+    p = argparse.ArgumentParser(prog="python -m hetero_ps.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--host", default=os.environ.get("HETERO_PS_HOST", "0.0.0.0"),
+                   help="address to listen on (default 0.0.0.0: every interface)")
+    g.add_argument("--port", "--master-port", dest="port", type=int, default=_env_int("MASTER_PORT", 29500),
+                   help="port to listen on (env MASTER_PORT, default 29500; 0 picks a free one)")
+    g.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""),
+                   help="shared secret workers must know (env HETERO_PS_TOKEN)")
+    g.add_argument("--port-file", default="", help="write the port actually bound here (useful with --port 0)")
+    g.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1),
+                   help="nodes in the job, the master included (env WORLD_SIZE, default 1)")
+    g.add_argument("--no-local-worker", action="store_true", help="the master does not train itself")
+    g.add_argument("--local-device", default="auto", help="device of the master's own worker (auto|cpu|cuda[:N])")
+    g.add_argument("--local-slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
+    g.add_argument("--join-timeout", type=float, default=600.0,
+                   help="fail if the workers have not all joined after this many seconds (default 600)")
+    g.add_argument("--worker-timeout", type=float, default=120.0,
+                   help="declare a silent worker lost after this many seconds (default 120)")
+    g.add_argument("--backend", default="tcp", choices=["tcp", "gloo", "nccl"],
+                   help="accepted for the seed guide's scripts; hetero_ps always uses its own TCP transport")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model,
+                   help="simple_cnn | resnet50 | bert | gpt2 | package.module:factory (default simple_cnn)")
+    g.add_argument("--model-size", default=d.model_size, choices=["default", "tiny"],
+                   help="tiny: small bert/gpt2 that train on a CPU")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for a model factory (repeatable)")
+    g.add_argument("--dataset", default=d.dataset,
+                   help="digits | synthetic_image | synthetic_text | cifar10 | package.module:factory")
+    g.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for a data-set factory (repeatable)")
+    g.add_argument("--data-dir", default=os.environ.get("HETERO_PS_DATA_DIR", ""),
+                   help="where file-based data sets live on every node (cifar10)")
+    g.add_argument("--loss", default="", help="package.module:fn(output, target) (default cross-entropy)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=32, help="batch size per device (default 32)")
+    g.add_argument("--global-batch-size", type=int, default=0, help="the global batch B, overriding --batch-size")
+    g.add_argument("--worker-batch-sizes", default="",
+                   help="fixed per-rank split, e.g. 0:5,1:17,2:42 (must sum to the global batch)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size)
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g = p.add_argument_group("synchronisation and compression")
+    g.add_argument("--sync", choices=SYNC_MODES, default=d.sync, help="bsp (default), ssp or asp")
+    g.add_argument("--staleness", type=int, default=d.staleness, help="SSP bound S")
+    g.add_argument("--compression", default=d.compression, help="push codec: none|fp16|bf16|int8|topk:RATIO")
+    g.add_argument("--pull-compression", default=d.pull_compression, help="pull codec: none|fp16|bf16")
+    g.add_argument("--chunk-mb", type=float, default=d.chunk_bytes / 2**20, help="gradient chunk size on the wire")
+    g = p.add_argument_group("load balancing")
+    g.add_argument("--enable-load-balancing", action="store_true")
+    g.add_argument("--load-balance-policy", choices=[x for x in POLICIES if x != "uniform"], default="dynamic")
+    g.add_argument("--rebalance-interval", type=int, default=d.rebalance_interval, help="steps between rebalances")
+    g = p.add_argument_group("watching the run")
+    g.add_argument("--dashboard-port", type=int, default=3000, help="live dashboard port (default 3000)")
+    g.add_argument("--dashboard-host", default="", help="dashboard address (default: the same as --host)")
+    g.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to experiments/NAME/tb")
+    g = p.add_argument_group("experiment and output")
+    g.add_argument("--experiment", default="", help="experiment name (default: timestamp-model-dataset)")
+    g.add_argument("--experiments-dir", default="experiments")
+    g.add_argument("--log-level", default="INFO")
+    g.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    return p
+
+
+def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
+    from hetero_ps.codecs import parse_codec
+
+    global_batch = a.global_batch_size or a.batch_size * trainers
+    if global_batch < trainers:
+        raise ConfigError(f"a global batch of {global_batch} cannot be shared by {trainers} workers")
+    for spec, flag in ((a.compression, "--compression"), (a.pull_compression, "--pull-compression")):
+        parse_codec(spec)   # raises ConfigError with the valid choices
+    if a.pull_compression.split(":")[0] not in ("none", "fp16", "bf16"):
+        raise ConfigError("--pull-compression must be none, fp16 or bf16")
+    return JobConfig(
+        model=a.model, model_size=a.model_size, model_args=_kv(a.model_arg, "--model-arg"),
+        dataset=a.dataset, dataset_args=_kv(a.dataset_arg, "--dataset-arg"), data_dir=a.data_dir, loss=a.loss,
+        optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, lr_step_size=a.lr_step_size,
+        lr_gamma=a.lr_gamma, global_batch=global_batch, epochs=a.epochs, max_steps=a.max_steps, seed=a.seed,
+        sync=a.sync, staleness=a.staleness, compression=a.compression, pull_compression=a.pull_compression,
+        load_balancing=a.enable_load_balancing, policy=a.load_balance_policy,
+        rebalance_interval=a.rebalance_interval, chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4)
+
+
+def parse_fixed_sizes(spec: str) -> dict:
+    out = {}
+    for part in filter(None, spec.split(",")):
+        try:
+            r, b = part.split(":")
+            out[int(r)] = int(b)
+        except ValueError:
+            raise ConfigError(f"--worker-batch-sizes expects rank:size,rank:size..., got {spec!r}")
+    return out
+
+
+def spawn_local_worker(port: int, token: str, device: str, experiments_dir: str, slowdown: float,
+                       log_format: str) -> subprocess.Popen:
+    env = dict(os.environ, HETERO_PS_TOKEN=token)   # never on the command line, where ps shows it
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--rank", "0", "--device", device, "--experiments-dir", experiments_dir, "--log-format", log_format,
+           "--simulate-slowdown", str(slowdown)]
+    return subprocess.Popen(cmd, env=env)
+
+
+async def run(a: argparse.Namespace) -> dict:
+    from hetero_ps.experiment import Experiment
+    from hetero_ps.server.server import ParameterServer, ServerConfig
+
+    local = not a.no_local_worker
+    trainers = a.world_size if local else a.world_size - 1
+    if trainers < 1:
+        raise ConfigError(f"WORLD_SIZE={a.world_size} with --no-local-worker leaves nobody to train")
+    job = job_from_args(a, trainers)
+    exp = Experiment(a.experiments_dir, a.experiment or None, job=job)
+    add_file_log(exp.log_path("server"), "master", a.log_format)
+    cfg = ServerConfig(host=a.host, port=a.port, token=a.token, expected_workers=trainers,
+                       join_timeout=a.join_timeout, worker_timeout=a.worker_timeout,
+                       worker_batch_sizes=parse_fixed_sizes(a.worker_batch_sizes), experiment=exp.name)
+    if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
+    sinks = []
+    hub = dashboard = None
+    if not a.no_dashboard:
+        from hetero_ps.dashboard import MetricsHub
+
+        hub = MetricsHub()
+        sinks.append(hub)
+    if a.tensorboard:
+        from hetero_ps.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(os.path.join(exp.path, "tb")))
+    ps = ParameterServer(job, cfg, exp, sinks=sinks)
+    ps.progress = Progress(ps.total_steps, "master", a.log_format, epochs=job.epochs)
+    exp.write_config({"job": job.to_wire(), "world_size": a.world_size, "local_worker": local,
+                      "host": a.host, "port": a.port, "argv": sys.argv})
+    await ps.start()
+    print(f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", flush=True)
+    if hub is not None:
+        from hetero_ps.dashboard import start_dashboard
+
+        hub.set_job({**job.to_wire(), "experiment": exp.name, "total_steps": ps.total_steps,
+                     "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.flat.numel})
+        dashboard = await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)
+        shown = "127.0.0.1" if (a.dashboard_host or a.host) in ("0.0.0.0", "") else (a.dashboard_host or a.host)
+        print(f"dashboard: http://{shown}:{dashboard.port}/", flush=True)
+    if a.port_file:
+        tmp = a.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{ps.port}\n")
+        os.replace(tmp, a.port_file)   # readers never see a half-written file
+    local_proc = None
+    try:
+        if local:
+            local_proc = spawn_local_worker(ps.port, a.token, a.local_device, a.experiments_dir,
+                                            a.local_slowdown, a.log_format)
+        with ps.progress.redirect_logging():
+            summary = await ps.train()
+        exp.save_checkpoint(ps.model.state_dict(), job)
+        exp.write_summary(summary)
+        if hub is not None:
+            hub.finish(summary)
+        return summary
+    finally:
+        ps.progress.close()
+        await ps.close()
+        if dashboard is not None:
+            await dashboard.close()
+        for sink in sinks:
+            if hasattr(sink, "close"):
+                sink.close()
+        if local_proc is not None:
+            _stop(local_proc)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    setup_logging("master", a.log_level, a.log_format)
+    signal.signal(signal.SIGTERM, _raise_interrupt)   # a clean shutdown (local worker reaped) on kill
+    try:
+        summary = asyncio.run(run(a))
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    except HeteroPSError as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

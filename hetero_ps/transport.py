@@ -1,0 +1,699 @@
+"""Framed connections over non-blocking sockets, and the authenticated hello.
+
+Why raw sockets and not asyncio streams or transports: DESIGN.md measured ``StreamReader.readexactly``
+at 0.46 GB/s on loopback, and on the sending side Python 3.11's transports copy what the socket does
+not take at once (``writelines`` even joins the buffers). Here a frame is received by
+``loop.sock_recv_into`` straight into the buffers the ``FrameDecoder`` hands out (the payload into
+the caller's preallocated buffer), and sent with ``sendmsg`` of the frame's buffers followed by
+``loop.sock_sendall`` of whatever the kernel did not take: no copy of tensor data in user space, and
+``send`` returns only when the kernel holds the last byte, which is the back-pressure (a slow reader
+makes ``send`` wait, it never makes us buffer).
+
+Handshake (docs/PROTOCOL.md has the bytes)::
+
+    client                                   server
+    HELLO{protocol, software, client_nonce, ...}  ->
+                                             <-  CHALLENGE{server_nonce}
+    AUTH{mac = HMAC(token, "hetero_ps/v1/client" | server_nonce | client_nonce)}  ->
+                                             <-  WELCOME{server_mac = HMAC(token, "hetero_ps/v1/server"
+                                                          | client_nonce | server_nonce), ...}
+                                                 or ERROR{code, message} and close
+
+Timeouts: ``recv(timeout=...)`` bounds the idle wait for a frame's first byte; once it has started,
+the rest must arrive within ``Limits.frame_deadline(frame size)`` or the connection is closed (a
+stalled or slow-loris peer). The handshake as a whole is bounded by ``Limits.handshake_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+
+import hetero_ps
+from hetero_ps.errors import (
+    AuthenticationError,
+    ChecksumError,
+    ConfigError,
+    ConnectionClosed,
+    LimitExceeded,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    TransportError,
+    TransportTimeout,
+    UnknownMessage,
+    VersionMismatch,
+)
+from hetero_ps.protocol import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    Limits,
+    Message,
+    MsgType,
+    PayloadAllocator,
+    encode_frame,
+    raise_if_error,
+)
+
+__all__ = ["Connection", "Server", "connect", "start_server", "raise_if_error", "client_mac", "server_mac",
+           "configure_socket", "default_payload_checksum", "SOCKET_BUFFER_BYTES"]
+
+log = logging.getLogger(__name__)
+
+NONCE_BYTES = 32
+CLIENT_LABEL = b"hetero_ps/v1/client"
+SERVER_LABEL = b"hetero_ps/v1/server"
+# SO_SNDBUF/SO_RCVBUF requested for every connection (Linux doubles it); 0 keeps the kernel's
+# autotuning. benchmarks/bench_transport.py measures the choice; see docs/PROTOCOL.md.
+SOCKET_BUFFER_BYTES = int(os.environ.get("HETERO_PS_SOCKET_BUFFER", str(1 << 20)))
+PAYLOAD_CRC_ENV = "HETERO_PS_PAYLOAD_CRC"   # auto (default: on unless the peer is loopback) | on | off
+_IOV_MAX = 1024             # buffers per sendmsg call (Linux's IOV_MAX)
+_CLOSE_WAIT = 2.0           # s a close waits for in-flight socket calls to notice the shutdown
+_ERROR_SEND_TIMEOUT = 2.0   # s we try to deliver an ERROR frame before closing anyway
+_LINGER = 0.5               # s after an ERROR we read and discard, so the peer gets it before a reset
+
+_ERROR_CODES = (
+    (LimitExceeded, "limit_exceeded"),
+    (ChecksumError, "checksum_error"),
+    (VersionMismatch, "version_mismatch"),
+    (UnknownMessage, "unknown_message"),
+    (RemoteProtocolError, "protocol_error"),
+)
+
+
+def _token_bytes(token: str | bytes) -> bytes:
+    if isinstance(token, str):
+        return token.encode("utf-8")
+    if isinstance(token, (bytes, bytearray)):
+        return bytes(token)
+    raise TypeError(f"token must be a str or bytes, got {type(token).__name__}")
+
+
+def client_mac(token: str | bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """HMAC-SHA256(token, b"hetero_ps/v1/client" + server_nonce + client_nonce): the AUTH proof."""
+    return hmac.new(_token_bytes(token), CLIENT_LABEL + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
+def server_mac(token: str | bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """HMAC-SHA256(token, b"hetero_ps/v1/server" + client_nonce + server_nonce): the WELCOME proof."""
+    return hmac.new(_token_bytes(token), SERVER_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+def configure_socket(sock: socket.socket, buffer_bytes: int | None = None) -> None:
+    """Non-blocking, TCP_NODELAY (frames are whole messages), keepalive, and fixed socket buffers.
+
+    Buffers must be set before ``connect``/``listen`` for the window scale to match them.
+    """
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    n = SOCKET_BUFFER_BYTES if buffer_bytes is None else buffer_bytes
+    if n > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, n)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, n)
+
+
+def default_payload_checksum(sock: socket.socket) -> bool:
+    """Whether frames sent on ``sock`` carry a payload CRC by default (``HETERO_PS_PAYLOAD_CRC``).
+
+    ``auto``: yes, unless the peer is a loopback address. Between hosts the CRC catches what TCP's
+    16-bit checksum lets through (NIC, offload and RAM faults on the way); on loopback the bytes
+    never leave this host's memory, so it would cost time (measurable: the sender's CPU is the
+    link there) and protect nothing. See docs/PROTOCOL.md, section 7.
+    """
+    mode = os.environ.get(PAYLOAD_CRC_ENV, "auto").strip().lower()
+    if mode in ("on", "1", "true", "yes"):
+        return True
+    if mode in ("off", "0", "false", "no"):
+        return False
+    if mode != "auto":
+        raise ConfigError(f"{PAYLOAD_CRC_ENV}={mode!r}: expected auto, on or off")
+    try:
+        ip = ipaddress.ip_address(sock.getpeername()[0])
+    except (OSError, ValueError, IndexError, TypeError):
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_loopback
+
+
+def _fmt_addr(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = f"[{addr[0]}]" if ":" in str(addr[0]) else str(addr[0])
+        return f"{host}:{addr[1]}"
+    return str(addr)
+
+
+class Connection:
+    """One framed, full-duplex connection. Create it with ``connect`` or get it from ``start_server``.
+
+    One task may ``recv`` at a time; any number may ``send`` (a lock keeps frames whole). Extra
+    attributes may be set on it by the application (the server stores its worker handle there).
+    """
+
+    def __init__(self, sock: socket.socket, *, peer: str, limits: Limits = DEFAULT_LIMITS,
+                 authenticated: bool = False, payload_checksum: bool | None = None):
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self.peer = peer
+        self.limits = limits
+        # default for send(); a received frame's CRC is checked whenever the sender set its flag
+        self.payload_checksum = default_payload_checksum(sock) if payload_checksum is None else payload_checksum
+        self._dec = FrameDecoder(limits, authenticated=authenticated)
+        self._send_lock = asyncio.Lock()
+        self._receiving = False
+        self._closed = False
+        self._fd_closed = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.frames_sent = 0
+        self.frames_received = 0
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peer}{' closed' if self._closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def authenticated(self) -> bool:
+        return self._dec.authenticated
+
+    def _authenticate(self) -> None:
+        self._dec.authenticated = True
+
+    def set_payload_allocator(self, fn: PayloadAllocator | None) -> None:
+        """Where payloads land: ``fn(msg_type, header, nbytes) -> writable memoryview | None``.
+
+        Called for a frame only after the previous message was returned by ``recv``, so one buffer
+        may be reused for every frame if the handler is done with a message before the next ``recv``.
+        """
+        self._dec.set_payload_allocator(fn)
+
+    # -- sending -------------------------------------------------------------------------------
+    async def send(self, msg_type: int, header: dict, segments: Iterable = (), *,
+                   payload_checksum: bool | None = None, timeout: float | None = None) -> None:
+        """Encode and send one frame; returns when the kernel holds all of it (see ``send_frame``).
+
+        ``payload_checksum`` None uses the connection's ``payload_checksum`` attribute.
+        """
+        crc = self.payload_checksum if payload_checksum is None else payload_checksum
+        frame = encode_frame(msg_type, header, segments, payload_checksum=crc, limits=self.limits)
+        await self.send_frame(frame, timeout=timeout)
+
+    async def send_frame(self, frame: Frame, *, timeout: float | None = None) -> None:
+        """Write an encoded frame (the same Frame may go to many connections).
+
+        Waits while the peer is not reading (back-pressure); ``timeout`` covers waiting for other
+        senders too. A send that times out or is cancelled part-way closes the connection, since
+        the peer would otherwise see half a frame.
+        """
+        if self._closed:
+            raise ConnectionClosed(f"connection to {self.peer} is closed")
+        writing = False
+        try:
+            async with asyncio.timeout(timeout) as cm:   # covers waiting for the lock too
+                async with self._send_lock:
+                    if self._closed:
+                        raise ConnectionClosed(f"connection to {self.peer} is closed")
+                    writing = True
+                    self._io_enter()
+                    try:
+                        await self._write(frame.buffers)
+                    finally:
+                        self._io_exit()
+                    writing = False
+        except TimeoutError:
+            if not cm.expired():   # ETIMEDOUT from the socket itself
+                self._abort()
+                raise ConnectionClosed(f"connection to {self.peer} timed out while sending") from None
+            if writing:
+                self._abort()
+            raise TransportTimeout(f"sending {frame.type.name} ({frame.nbytes} bytes) to {self.peer} took longer "
+                                   f"than {timeout} s" + ("; the connection is closed" if writing else "")) from None
+        except asyncio.CancelledError:
+            if writing:   # half a frame may be out: the stream is unusable
+                self._abort()
+            raise
+        except OSError as exc:
+            self._abort()
+            raise ConnectionClosed(f"connection to {self.peer} broke while sending {frame.type.name}: {exc}") from None
+        self.bytes_sent += frame.nbytes
+        self.frames_sent += 1
+
+    async def _write(self, buffers: tuple) -> None:
+        # One sendmsg (scatter) takes a small frame whole, or the head of a big one; what the
+        # kernel does not take goes through sock_sendall, which waits for room without copying.
+        views = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
+        i = 0
+        while i < len(views):
+            batch = views[i:i + _IOV_MAX]
+            try:
+                n = self._sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            for v in batch:
+                if n >= v.nbytes:
+                    n -= v.nbytes
+                    i += 1
+                    continue
+                await self._loop.sock_sendall(self._sock, v[n:])
+                i += 1
+                break
+
+    async def send_error(self, code: str, message: str) -> None:
+        """Send ERROR{code, message} (best effort, bounded in time) and close the connection."""
+        if not self._closed:
+            try:
+                await self.send(MsgType.ERROR, {"code": str(code), "message": str(message)},
+                                timeout=_ERROR_SEND_TIMEOUT)
+                await self._linger()
+            except (TransportError, ProtocolError) as exc:
+                log.debug("could not deliver ERROR %s to %s: %s", code, self.peer, exc)
+        await self.close()
+
+    async def _linger(self) -> None:
+        """Half-close and discard what the peer still sends, so that it reads our ERROR before a reset."""
+        if self._receiving or self._closed:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        scratch = bytearray(64 << 10)
+        self._io_enter()
+        try:
+            async with asyncio.timeout(_LINGER):
+                for _ in range(16):
+                    if not await self._loop.sock_recv_into(self._sock, scratch):
+                        break
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self._io_exit()
+
+    # -- receiving -----------------------------------------------------------------------------
+    async def recv(self, *, timeout: float | None = None) -> Message:
+        """Read exactly one frame. ``timeout`` is the idle wait for its first byte (None: forever).
+
+        An ERROR frame is returned like any other (``raise_if_error`` turns it into ``RemoteError``).
+        If the peer sends something invalid, it is told why in an ERROR frame, the connection is
+        closed and the ``RemoteProtocolError`` is raised. An idle timeout leaves the connection
+        usable; a frame that stalls past its deadline closes it.
+        """
+        if self._receiving:
+            raise LocalProtocolError(f"recv() is already waiting on the connection to {self.peer} in another task")
+        self._receiving = True
+        try:
+            msg = await self._recv(timeout)
+        except RemoteProtocolError as exc:
+            self._receiving = False
+            code = next(c for cls, c in _ERROR_CODES if isinstance(exc, cls))
+            log.warning("closing connection to %s: %s", self.peer, exc)
+            await self.send_error(code, str(exc))
+            raise
+        finally:
+            self._receiving = False
+        self.frames_received += 1
+        return msg
+
+    async def _recv(self, timeout: float | None) -> Message:
+        dec = self._dec
+        msg = dec.next_message()
+        if msg is not None:
+            return msg
+        if self._closed:
+            raise ConnectionClosed(f"connection to {self.peer} is closed")
+        if not dec.mid_frame:
+            try:
+                async with asyncio.timeout(timeout) as cm:
+                    await self._read_some()
+            except TimeoutError:
+                if cm.expired():
+                    raise TransportTimeout(f"no message from {self.peer} within {timeout} s") from None
+                raise
+            msg = dec.next_message()
+            if msg is not None:
+                return msg
+        start = self._loop.time()
+        sized = False
+        try:
+            async with asyncio.timeout(self.limits.frame_timeout) as cm:
+                while True:
+                    if not sized and dec.frame_nbytes is not None:
+                        cm.reschedule(start + self.limits.frame_deadline(dec.frame_nbytes))
+                        sized = True
+                    await self._read_some()
+                    msg = dec.next_message()
+                    if msg is not None:
+                        return msg
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            self._abort()
+            raise TransportTimeout(
+                f"{self.peer} sent only part of a frame in {self._loop.time() - start:.1f} s "
+                f"(frame_timeout {self.limits.frame_timeout} s); the connection is closed") from None
+
+    async def _read_some(self) -> None:
+        view = self._dec.get_buffer()
+        self._io_enter()
+        try:
+            n = await self._loop.sock_recv_into(self._sock, view)
+        except OSError as exc:
+            self._abort()
+            raise ConnectionClosed(f"connection to {self.peer} broke: {exc}") from None
+        finally:
+            self._io_exit()
+            del view
+        if n == 0:
+            was_closed = self._closed
+            self._abort()
+            if was_closed:
+                raise ConnectionClosed(f"connection to {self.peer} was closed")
+            where = " in the middle of a frame" if self._dec.mid_frame else ""
+            raise ConnectionClosed(f"{self.peer} closed the connection{where}")
+        self.bytes_received += n
+        self._dec.buffer_updated(n)
+
+    # -- closing -------------------------------------------------------------------------------
+    def _io_enter(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _io_exit(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+            if self._closed:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        if not self._fd_closed:
+            self._fd_closed = True
+            self._sock.close()
+
+    def _abort(self) -> None:
+        """Close now, without waiting. Socket calls in flight wake up (shutdown) and fail; the file
+        descriptor is closed when the last of them has left the event loop's selector."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._inflight == 0:
+            self._close_fd()
+
+    async def close(self) -> None:
+        """Close the connection; other tasks waiting in ``recv``/``send`` get ``ConnectionClosed``."""
+        self._abort()
+        if self._fd_closed:
+            return
+        try:
+            async with asyncio.timeout(_CLOSE_WAIT):
+                await self._idle.wait()
+        except TimeoutError:
+            # a socket call did not notice the shutdown: unregister it ourselves
+            fd = self._sock.fileno()
+            if fd >= 0:
+                self._loop.remove_reader(fd)
+                self._loop.remove_writer(fd)
+        self._close_fd()
+
+
+# -- client ----------------------------------------------------------------------------------------
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConnectionClosed(f"cannot resolve {host!r}: {exc}") from None
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            configure_socket(sock)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise ConnectionClosed(f"cannot connect to {host}:{port}: {last}")
+
+
+def _expect(msg: Message, mtype: MsgType, peer: str) -> Message:
+    raise_if_error(msg)
+    if msg.type != mtype:
+        raise RemoteProtocolError(f"{peer} sent {msg.type.name} during the handshake where {mtype.name} was due")
+    return msg
+
+
+def _nonce(header: dict, key: str, what: str) -> bytes:
+    v = header.get(key)
+    if not isinstance(v, bytes) or len(v) != NONCE_BYTES:
+        raise RemoteProtocolError(f"{what} must carry {key!r}: {NONCE_BYTES} bytes (msgpack bin)")
+    return v
+
+
+async def connect(host: str, port: int, *, token: str | bytes, hello: dict, limits: Limits = DEFAULT_LIMITS,
+                  timeout: float = 10.0) -> tuple[Connection, Message]:
+    """Connect, authenticate both ways and return ``(connection, WELCOME message)``.
+
+    ``hello`` adds the caller's fields to HELLO (rank, host, profile...). Raises ``RemoteError`` if
+    the server refuses (``code`` ``auth_failed`` for a wrong token, ``version_mismatch``, or what its
+    ``on_hello`` raised), ``AuthenticationError`` if the server cannot prove it knows the token,
+    ``TransportTimeout`` after ``timeout`` seconds, ``ConnectionClosed`` if it cannot connect.
+    """
+    reserved = {"protocol", "software", "client_nonce"} & set(hello)
+    if reserved:
+        raise LocalProtocolError(f"HELLO fields {sorted(reserved)} are set by the transport")
+    conn: Connection | None = None
+    ok = False
+    try:
+        async with asyncio.timeout(timeout) as cm:
+            sock = await _open_socket(host, port)
+            conn = Connection(sock, peer=f"{host}:{port}", limits=limits, authenticated=False)
+            cn = os.urandom(NONCE_BYTES)
+            await conn.send(MsgType.HELLO, {**hello, "protocol": PROTOCOL_VERSION,
+                                            "software": hetero_ps.__version__, "client_nonce": cn})
+            ch = _expect(await conn.recv(), MsgType.CHALLENGE, conn.peer)
+            sn = _nonce(ch.header, "server_nonce", "CHALLENGE")
+            await conn.send(MsgType.AUTH, {"mac": client_mac(token, sn, cn)})
+            w = _expect(await conn.recv(), MsgType.WELCOME, conn.peer)
+            header = dict(w.header)
+            proof = header.pop("server_mac", None)
+            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, server_mac(token, cn, sn)):
+                raise AuthenticationError(
+                    f"the server at {host}:{port} accepted us but could not prove it knows the token: it is not "
+                    "the hetero_ps master you meant, or it was started with a different token")
+            conn._authenticate()
+            ok = True
+            return conn, Message(MsgType.WELCOME, header, w.segments)
+    except TimeoutError:
+        if not cm.expired():
+            raise
+        raise TransportTimeout(f"no complete handshake with {host}:{port} within {timeout} s "
+                               "(is it a hetero_ps master, and reachable?)") from None
+    finally:
+        if conn is not None and not ok:
+            await conn.close()
+
+
+# -- server ----------------------------------------------------------------------------------------
+
+OnHello = Callable[[Connection, dict], Awaitable[dict]]
+OnConnection = Callable[[Connection], Awaitable[None]]
+
+
+class Server:
+    """A listening socket; every authenticated connection runs ``on_connection`` in its own task."""
+
+    def __init__(self, lsock: socket.socket, *, token: str | bytes, on_hello: OnHello,
+                 on_connection: OnConnection, limits: Limits):
+        self._lsock = lsock
+        self._token = _token_bytes(token)
+        self._on_hello = on_hello
+        self._on_connection = on_connection
+        self.limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._conns: set[Connection] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self.address = lsock.getsockname()[:2]
+        self._accept_task = self._loop.create_task(self._accept_loop(), name=f"hetero_ps accept {self.address}")
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def connections(self) -> frozenset:
+        """Live connections (authenticated or still in their handshake)."""
+        return frozenset(self._conns)
+
+    async def __aenter__(self) -> "Server":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop listening, close every live connection and wait for their tasks (bounded)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._accept_task.cancel()
+        try:
+            await self._accept_task
+        except asyncio.CancelledError:
+            pass
+        self._lsock.close()
+        for conn in list(self._conns):
+            conn._abort()
+        tasks = list(self._tasks)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=_CLOSE_WAIT)
+        for conn in list(self._conns):
+            await conn.close()
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, addr = await self._loop.sock_accept(self._lsock)
+            except OSError as exc:
+                if self._closing:
+                    return
+                # e.g. EMFILE: give the handlers a moment to release descriptors, then keep serving
+                log.warning("accept() on %s failed: %s", _fmt_addr(self.address), exc)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                configure_socket(sock, 0)  # buffers are inherited from the listening socket
+            except OSError:
+                sock.close()
+                continue
+            conn = Connection(sock, peer=_fmt_addr(addr), limits=self.limits, authenticated=False)
+            self._conns.add(conn)
+            task = self._loop.create_task(self._serve(conn), name=f"hetero_ps connection {conn.peer}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: Connection) -> None:
+        try:
+            if await self._handshake(conn):
+                await self._on_connection(conn)
+        except RemoteError as exc:
+            log.warning("refusing %s: %s", conn.peer, exc)
+            await conn.send_error(exc.code, exc.message)
+        except (TransportError, ProtocolError) as exc:
+            log.info("connection %s ended: %s: %s", conn.peer, type(exc).__name__, exc)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("the handler for %s failed; closing that connection only", conn.peer)
+            await conn.send_error("internal_error", "the server failed while serving this connection; see its log")
+        finally:
+            self._conns.discard(conn)
+            await conn.close()
+
+    async def _handshake(self, conn: Connection) -> bool:
+        """HELLO -> CHALLENGE -> AUTH -> on_hello -> WELCOME. False if the peer was refused."""
+        lim = self.limits
+        try:
+            async with asyncio.timeout(lim.handshake_timeout):
+                hello = await conn.recv()
+                if hello.type != MsgType.HELLO:
+                    await conn.send_error("protocol_error", f"expected HELLO, got {hello.type.name}")
+                    return False
+                h = hello.header
+                if h.get("protocol") != PROTOCOL_VERSION:
+                    await conn.send_error("version_mismatch", f"the peer announces protocol version "
+                                          f"{h.get('protocol')!r}, this server speaks version {PROTOCOL_VERSION}")
+                    return False
+                cn = h.get("client_nonce")
+                if not isinstance(cn, bytes) or len(cn) != NONCE_BYTES:
+                    await conn.send_error("protocol_error", f"HELLO must carry client_nonce: {NONCE_BYTES} bytes")
+                    return False
+                sn = os.urandom(NONCE_BYTES)
+                await conn.send(MsgType.CHALLENGE, {"server_nonce": sn})
+                auth = await conn.recv()
+                if auth.type != MsgType.AUTH:
+                    await conn.send_error("protocol_error", f"expected AUTH, got {auth.type.name}")
+                    return False
+                mac = auth.header.get("mac")
+                if not isinstance(mac, bytes) or not hmac.compare_digest(mac, client_mac(self._token, sn, cn)):
+                    log.warning("rejected %s (host %r): wrong token", conn.peer, h.get("host"))
+                    await conn.send_error("auth_failed", "wrong token: the master rejected this node's HMAC proof; "
+                                          "set HETERO_PS_TOKEN (or --token) to the master's token")
+                    return False
+        except TimeoutError:
+            log.warning("no complete handshake from %s within %s s; closing", conn.peer, lim.handshake_timeout)
+            await conn.send_error("handshake_timeout", f"no complete handshake within {lim.handshake_timeout} s")
+            return False
+        conn._authenticate()
+        fields = {k: v for k, v in h.items() if k != "client_nonce"}
+        welcome = await self._on_hello(conn, fields)
+        welcome = {} if welcome is None else welcome
+        if not isinstance(welcome, dict) or "server_mac" in welcome:
+            raise LocalProtocolError("on_hello must return a dict without the key 'server_mac'")
+        try:
+            await conn.send(MsgType.WELCOME, {**welcome, "server_mac": server_mac(self._token, cn, sn)},
+                            timeout=lim.handshake_timeout)
+        except TransportError as exc:
+            # on_hello has admitted the peer: on_connection still runs, finds the connection closed
+            # and does its clean-up
+            log.info("could not send WELCOME to %s: %s", conn.peer, exc)
+            conn._abort()
+        return True
+
+
+async def start_server(host: str, port: int, *, token: str | bytes, on_hello: OnHello,
+                       on_connection: OnConnection, limits: Limits = DEFAULT_LIMITS, backlog: int = 128) -> Server:
+    """Listen on ``host:port`` (port 0 picks a free one: see ``Server.port``).
+
+    For each client: the handshake (bounded by ``limits.handshake_timeout``), then
+    ``await on_hello(conn, hello_fields)`` returns the WELCOME fields (raise ``RemoteError`` to refuse
+    with an ERROR frame; the client reads WELCOME before authenticating it, so it must fit in
+    ``limits.max_unauth_header_bytes``), then ``on_connection(conn)`` runs in that connection's task.
+    Once ``on_hello`` has returned, ``on_connection`` always runs, even if the WELCOME could not be
+    delivered (it then finds the connection closed), so clean-up in it is reliable. An exception in
+    it is logged and closes that connection only.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    lsock = socket.socket(family, type_, proto)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        configure_socket(lsock)
+        lsock.bind(addr)
+        lsock.listen(backlog)
+    except OSError as exc:
+        lsock.close()
+        raise OSError(exc.errno, f"cannot listen on {host or '*'}:{port}: {exc.strerror} "
+                                 "(is another master running there? pick another --port)") from None
+    return Server(lsock, token=token, on_hello=on_hello, on_connection=on_connection, limits=limits)

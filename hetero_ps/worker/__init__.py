@@ -1,0 +1,1 @@
+"""The worker command: ``python -m hetero_ps.worker --master-addr HOST``."""

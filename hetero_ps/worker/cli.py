@@ -1,0 +1,104 @@
+"""``python -m hetero_ps.worker --master-addr HOST``: join a master and train.
+
+The job (model, data, hyper-parameters) comes from the master; a worker needs only the address, the
+port and the token. The seed guide's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is read
+too, and its job flags are accepted so old launch lines keep working — the master's job wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+from hetero_ps.errors import HeteroPSError
+from hetero_ps.logs import add_file_log, setup_logging
+from hetero_ps.worker.worker import Worker, WorkerConfig
+
+log = logging.getLogger("hetero_ps.worker")
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "")
+    try:
+        return int(v) if v.strip() else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={v!r} is not an integer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hetero_ps.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("connection")
+    g.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", ""),
+                   help="the master's address (env MASTER_ADDR)")
+    g.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT", 29500),
+                   help="the master's port (env MASTER_PORT, default 29500)")
+    g.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""),
+                   help="shared secret, the same as the master's (env HETERO_PS_TOKEN)")
+    g.add_argument("--rank", type=int, default=_env_int("RANK", -1),
+                   help="this worker's rank (env RANK; default: the master assigns one)")
+    g.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 0),
+                   help="accepted for the seed guide's scripts (env WORLD_SIZE); the master counts workers")
+    g.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="keep retrying to reach the master for this many seconds (default 60)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default=os.environ.get("HETERO_PS_DEVICE", "auto"),
+                   help="auto (CUDA if available), cpu, cuda or cuda:N (env HETERO_PS_DEVICE)")
+    g.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = default)")
+    g = p.add_argument_group("simulated heterogeneity (tests, benchmarks)")
+    g.add_argument("--simulate-slowdown", type=float, default=1.0,
+                   help="make compute take F times as long (F >= 1)")
+    g = p.add_argument_group("output")
+    g.add_argument("--profile", "--profile-steps", dest="profile_steps", type=int, default=0, metavar="STEPS",
+                   help="write a torch.profiler Chrome trace of STEPS steps to experiments/NAME/profiles/")
+    g.add_argument("--experiments-dir", default="experiments", help="where this node writes its logs")
+    g.add_argument("--log-level", default="INFO")
+    g.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    g = p.add_argument_group("job flags of the seed guide (the master decides; accepted and ignored)")
+    for flag in ("--model", "--dataset", "--batch-size", "--epochs", "--backend", "--load-balance-policy",
+                 "--rebalance-interval"):
+        g.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--enable-load-balancing", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(f"worker[{args.rank if args.rank >= 0 else '?'}]", args.log_level, args.log_format)
+    if not args.master_addr:
+        log.error("no master address: pass --master-addr HOST or set MASTER_ADDR")
+        return 2
+    if args.simulate_slowdown < 1.0:
+        log.error("--simulate-slowdown must be >= 1, got %s", args.simulate_slowdown)
+        return 2
+    ignored = [f for f in ("model", "dataset", "batch_size", "epochs", "backend") if getattr(args, f) is not None]
+    if ignored:
+        log.info("job flags %s are decided by the master; this worker uses the master's job",
+                 ", ".join("--" + f.replace("_", "-") for f in ignored))
+    cfg = WorkerConfig(master_addr=args.master_addr, master_port=args.master_port, token=args.token,
+                       rank=args.rank, device=args.device, connect_timeout=args.connect_timeout,
+                       simulate_slowdown=args.simulate_slowdown, torch_threads=args.torch_threads,
+                       experiments_dir=args.experiments_dir, profile_steps=args.profile_steps,
+                       log_format=args.log_format)
+    try:
+        worker = Worker(cfg)
+        worker.on_welcome = lambda exp, rank: add_file_log(
+            os.path.join(args.experiments_dir, exp, "logs", f"worker-{rank}-{socket.gethostname()}.log"),
+            f"worker[{rank}]", args.log_format)
+        summary = asyncio.run(worker.run())
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    except HeteroPSError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("done: %d steps, %d samples", summary["steps"], summary["samples"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

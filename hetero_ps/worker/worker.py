@@ -1,0 +1,276 @@
+"""The worker's life: connect, learn the job, then compute gradients for as long as the master asks.
+
+One connection, one loop, messages in the order the master sent them:
+
+* PARAMS   — new parameters (a chunk each); loaded straight into the flat parameter buffer.
+* SCHEDULE — compute the mean gradient over this step's slice of the epoch's sample order, then
+  push it chunk by chunk with the job's codec.
+* CONTROL  — change run-time knobs (``simulate_slowdown``) without restarting.
+* BYE      — the job is over (or the master is shutting down): leave cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+
+from hetero_ps import codecs, transport
+from hetero_ps.config import JobConfig
+from hetero_ps.errors import ConfigError, ConnectionClosed, HeteroPSError, RemoteError, TransportError
+from hetero_ps.profiling import StepProfiler
+from hetero_ps.progress import Progress
+from hetero_ps.protocol import MsgType
+from hetero_ps.worker.profile import hardware_profile, resolve_device
+
+log = logging.getLogger("hetero_ps.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How this node reaches the master and behaves; the job itself comes from the master."""
+
+    master_addr: str = "127.0.0.1"     # the master's address (MASTER_ADDR)
+    master_port: int = 29500           # the master's port (MASTER_PORT)
+    token: str = ""                    # shared secret (HETERO_PS_TOKEN)
+    rank: int = -1                     # RANK; -1 lets the master pick
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    connect_timeout: float = 60.0      # give up reaching the master after this many seconds
+    simulate_slowdown: float = 1.0     # compute takes this many times as long (heterogeneity in tests)
+    torch_threads: int = 0             # torch.set_num_threads (0 = torch's default)
+    experiments_dir: str = "experiments"   # where this node writes its log (experiment name from master)
+    profile_steps: int = 0             # record a torch.profiler trace of this many steps (after one warm-up)
+    log_format: str = "plain"          # plain | json (progress output)
+
+
+async def connect_with_retry(cfg: WorkerConfig, hello: dict) -> tuple[transport.Connection, object]:
+    """Connect to the master, retrying with exponential backoff until ``connect_timeout``.
+
+    Refused or unreachable addresses are retried (the master may still be starting); a wrong
+    token or version is final and raised at once.
+    """
+    deadline = time.monotonic() + cfg.connect_timeout
+    delay, attempt, last = 0.2, 0, None
+    while True:
+        attempt += 1
+        try:
+            return await transport.connect(cfg.master_addr, cfg.master_port, token=cfg.token, hello=hello,
+                                           timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+        except (OSError, TransportError) as exc:
+            last = exc
+        if time.monotonic() + delay > deadline:
+            raise ConnectionClosed(
+                f"could not reach the master at {cfg.master_addr}:{cfg.master_port} after {attempt} attempts "
+                f"in {cfg.connect_timeout:.0f} s (last error: {last}). Is `python -m hetero_ps.server` running "
+                f"there, is MASTER_ADDR right, and is the port open (e.g. `sudo ufw allow {cfg.master_port}/tcp`)?")
+        log.info("master %s:%d not reachable yet (%s); retrying in %.1f s",
+                 cfg.master_addr, cfg.master_port, last, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
+
+
+class Worker:
+    """One training node."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.slowdown = cfg.simulate_slowdown
+        self.conn: transport.Connection | None = None
+        self.steps_done = 0
+        self.samples_done = 0
+        self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
+        self._push_done_at = 0.0
+        self.on_welcome = None   # callback(experiment, rank): the CLI adds the experiment's log file
+        self._proc = psutil.Process()
+
+    async def run(self) -> dict:
+        """Join, train until BYE, return a small summary."""
+        from hetero_ps import data, models
+        from hetero_ps.flat import FlatParams
+        from hetero_ps.trainer import LocalTrainer
+
+        hello = {"rank": self.cfg.rank, "host": socket.gethostname(), "device": self.device,
+                 "profile": hardware_profile(self.device)}
+        self.conn, welcome = await connect_with_retry(self.cfg, hello)
+        w = welcome.header
+        self.wid, self.rank = w["worker_id"], w["rank"]
+        self.job = JobConfig.from_wire(w["job"])
+        if self.on_welcome:
+            self.on_welcome(w.get("experiment", "default"), self.rank)
+        log.info("joined master %s:%d as rank %d (worker id %d) on %s; experiment %s",
+                 self.cfg.master_addr, self.cfg.master_port, self.rank, self.wid, self.device, w.get("experiment"))
+        try:
+            train_set, _, info = data.load_datasets(self.job)
+            model = models.build_model(self.job, info).to(self.device)
+            self.flat = FlatParams(model)
+            if self.flat.numel != w["numel"]:
+                raise ConfigError(
+                    f"this node builds {self.job.model} with {self.flat.numel} parameters but the master's has "
+                    f"{w['numel']}: the two nodes run different code or library versions")
+            self.trainer = LocalTrainer(self.job, model, self.flat, train_set, info, self.device)
+        except HeteroPSError as exc:
+            await self.conn.send_error("job_setup_failed", f"rank {self.rank}: {exc}")
+            raise
+        self.sampler = data_sampler(self.job, len(train_set))
+        self.progress = Progress(w.get("total_steps"), f"worker[{self.rank}]", self.cfg.log_format,
+                                 epochs=self.job.epochs)
+        self.profiler = None
+        if self.cfg.profile_steps:
+            self.profiler = StepProfiler(
+                os.path.join(self.cfg.experiments_dir, w.get("experiment", "default"), "profiles"),
+                steps=self.cfg.profile_steps, rank=self.rank, skip=1, device=self.device)
+        self._setup_codecs()
+        self.conn.set_payload_allocator(self._allocate)
+        try:
+            with self.progress.redirect_logging():
+                return await self._loop()
+        finally:
+            self.progress.close()
+            await self.conn.close()
+
+    # -- buffers and codecs -------------------------------------------------------------------
+    def _setup_codecs(self) -> None:
+        n, per = self.flat.numel, max(1, self.job.chunk_bytes // 4)
+        self.chunks = [(off, min(per, n - off)) for off in range(0, n, per)]
+        self.push_codecs = [codecs.make_codec(self.job.compression, numel) for _, numel in self.chunks]
+        self.pull_codecs = [codecs.make_codec(self.job.pull_compression, numel) for _, numel in self.chunks]
+        # Parameters live on the CPU for the wire; on a GPU node they are copied in once per step.
+        self.params_cpu = self.flat.params if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
+        self.grads_cpu = self.flat.grads if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
+        self.params_np = self.params_cpu.numpy()
+
+    def _allocate(self, msg_type, header, nbytes):
+        """Uncompressed parameter chunks land straight in the parameter buffer (zero copy)."""
+        if msg_type != MsgType.PARAMS or header.get("codec") != "none":
+            return None
+        off, numel = header.get("offset"), header.get("numel")
+        if not (isinstance(off, int) and isinstance(numel, int) and 0 <= off and off + numel <= self.flat.numel
+                and nbytes == 4 * numel):
+            return None   # let the decoder allocate; the handler rejects the header with a clear error
+        return memoryview(self.params_np[off:off + numel]).cast("B")
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def _loop(self) -> dict:
+        while True:
+            msg = await self.conn.recv(timeout=None)
+            t = msg.type
+            if t == MsgType.PARAMS:
+                self._on_params(msg)
+            elif t == MsgType.SCHEDULE:
+                await self._on_schedule(msg.header)
+            elif t == MsgType.CONTROL:
+                self._on_control(msg.header)
+            elif t == MsgType.HEARTBEAT:
+                await self.conn.send(MsgType.HEARTBEAT, {"t": time.time()})
+            elif t == MsgType.BYE:
+                log.info("master says bye (%s) after %d steps, %d samples",
+                         msg.header.get("reason", ""), self.steps_done, self.samples_done)
+                return {"steps": self.steps_done, "samples": self.samples_done, "rank": self.rank,
+                        "reason": msg.header.get("reason", "")}
+            elif t == MsgType.ERROR:
+                raise RemoteError(msg.header.get("code", "error"), msg.header.get("message", ""))
+            else:
+                log.warning("ignoring unexpected %s from master", t.name)
+
+    def _on_params(self, msg) -> None:
+        h = msg.header
+        t0 = time.perf_counter()
+        off, numel = h["offset"], h["numel"]
+        if h["chunk"] >= len(self.chunks) or self.chunks[h["chunk"]] != (off, numel):
+            raise ConfigError(f"master sent a parameter chunk {h['chunk']} ({off}+{numel}) this node does not have")
+        if h.get("codec") != "none":
+            self.pull_codecs[h["chunk"]].decode_into(self.params_cpu[off:off + numel].numpy(), h, msg.segments)
+        elif not _same_buffer(msg.segments[0], self.params_np, off):
+            self.params_np[off:off + numel] = np.frombuffer(msg.segments[0], dtype=np.float32)
+        if h["chunk"] == len(self.chunks) - 1:
+            if self.device != "cpu":
+                self.flat.params.copy_(self.params_cpu, non_blocking=False)
+            self.version = h["version"]
+        self._prev["pull_s"] += time.perf_counter() - t0
+        self._prev["bytes_in"] += sum(len(s) for s in msg.segments)
+
+    def _on_control(self, h: dict) -> None:
+        if "simulate_slowdown" in h:
+            self.slowdown = float(h["simulate_slowdown"])
+            log.info("simulate_slowdown set to %.2f by the master", self.slowdown)
+
+    async def _on_schedule(self, h: dict) -> None:
+        step, attempt, count = h["step"], h["attempt"], h["count"]
+        if self._push_done_at:   # from our last push to this schedule: barrier, optimizer and pull
+            self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
+        indices = self.sampler.indices(h["epoch"], h["offset"], count)
+        t0 = time.perf_counter()
+        if self.profiler is not None and not self.profiler.done:
+            # torch's profiler records the thread that started it: compute here for profiled steps.
+            with self.profiler.step(step):
+                stats = self.trainer.compute_gradient(indices)
+        else:
+            stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
+        compute_s = time.perf_counter() - t0
+        if self.slowdown > 1.0:   # a slower machine, simulated: stretch the compute time
+            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
+            compute_s *= self.slowdown
+        if self.device != "cpu":
+            self.grads_cpu.copy_(self.flat.grads)
+        grads = self.grads_cpu.numpy()
+        prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
+        encode_s = push_s = 0.0
+        nbytes = 0
+        for i, (off, numel) in enumerate(self.chunks):
+            te = time.perf_counter()
+            fields, segments = self.push_codecs[i].encode(grads[off:off + numel])
+            tp = time.perf_counter()
+            header = {"step": step, "attempt": attempt, "chunk": i, "offset": off, "numel": numel,
+                      "codec": self.job.compression, **fields}
+            await self.conn.send(MsgType.PUSH, header, segments)
+            encode_s += tp - te
+            push_s += time.perf_counter() - tp
+            nbytes += sum(memoryview(s).nbytes for s in segments)
+        # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
+        report = {"loss": stats.loss, "samples": stats.count, "compute_s": compute_s, "encode_s": encode_s,
+                  "push_s": push_s, "bytes_out": nbytes, "nonfinite": bool(stats.nonfinite),
+                  "version": getattr(self, "version", 0), "wait_s": prev["wait_s"], "pull_s": prev["pull_s"],
+                  "bytes_in": prev["bytes_in"], "util": self._utilisation()}
+        await self.conn.send(MsgType.METRICS, {"step": step, "attempt": attempt, "report": report})
+        self._push_done_at = time.perf_counter()
+        self.steps_done += 1
+        self.samples_done += count
+        self.progress.update(step, h["epoch"], stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
+
+    def _utilisation(self) -> dict:
+        """CPU/GPU utilisation and memory of this node, for the dashboard's worker table."""
+        u = {"cpu_util": psutil.cpu_percent(interval=None), "mem_bytes": self._proc.memory_info().rss,
+             "gpu_util": None, "gpu_mem_bytes": None}
+        if self.device.startswith("cuda"):
+            u["gpu_mem_bytes"] = int(torch.cuda.memory_allocated(self.device))
+            try:
+                u["gpu_util"] = float(torch.cuda.utilization(self.device))
+            except Exception:   # needs NVML; the memory figure is still right
+                pass
+        return u
+
+
+def _same_buffer(view: memoryview, arr: np.ndarray, off: int) -> bool:
+    """True when the payload already landed in ``arr`` at ``off`` (the zero-copy allocator path)."""
+    try:
+        return np.frombuffer(view, dtype=np.float32).__array_interface__["data"][0] == \
+            arr[off:].__array_interface__["data"][0]
+    except ValueError:
+        return False
+
+
+def data_sampler(job: JobConfig, n: int):
+    from hetero_ps.sampler import EpochSampler
+
+    return EpochSampler(n, job.seed)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every benchmark for real (the issues' sizes, several repeats) and writes benchmarks/RESULTS.md
+# with this machine's description. Extra arguments go to pytest (e.g. scripts/bench.sh -k transport).
+set -euo pipefail
+source "$(dirname "$0")/_env.sh"
+ensure_venv
+cd "$ROOT"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+HETERO_PS_BENCH_FULL=1 HETERO_PS_BENCH_OUT="$out" "$PYTHON" -m pytest -p no:cacheprovider -s \
+  --benchmark-disable benchmarks "$@"
+"$PYTHON" -m benchmarks.render_results "$out" benchmarks/RESULTS.md
+echo "[bench] wrote benchmarks/RESULTS.md"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Start the master (rank 0) by hand, as the seed guide describes. Configure with the environment:
+#   WORLD_SIZE        nodes in the job, this one included (default 2)
+#   MASTER_PORT       port to listen on (default 29500)
+#   HETERO_PS_TOKEN   shared secret every worker must also have (recommended)
+#   NETWORK_INTERFACE override interface detection (else default route, then wlan0, wlp*, eth0, enp*)
+# Any arguments are passed to `python -m hetero_ps.server` (e.g. --model, --dataset, --epochs).
+set -euo pipefail
+source "$(dirname "$0")/_env.sh"
+source "$(dirname "$0")/_net.sh"
+ensure_venv
+cd "$ROOT"
+
+export WORLD_SIZE="${WORLD_SIZE:-2}" MASTER_PORT="${MASTER_PORT:-29500}" RANK=0
+IFACE=$(detect_interface)
+export GLOO_SOCKET_IFNAME="$IFACE" NCCL_SOCKET_IFNAME="$IFACE"
+MASTER_IP=$(interface_ip "$IFACE")
+DEVICE=$(detect_cuda)
+
+echo "=========================================="
+echo "Master Node - Rank 0 ($(uname -s))"
+echo "=========================================="
+echo "Using network interface: $IFACE"
+echo "Network Interface: $IFACE"
+echo "Master IP: ${MASTER_IP:-unknown}"
+echo "Device: $DEVICE"
+echo "Waiting for $((WORLD_SIZE - 1)) workers to connect..."
+echo "On each worker: RANK=<n> WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=${MASTER_IP:-<this ip>} scripts/start_worker.sh"
+echo "=========================================="
+exec "$PYTHON" -m hetero_ps.server --world-size "$WORLD_SIZE" --port "$MASTER_PORT" --local-device "$DEVICE" "$@"
