@@ -71,6 +71,33 @@ def report(name: str, ours_s: float, baselines: dict[str, float], nbytes: int) -
     return rec
 
 
+def report_value(name: str, value: float, unit: str, baselines: dict[str, float] | None = None,
+                 extra: dict | None = None) -> dict:
+    """Print a measured figure (samples/s, a fraction, seconds...) against baselines; append it to $HETERO_PS_BENCH_OUT.
+
+    For figures where bigger is better (throughputs): each baseline's ratio is ``value / baseline``,
+    above 1 meaning ours is ahead. ``extra`` (JSON-friendly) is stored with the record for the
+    results table's notes.
+    """
+    rec = {
+        "kind": "value",
+        "name": name,
+        "mode": "full" if FULL else "quick",
+        "value": value,
+        "unit": unit,
+        "baselines": {k: {"value": v, "ratio": (value / v if v else None)} for k, v in (baselines or {}).items()},
+        "extra": extra or {},
+    }
+    parts = [f"{k} {b['value']:.4g} {unit} -> ratio {b['ratio']:.2f}x" if b["ratio"] is not None
+             else f"{k} {b['value']:.4g} {unit}" for k, b in rec["baselines"].items()]
+    print(f"\n[bench] {name} ({rec['mode']}): ours {value:.4g} {unit}" + ("; " if parts else "") + "; ".join(parts))
+    out = os.environ.get("HETERO_PS_BENCH_OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
+
+
 @pytest.fixture
 def bench_report():
     return report

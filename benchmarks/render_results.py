@@ -43,14 +43,33 @@ def render(records: list[dict]) -> str:
     lines += machine_info()
     lines += ["", "## Results", "", "| benchmark | size | ours | baseline | baseline speed | ratio |",
               "| --- | --- | --- | --- | --- | --- |"]
+    values = [r for r in records if r.get("kind") == "value"]
     for r in records:
+        if r.get("kind") == "value":
+            continue
         mib = f"{r['bytes'] / 2**20:.0f} MiB"
         ours = f"{r['ours_gbps']:.2f} GB/s"
         if not r["baselines"]:
             lines.append(f"| {r['name']} | {mib} | {ours} | | | |")
         for name, b in r["baselines"].items():
             lines.append(f"| {r['name']} | {mib} | {ours} | {name} | {b['gbps']:.2f} GB/s | {b['ratio']:.2f}x |")
+    if values:
+        lines += ["", "## Measured figures", "", "Ratios are ours / baseline (above 1: ours is ahead).", "",
+                  "| benchmark | ours | baseline | baseline value | ratio |", "| --- | --- | --- | --- | --- |"]
+        for r in values:
+            ours = f"{_num(r['value'])} {r['unit']}"
+            if not r["baselines"]:
+                lines.append(f"| {r['name']} | {ours} | | | |")
+            for name, b in r["baselines"].items():
+                ratio = "" if b.get("ratio") is None else f"{b['ratio']:.2f}x"
+                lines.append(f"| {r['name']} | {ours} | {name} | {_num(b['value'])} {r['unit']} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(x) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
 def main(argv: list[str]) -> None:

@@ -238,8 +238,8 @@ py::dict cpu_features() {
     paths["weighted_accumulate"] = simd;
     paths["convert"] = simd;
     paths["int8"] = simd;
-    paths["topk"] = "portable";
-    paths["scatter_accumulate"] = "portable";
+    paths["topk"] = active >= hps::Isa::avx2 ? "avx2" : "scalar";  // the candidate scan; AVX2 also on avx512
+    paths["scatter_accumulate"] = "scalar";
     paths["checksum"] = hps::crc32c_impl();
     py::dict out;
     out["detected"] = hps::isa_name(hps::detected_isa());

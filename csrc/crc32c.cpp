@@ -114,11 +114,13 @@ HPS_TARGET_SSE42 uint32_t update_hw(uint32_t crc0, const unsigned char* p, size_
     while (n >= 3 * kLong) {
         uint64_t c1 = 0, c2 = 0;
         const unsigned char* end = p + kLong;
-        do {
-            c0 = _mm_crc32_u64(c0, ld<uint64_t>(p, 0));
-            c1 = _mm_crc32_u64(c1, ld<uint64_t>(p + kLong, 0));
-            c2 = _mm_crc32_u64(c2, ld<uint64_t>(p + 2 * kLong, 0));
-            p += 8;
+        do {  // unrolled: the loop overhead would otherwise cost a crc32 slot per iteration
+            for (int u = 0; u < 32; u += 8) {
+                c0 = _mm_crc32_u64(c0, ld<uint64_t>(p + u, 0));
+                c1 = _mm_crc32_u64(c1, ld<uint64_t>(p + kLong + u, 0));
+                c2 = _mm_crc32_u64(c2, ld<uint64_t>(p + 2 * kLong + u, 0));
+            }
+            p += 32;
         } while (p < end);
         c0 = apply_op(t.long_op, static_cast<uint32_t>(c0)) ^ c1;
         c0 = apply_op(t.long_op, static_cast<uint32_t>(c0)) ^ c2;
@@ -129,10 +131,12 @@ HPS_TARGET_SSE42 uint32_t update_hw(uint32_t crc0, const unsigned char* p, size_
         uint64_t c1 = 0, c2 = 0;
         const unsigned char* end = p + kShort;
         do {
-            c0 = _mm_crc32_u64(c0, ld<uint64_t>(p, 0));
-            c1 = _mm_crc32_u64(c1, ld<uint64_t>(p + kShort, 0));
-            c2 = _mm_crc32_u64(c2, ld<uint64_t>(p + 2 * kShort, 0));
-            p += 8;
+            for (int u = 0; u < 32; u += 8) {
+                c0 = _mm_crc32_u64(c0, ld<uint64_t>(p + u, 0));
+                c1 = _mm_crc32_u64(c1, ld<uint64_t>(p + kShort + u, 0));
+                c2 = _mm_crc32_u64(c2, ld<uint64_t>(p + 2 * kShort + u, 0));
+            }
+            p += 32;
         } while (p < end);
         c0 = apply_op(t.short_op, static_cast<uint32_t>(c0)) ^ c1;
         c0 = apply_op(t.short_op, static_cast<uint32_t>(c0)) ^ c2;

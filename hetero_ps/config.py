@@ -13,6 +13,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
 SYNC_MODES = ("bsp", "ssp", "asp")
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
+STALENESS_SCALINGS = ("inverse", "sqrt", "none")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class JobConfig:
     max_steps: int = 0                   # stop after this many steps (0 = no limit)
     seed: int = 0                        # seeds the sampler's permutations and the model init
     sync: str = "bsp"                    # one of SYNC_MODES
-    staleness: int = 2                   # SSP bound S (versions a worker may run ahead)
+    staleness: int = 2                   # SSP bound S (updates a worker's clock may run ahead of the slowest)
+    staleness_scaling: str = "inverse"   # SSP/ASP damping of a stale gradient: inverse | sqrt | none
     compression: str = "none"            # push codec: none|fp16|bf16|int8|topk:RATIO
     pull_compression: str = "none"       # pull codec: none|fp16|bf16
     load_balancing: bool = False         # --enable-load-balancing

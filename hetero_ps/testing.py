@@ -183,3 +183,7 @@ class FaultProxy:
             if stop == "stall":
                 self._hit(f"{name}: stalled after {offset} bytes")
                 await asyncio.Event().wait()  # until the proxy is closed (this task cancelled)
+
+
+# The loopback cluster of real processes lives in its own module; re-exported for users' tests.
+from hetero_ps.cluster import LocalCluster  # noqa: E402,F401

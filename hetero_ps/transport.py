@@ -72,9 +72,22 @@ log = logging.getLogger(__name__)
 NONCE_BYTES = 32
 CLIENT_LABEL = b"hetero_ps/v1/client"
 SERVER_LABEL = b"hetero_ps/v1/server"
-# SO_SNDBUF/SO_RCVBUF requested for every connection (Linux doubles it); 0 keeps the kernel's
-# autotuning. benchmarks/bench_transport.py measures the choice; see docs/PROTOCOL.md.
-SOCKET_BUFFER_BYTES = int(os.environ.get("HETERO_PS_SOCKET_BUFFER", str(1 << 20)))
+
+
+def _socket_buffer_bytes() -> int:
+    """SO_SNDBUF/SO_RCVBUF asked for every connection (Linux doubles it): ``HETERO_PS_SOCKET_BUFFER``,
+    default 1 MiB; 0 keeps the kernel's autotuning. bench_transport measured the choice (PROTOCOL.md)."""
+    raw = os.environ.get("HETERO_PS_SOCKET_BUFFER", str(1 << 20))
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"HETERO_PS_SOCKET_BUFFER={raw!r}: expected a number of bytes (0 = kernel autotuning)")
+    return n
+
+
+SOCKET_BUFFER_BYTES = _socket_buffer_bytes()
 PAYLOAD_CRC_ENV = "HETERO_PS_PAYLOAD_CRC"   # auto (default: on unless the peer is loopback) | on | off
 _IOV_MAX = 1024             # buffers per sendmsg call (Linux's IOV_MAX)
 _CLOSE_WAIT = 2.0           # s a close waits for in-flight socket calls to notice the shutdown

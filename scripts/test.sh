@@ -7,6 +7,15 @@ source "$(dirname "$0")/_env.sh"
 ensure_venv
 cd "$ROOT"
 
+# The dashboard's browser test drives Debian's Chromium; install it when we can (root + apt).
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${HETERO_PS_CHROMIUM:-}" ] && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing chromium for the dashboard's browser test"
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "[setup] could not install chromium; the browser test will say why it skips" >&2
+fi
+
 run_pytest() {
   # pytest exits 5 when it collected nothing: that is a failure here, never a silent pass.
   local rc=0

@@ -7,6 +7,8 @@ Backend, chosen once at import:
   imported, the numpy reference with one ``RuntimeWarning`` that says how to build it
   (``HETERO_PS_KERNELS=native`` turns that fallback into an ImportError).
 
+``HETERO_PS_ISA=scalar|sse4.2|avx2|avx512`` caps the SIMD level the native kernels use.
+
 ``BACKEND`` says which one (``"native"`` or ``"reference"``). Both give the same bits (see
 docs/KERNELS.md for every kernel's maths, NaN/inf rules and wire meaning); tests get both through
 ``backends()``.
@@ -55,6 +57,8 @@ __all__ = [
 ]
 
 ENV_VAR = "HETERO_PS_KERNELS"
+ISA_ENV_VAR = "HETERO_PS_ISA"
+ISA_LEVELS = ("scalar", "sse4.2", "avx2", "avx512")
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the hetero_ps checkout (needs CMake "
               ">= 3.18, a C++17 compiler and pybind11)")
 
@@ -347,6 +351,10 @@ def _import_native() -> tuple[ModuleType | None, str | None]:
 _choice = os.environ.get(ENV_VAR, "").strip().lower()
 if _choice not in ("", "auto", "native", "reference"):
     raise ConfigError(f"{ENV_VAR}={_choice!r}: expected 'native', 'reference' or unset")
+# Read by _C itself (a cap on the SIMD level); checked here so a typo is an error, not a fallback.
+_isa_cap = os.environ.get(ISA_ENV_VAR, "")
+if _isa_cap and _isa_cap not in ISA_LEVELS:
+    raise ConfigError(f"{ISA_ENV_VAR}={_isa_cap!r}: expected one of {', '.join(ISA_LEVELS)} or unset")
 
 _REFERENCE = Kernels("reference", _reference)
 if _choice == "reference":

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 
-from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, SYNC_MODES, JobConfig
+from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.logs import add_file_log, setup_logging
 from hetero_ps.progress import Progress
@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
     g = p.add_argument_group("synchronisation and compression")
     g.add_argument("--sync", choices=SYNC_MODES, default=d.sync, help="bsp (default), ssp or asp")
-    g.add_argument("--staleness", type=int, default=d.staleness, help="SSP bound S")
+    g.add_argument("--staleness", type=int, default=d.staleness,
+                   help="SSP bound S: a worker may run at most S updates ahead of the slowest (default 2)")
+    g.add_argument("--staleness-scaling", choices=STALENESS_SCALINGS, default=d.staleness_scaling,
+                   help="SSP/ASP: scale a gradient of staleness t by 1/(1+t) (inverse), 1/sqrt(1+t), or not")
     g.add_argument("--compression", default=d.compression, help="push codec: none|fp16|bf16|int8|topk:RATIO")
     g.add_argument("--pull-compression", default=d.pull_compression, help="pull codec: none|fp16|bf16")
     g.add_argument("--chunk-mb", type=float, default=d.chunk_bytes / 2**20, help="gradient chunk size on the wire")
@@ -136,6 +139,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     from hetero_ps.codecs import parse_codec
 
     global_batch = a.global_batch_size or a.batch_size * trainers
+    if a.staleness < 0:
+        raise ConfigError(f"--staleness must be >= 0, got {a.staleness}")
     if global_batch < trainers:
         raise ConfigError(f"a global batch of {global_batch} cannot be shared by {trainers} workers")
     for spec, flag in ((a.compression, "--compression"), (a.pull_compression, "--pull-compression")):
@@ -148,7 +153,7 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, lr_step_size=a.lr_step_size,
         lr_gamma=a.lr_gamma, global_batch=global_batch, epochs=a.epochs, max_steps=a.max_steps, seed=a.seed,
-        sync=a.sync, staleness=a.staleness, compression=a.compression, pull_compression=a.pull_compression,
+        sync=a.sync, staleness=a.staleness, staleness_scaling=a.staleness_scaling, compression=a.compression, pull_compression=a.pull_compression,
         load_balancing=a.enable_load_balancing, policy=a.load_balance_policy,
         rebalance_interval=a.rebalance_interval, chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4)
 

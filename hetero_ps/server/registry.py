@@ -27,6 +27,10 @@ class WorkerHandle:
     samples: int = 0               # samples it has computed so far
     steps: int = 0
     last_report: dict = field(default_factory=dict)
+    ready: bool = False            # built the job and reported its calibration probe
+    params_version: int = -1       # the parameter version it last received
+    assignment: object = None      # server.Assignment in flight for it, if any
+    clock: int = 0                 # SSP/ASP: updates it has pushed
 
     def set_activity(self, what: str) -> None:
         self.activity, self.activity_since = what, time.monotonic()

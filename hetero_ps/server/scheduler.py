@@ -4,16 +4,23 @@ Policies (``--load-balance-policy``, active with ``--enable-load-balancing``):
 
 * ``uniform``  — equal shares (what a homogeneous DDP job does); the default without load balancing.
 * ``proportional`` — shares from what each worker reported at join: its calibration probe of the
-  job's model (samples/s), else a spec-based guess (cores, GPU). Never changes afterwards.
+  job's model (``rate_hint`` samples/s, and ``c_hint``/``r_hint`` when the probe fitted them).
+  Never changes afterwards.
 * ``dynamic`` — shares from measured step times: each worker's ``t_i(b) = c_i + b / r_i`` is fitted
-  from its recent (batch, seconds) observations with an EWMA, then the solver in ``solver.py``
-  equalises predicted times. Re-solved every ``rebalance_interval`` steps.
+  from its (batch, seconds) observations (``WorkerModel``), then the solver in ``solver.py``
+  equalises predicted times. Uniform until every worker has ``warmup_observations`` measurements,
+  then re-solved every ``rebalance_interval`` steps — and at once when a worker's speed changes
+  abruptly (a detected regime change), so a machine slowed 3× mid-run gets a smaller share within
+  a few steps, not a few intervals.
 * ``hybrid`` — ``proportional`` until every worker has ``warmup_observations`` measurements, then
   ``dynamic``.
 
 Hysteresis: a new split is adopted only if it shortens the predicted step by more than
 ``min_gain`` (default 3 %), so noise does not make shares oscillate. Every decision is returned with
 its inputs and its reason so the server can log it.
+
+The observed seconds should be a worker's whole step minus the barrier wait (compute + encode +
+push + pull), so ``c_i`` includes its communication and a worker on a slow link gets less.
 """
 
 from __future__ import annotations
@@ -21,54 +28,143 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hetero_ps.server.solver import predicted_step_time, round_preserving_sum, solve_batch_sizes
+from hetero_ps.server.solver import (expected_staleness, predicted_step_time, round_preserving_sum,
+                                     solve_batch_sizes)
+
+POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 
 
 @dataclass
 class WorkerModel:
-    """What the scheduler knows about one worker's speed."""
+    """What the scheduler knows about one worker's speed, fitted from ``(batch, seconds)`` pairs.
+
+    Two time scales. The fixed cost ``c`` only shapes how the time changes when the batch does, and
+    is learned from every observation of the current regime (up to ``keep``): a least-squares line
+    ``t = c + s·b`` whose ``c`` is trusted as far as its standard error allows (``_refit``). The rate
+    follows the recent past: ``r = b̄ / (t̄ − c)`` with ``b̄``, ``t̄`` exponentially weighted means
+    (EWMA, the newest with weight 1, one ``k`` steps older with ``(1 − alpha)^k``), so the model
+    predicts the batch sizes actually in use exactly and follows slow drift within ~``1/alpha`` steps.
+
+    Robustness. An observation whose time is off the prediction by more than ``gate``× either way
+    is held back as a suspect, not fitted (one slow step — a GC pause, a busy neighbour — moves
+    nothing). But ``regime_after`` suspects in a row on the same side mean the machine itself
+    changed (slowed, throttled, freed): the window is replaced by those suspects, the model refitted
+    from them alone (the old ``c`` rescaled by the change as the prior), and ``changed`` set so the
+    scheduler re-solves without waiting for its interval. A real 3× slowdown is therefore never
+    discarded as an outlier for more than ``regime_after`` steps, and adopted at full strength
+    rather than blended in slowly.
+    """
 
     rate_hint: float = 0.0          # samples/s from the join-time probe or specs (0 = unknown)
     max_batch: int = 0              # the largest batch that fits its memory (0 = no cap)
-    observations: list = field(default_factory=list)   # recent (batch, seconds) pairs, newest last
-    rate: float = 0.0               # fitted samples/s (EWMA)
-    fixed: float = 0.0              # fitted fixed cost per step in seconds (EWMA)
+    c_hint: float = 0.0             # fixed cost per step from the probe (s), a prior for ``fixed``
+    r_hint: float = 0.0             # per-sample rate from the probe (samples/s), 0 = use rate_hint
+    alpha: float = 0.15             # EWMA weight of the newest observation (for the rate)
+    gate: float = 1.5               # an observation off the prediction by more than this factor is a suspect
+    regime_after: int = 3           # this many suspects in a row on one side = a new regime
+    keep: int = 30                  # observations kept per regime (for the fixed cost)
+    prior_sd: float = 0.25          # uncertainty of the prior fixed cost, as a share of the step time
+    observations: list = field(default_factory=list)   # (batch, seconds) of the current regime, newest last
+    suspects: list = field(default_factory=list)       # consecutive off-model (batch, seconds, slower?)
+    rate: float = 0.0               # fitted samples/s (0 = not measured yet)
+    fixed: float = 0.0              # fitted fixed cost per step in seconds
+    count: int = 0                  # observations accepted or adopted over the model's life
+    rejected: int = 0               # observations held back as outliers and never adopted
+    regimes: int = 0                # regime changes detected
+    changed: bool = False           # a regime change the scheduler has not acted on yet
+    c_prior: float | None = None    # the fixed cost carried over from the previous regime
 
-    def observe(self, batch: int, seconds: float, alpha: float = 0.3, keep: int = 20) -> None:
-        """Add a measurement and refit ``c`` and ``r``.
+    def predict(self, batch: float) -> float:
+        """Predicted seconds for ``batch`` samples (needs a fit)."""
+        return self.fixed + batch / self.rate
 
-        With two or more distinct batch sizes in the window a least-squares line ``t = c + b/r``
-        is fitted; with one, ``c`` keeps its estimate and ``r = b / (t - c)``. The fit is blended
-        into the running estimate with weight ``alpha`` (EWMA), and outliers beyond 3x the median
-        time per sample are ignored.
-        """
+    def observe(self, batch: int, seconds: float) -> str:
+        """Add a measurement; returns what became of it: ``fit``, ``suspect``, ``regime`` or ``ignored``."""
         if batch <= 0 or not (seconds > 0 and math.isfinite(seconds)):
-            return
+            return "ignored"
+        if self.rate > 0 and len(self.observations) >= 2:
+            q = seconds / self.predict(batch)
+            if q > self.gate or q < 1.0 / self.gate:
+                return self._suspect(batch, seconds, q > 1.0)
+        self.rejected += len(self.suspects)
+        self.suspects = []
         self.observations.append((batch, seconds))
-        del self.observations[:-keep]
-        per = sorted(t / b for b, t in self.observations)
-        median = per[len(per) // 2]
-        obs = [(b, t) for b, t in self.observations if t / b <= 3 * median]
-        bs = {b for b, _ in obs}
-        c_new, r_new = self.fixed, 0.0
-        if len(bs) >= 2:
-            n = len(obs)
+        del self.observations[:-self.keep]
+        self.count += 1
+        self._refit()
+        return "fit"
+
+    def _suspect(self, batch: int, seconds: float, slower: bool) -> str:
+        if self.suspects and self.suspects[-1][2] != slower:   # both sides: noise, not a regime
+            self.rejected += len(self.suspects)
+            self.suspects = []
+        self.suspects.append((batch, seconds, slower))
+        if len(self.suspects) < self.regime_after:
+            return "suspect"
+        # The whole machine changed speed, its fixed cost too: carry c over, rescaled.
+        ratio = sum(t for _, t, _ in self.suspects) / sum(self.predict(b) for b, _, _ in self.suspects)
+        self.c_prior = self.fixed * ratio
+        self.observations = [(b, t) for b, t, _ in self.suspects]
+        self.count += len(self.suspects)
+        self.suspects = []
+        self.regimes += 1
+        self.changed = True
+        self._refit()
+        return "regime"
+
+    def _refit(self) -> None:
+        """Refit ``c`` (whole regime) and ``r`` (recent), see the class docstring.
+
+        ``c``: ordinary least squares over the regime's ``n`` observations gives ``ĉ`` with standard
+        error ``se² = σ̂²/n · (1 + b̄²/var b)``; it is combined with the prior ``c₀`` (the previous
+        regime's, else the probe's scaled to the measured speed, else 0) of standard deviation
+        ``prior_sd · t̄`` by precision weighting:
+
+            c = (ĉ / se² + c₀ / sd₀²) / (1 / se² + 1 / sd₀²)
+
+        so alike batch sizes (no information about ``c``) keep the prior and a spread of sizes (a
+        rebalance, an epoch's short last step) lets the data decide; noise-free data give ``ĉ``
+        exactly. ``c`` is kept within ``[0, 0.9 t̄]`` so the rate stays positive and finite.
+        """
+        obs = self.observations
+        w = [(1.0 - self.alpha) ** (len(obs) - 1 - k) for k in range(len(obs))]
+        sw = sum(w)
+        eb = sum(wi * b for wi, (b, _) in zip(w, obs)) / sw    # recent (EWMA) means
+        et = sum(wi * t for wi, (_, t) in zip(w, obs)) / sw
+        c0 = self._prior_fixed(eb, et)
+        c = c0
+        n = len(obs)
+        if n >= 3:
             mb = sum(b for b, _ in obs) / n
             mt = sum(t for _, t in obs) / n
-            sbb = sum((b - mb) ** 2 for b, _ in obs)
-            slope = sum((b - mb) * (t - mt) for b, t in obs) / sbb
-            if slope > 0:
-                c_new = max(0.0, mt - slope * mb)
-                r_new = 1.0 / slope
-        if r_new <= 0:
-            b, t = obs[-1]
-            c_new = min(self.fixed, 0.5 * t)
-            r_new = b / (t - c_new)
-        if self.rate <= 0:
-            self.rate, self.fixed = r_new, c_new
-        else:
-            self.rate += alpha * (r_new - self.rate)
-            self.fixed += alpha * (c_new - self.fixed)
+            vb = sum((b - mb) ** 2 for b, _ in obs) / n
+            if vb > (1e-6 * mb) ** 2:
+                s = sum((b - mb) * (t - mt) for b, t in obs) / n / vb
+                c_ls = mt - s * mb
+                sigma2 = sum((t - c_ls - s * b) ** 2 for b, t in obs) / (n - 2)
+                se2 = sigma2 / n * (1.0 + mb * mb / vb)
+                sd02 = (self.prior_sd * et) ** 2
+                c = c_ls if se2 <= 1e-12 * sd02 else (c_ls / se2 + c0 / sd02) / (1.0 / se2 + 1.0 / sd02)
+        c = min(max(c, 0.0), 0.9 * et)
+        self.fixed, self.rate = c, eb / (et - c)
+
+    def _prior_fixed(self, mb: float, mt: float) -> float:
+        """The fixed cost to assume without evidence (see ``_refit``)."""
+        if self.c_prior is not None:
+            return self.c_prior
+        ref = self.profile_model()
+        if ref is None or ref[0] <= 0:
+            return 0.0
+        c, r = ref   # the probe's split of time into fixed and per-sample, at this worker's real speed
+        return c * mt / (c + mb / r)
+
+    def profile_model(self) -> tuple[float, float] | None:
+        """``(c, r)`` from the join probe, or None when the worker reported none."""
+        if self.r_hint > 0:
+            return max(0.0, self.c_hint), self.r_hint
+        if self.rate_hint > 0:
+            return 0.0, self.rate_hint
+        return None
 
 
 @dataclass(frozen=True)
@@ -80,29 +176,43 @@ class Decision:
     reason: str
     predicted_step_s: float = 0.0
     previous_predicted_s: float = 0.0
-    inputs: dict = field(default_factory=dict)   # worker id -> {"c": s, "r": samples/s}
+    inputs: dict = field(default_factory=dict)   # worker id -> {"c": s, "r": samples/s, "source", ...}
 
 
 class Scheduler:
-    """Decides every worker's batch size; the server asks it each step."""
+    """Decides every worker's batch size; the server asks it each step (or each SSP/ASP task)."""
 
     def __init__(self, global_batch: int, policy: str = "uniform", rebalance_interval: int = 10,
                  min_batch: int = 1, min_gain: float = 0.03, warmup_observations: int = 3,
                  fixed_sizes: dict | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+            raise ValueError(f"the global batch must be a positive integer, got {global_batch!r}")
         self.global_batch = global_batch
         self.policy = policy
-        self.rebalance_interval = max(1, rebalance_interval)
-        self.min_batch = min_batch
-        self.min_gain = min_gain
-        self.warmup_observations = warmup_observations
-        self.fixed_sizes = fixed_sizes or {}   # rank -> size, from --worker-batch-sizes
+        self.rebalance_interval = max(1, int(rebalance_interval))
+        self.min_batch = max(1, int(min_batch))
+        self.min_gain = float(min_gain)
+        self.warmup_observations = max(1, int(warmup_observations))
+        self.fixed_sizes = dict(fixed_sizes or {})   # rank -> size, from --worker-batch-sizes
         self.models: dict[int, WorkerModel] = {}
         self.sizes: dict[int, int] = {}
+        self.source = ""                  # what the current split was computed from
         self._last_solve_step = -1
 
     # -- membership -------------------------------------------------------------------------
-    def add_worker(self, wid: int, rate_hint: float = 0.0, max_batch: int = 0) -> None:
-        self.models[wid] = WorkerModel(rate_hint=rate_hint, max_batch=max_batch)
+    def add_worker(self, wid: int, rate_hint: float = 0.0, max_batch: int = 0,
+                   c_hint: float = 0.0, r_hint: float = 0.0) -> None:
+        """Count a ready worker. ``rate_hint`` is its probe's samples/s; ``c_hint``/``r_hint`` the
+        probe's fitted fixed cost (s) and rate (samples/s), when it has them; ``max_batch`` its memory
+        cap (0 = none)."""
+        def num(x):
+            x = float(x or 0.0)
+            return x if math.isfinite(x) and x > 0 else 0.0
+
+        self.models[wid] = WorkerModel(rate_hint=num(rate_hint), max_batch=max(0, int(max_batch or 0)),
+                                       c_hint=num(c_hint), r_hint=num(r_hint))
         self.sizes = {}   # membership changed: next assign() re-solves
 
     def remove_worker(self, wid: int) -> None:
@@ -110,6 +220,7 @@ class Scheduler:
         self.sizes = {}
 
     def observe(self, wid: int, batch: int, seconds: float) -> None:
+        """A worker's measured step: ``batch`` samples in ``seconds`` (without the barrier wait)."""
         if wid in self.models:
             self.models[wid].observe(batch, seconds)
 
@@ -123,11 +234,20 @@ class Scheduler:
         """
         total = self.global_batch if total is None else total
         wids = sorted(workers)
+        unknown = [w for w in wids if w not in self.models]
+        if unknown:
+            raise ValueError(f"workers {unknown} were never added to the scheduler")
+        if not 0 <= total <= self.global_batch:
+            raise ValueError(f"a step's batch must be within [0, {self.global_batch}], got {total}")
+        if not wids:
+            return {}, None
         decision = None
         if set(self.sizes) != set(wids):
             decision = self._decide(step, wids, ranks, "membership changed")
-        elif self.policy in ("dynamic", "hybrid") and step - self._last_solve_step >= self.rebalance_interval:
-            decision = self._decide(step, wids, ranks, f"rebalance interval ({self.rebalance_interval} steps)")
+        elif self.policy in ("dynamic", "hybrid"):
+            why = self._why_rebalance(step, wids)
+            if why:
+                decision = self._decide(step, wids, ranks, why)
         if total == self.global_batch:
             return dict(self.sizes), decision
         cur = [self.sizes[w] for w in wids]
@@ -135,10 +255,26 @@ class Scheduler:
         partial = round_preserving_sum(shares, total, [0] * len(wids), [total] * len(wids))
         return dict(zip(wids, partial)), decision
 
+    def _why_rebalance(self, step: int, wids: list[int]) -> str:
+        if self.source == "fixed":   # --worker-batch-sizes: the user's split, never second-guessed
+            return ""
+        ms = [self.models[w] for w in wids]
+        if self.source != "measured" and self._warm(ms):
+            return "every worker measured"
+        moved = [w for w, m in zip(wids, ms) if m.changed]
+        if moved and self.source == "measured":
+            return f"worker(s) {moved} changed speed"
+        if step - self._last_solve_step >= self.rebalance_interval:
+            return f"rebalance interval ({self.rebalance_interval} steps)"
+        return ""
+
+    def _warm(self, ms: list[WorkerModel]) -> bool:
+        return all(m.rate > 0 and m.count >= self.warmup_observations for m in ms)
+
     def _bounds(self, wids: list[int]) -> tuple[list[int], list[int]]:
         total, n = self.global_batch, len(wids)
         lo = [max(1, min(self.min_batch, total // n))] * n
-        hi = [self.models[w].max_batch or total for w in wids]
+        hi = [max(lo[0], self.models[w].max_batch or total) for w in wids]
         if sum(hi) < total:   # memory caps cannot hold the batch: ignore them rather than fail
             hi = [total] * n
         return lo, hi
@@ -146,40 +282,63 @@ class Scheduler:
     def _inputs(self, wids: list[int]) -> tuple[list[float], list[float], str]:
         """(c, r, source) for the active policy."""
         ms = [self.models[w] for w in wids]
-        measured = all(m.rate > 0 for m in ms)
-        warm = all(len(m.observations) >= self.warmup_observations for m in ms)
-        if measured and (self.policy == "dynamic" or (self.policy == "hybrid" and warm)):
+        if self.policy in ("dynamic", "hybrid") and self._warm(ms):
             return [m.fixed for m in ms], [m.rate for m in ms], "measured"
-        if self.policy != "uniform" and all(m.rate_hint > 0 for m in ms):
-            return [0.0] * len(ms), [m.rate_hint for m in ms], "profile"
+        if self.policy in ("proportional", "hybrid"):
+            prof = [m.profile_model() for m in ms]
+            if all(prof):
+                return [p[0] for p in prof], [p[1] for p in prof], "profile"
         return [0.0] * len(ms), [1.0] * len(ms), "uniform"
 
     def _decide(self, step: int, wids: list[int], ranks: dict[int, int] | None, why: str) -> Decision | None:
         self._last_solve_step = step
+        for w in wids:
+            self.models[w].changed = False
         total = self.global_batch
         if len(wids) > total:
             raise ValueError(f"{len(wids)} workers cannot share a global batch of {total}")
         fixed = self.fixed_sizes
         if fixed and ranks and all(ranks.get(w) in fixed for w in wids) \
                 and sum(fixed[ranks[w]] for w in wids) == total:
+            self.source = "fixed"
             return self._adopt({w: fixed[ranks[w]] for w in wids}, "fixed", f"{why}; --worker-batch-sizes")
         lo, hi = self._bounds(wids)
         c, r, source = self._inputs(wids)
         new = solve_batch_sizes(c, r, total, lo, hi)
         t_new = predicted_step_time(c, r, new)
-        inputs = {w: {"c": ci, "r": ri} for w, ci, ri in zip(wids, c, r)}
-        if set(self.sizes) == set(wids):
+        inputs = {w: self._describe(w, ci, ri, source) for w, ci, ri in zip(wids, c, r)}
+        same_members = set(self.sizes) == set(wids)
+        if same_members and source == self.source:
             t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids])
             if t_old - t_new <= self.min_gain * t_old:
                 return None   # hysteresis: not worth moving samples around
+            self.source = source
             return self._adopt(dict(zip(wids, new)), self.policy,
                                f"{why}; {source} model predicts {t_old * 1e3:.1f} ms -> {t_new * 1e3:.1f} ms",
                                t_new, t_old, inputs)
-        return self._adopt(dict(zip(wids, new)), self.policy if source != "uniform" else "uniform",
-                           f"{why}; split from {source} rates", t_new, 0.0, inputs)
+        t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids]) if same_members else 0.0
+        self.source = source
+        policy = self.policy if source != "uniform" else "uniform"
+        return self._adopt(dict(zip(wids, new)), policy, f"{why}; split from {source} rates", t_new, t_old, inputs)
+
+    def _describe(self, w: int, c: float, r: float, source: str) -> dict:
+        m = self.models[w]
+        return {"c": c, "r": r, "source": source, "observations": m.count, "rejected": m.rejected,
+                "regimes": m.regimes, "rate_hint": m.rate_hint, "max_batch": m.max_batch}
 
     def _adopt(self, sizes: dict[int, int], policy: str, reason: str, t_new: float = 0.0,
                t_old: float = 0.0, inputs: dict | None = None) -> Decision:
         self.sizes = sizes
         return Decision(sizes=dict(sizes), policy=policy, reason=reason, predicted_step_s=t_new,
                         previous_predicted_s=t_old, inputs=inputs or {})
+
+    # -- SSP/ASP --------------------------------------------------------------------------------
+    def expected_staleness(self, workers: list[int] | None = None) -> dict[int, float]:
+        """Per worker, the updates others apply while it computes one task with the current split
+        (``solver.expected_staleness``), from the measured model; empty until every worker is measured."""
+        wids = sorted(self.sizes if workers is None else workers)
+        ms = [self.models.get(w) for w in wids]
+        if not wids or any(m is None or m.rate <= 0 for m in ms) or any(w not in self.sizes for w in wids):
+            return {}
+        tau = expected_staleness([m.fixed for m in ms], [m.rate for m in ms], [self.sizes[w] for w in wids])
+        return dict(zip(wids, tau))

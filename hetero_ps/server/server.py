@@ -1,23 +1,21 @@
-"""The parameter server: admits workers, runs synchronous (BSP) steps, evaluates, checkpoints.
+"""The parameter server: admits workers, owns parameters and optimizer, evaluates, checkpoints.
 
-One BSP step, as DESIGN.md describes it:
+The step loops live beside it — ``bsp.py`` (synchronous, the union-batch invariant) and
+``async_sgd.py`` (SSP and ASP) — and share what is here: admission and rank bookkeeping, receiving
+pushes straight into an accumulator (one fused decode-scale-add per chunk), applying an update,
+encoding parameters once per version, evaluation on the held-out split, and the metrics stream.
 
-1. the scheduler splits this step's batch (the global batch B, or an epoch's remainder) into
-   per-worker sizes b_i; each worker gets a consecutive slice (epoch, offset, count) of the epoch's
-   seeded permutation, so every sample is used exactly once per epoch;
-2. each worker pushes its mean gradient in chunks; each chunk is decoded straight into the
-   accumulator with weight b_i / B (one fused kernel call), so the result is exactly the gradient
-   of the union batch;
-3. when every worker's share is in, the optimizer steps once on the flat parameter tensor and the
-   new parameters are encoded once and the same bytes written to every worker.
-
-A worker lost mid-step aborts the attempt: the accumulator is cleared and the same samples are
-re-split among the workers that remain, so nothing is lost and nothing is counted twice.
+Admission: a worker's HELLO is checked (software version, rank), then the worker builds the job
+locally, calibrates itself and reports ``ready`` (a METRICS frame carrying its probe); only then does
+the scheduler count it, so the very first split already reflects each node's measured speed. A
+connection whose HELLO says ``role: control`` is a control client instead (``hetero_ps.control``):
+it may send CONTROL frames that are forwarded to one worker, nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -35,6 +33,8 @@ from hetero_ps.server.scheduler import Scheduler
 
 log = logging.getLogger("hetero_ps.server")
 
+CONTROL_KNOBS = {"simulate_slowdown": float, "simulate_bandwidth": float}
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -43,8 +43,8 @@ class ServerConfig:
     host: str = "0.0.0.0"              # address to listen on
     port: int = 29500                  # MASTER_PORT
     token: str = ""                    # shared secret (HETERO_PS_TOKEN)
-    expected_workers: int = 1          # start training once this many workers have joined
-    join_timeout: float = 600.0        # give up if they have not joined after this long
+    expected_workers: int = 1          # start training once this many workers are ready
+    join_timeout: float = 600.0        # give up if they are not ready after this long
     worker_timeout: float = 120.0      # a worker silent this long is declared lost
     straggler_warn_s: float = 10.0     # log who we are waiting for after this long in a step
     worker_batch_sizes: dict = field(default_factory=dict)   # rank -> fixed batch size
@@ -52,21 +52,27 @@ class ServerConfig:
 
 
 class WorkerLost(Exception):
-    """A worker left during a step; the step must be retried without it."""
+    """A worker left while work was assigned to it; that work must be redone by others."""
 
 
 @dataclass
-class StepState:
-    """The step in flight."""
+class Assignment:
+    """Work in flight: one BSP step (all workers) or one SSP/ASP task (one worker)."""
 
     step: int
     attempt: int
-    total: int                               # samples in this step (sum of sizes)
-    sizes: dict                              # wid -> batch size
-    pending: dict                            # wid -> set of chunk indices still expected
-    reports: dict = field(default_factory=dict)   # wid -> report dict
-    done: asyncio.Future = None
+    total: int                      # the divisor of the weights: samples in the BSP step, or B
+    sizes: dict                     # wid -> samples
+    pending: dict                   # wid -> chunk indices still expected
+    acc: torch.Tensor               # where the weighted gradients accumulate
+    version: int = 0                # parameter version the work was computed on
+    slices: dict = field(default_factory=dict)   # wid -> (epoch, offset, count)
+    reports: dict = field(default_factory=dict)  # wid -> the worker's report
+    done: asyncio.Future | None = None
     started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.acc_np = self.acc.numpy()
 
 
 class ParameterServer:
@@ -79,19 +85,17 @@ class ParameterServer:
         # Everything that watches the run (dashboard hub, TensorBoard) gets each step, epoch and event.
         self.sinks = list(sinks)
         self.progress = progress
-        torch.manual_seed(job.seed)
         self.train_set, self.eval_set, self.info = data.load_datasets(job)
         self.model = models.build_model(job, self.info)
         self.flat = FlatParams(self.model)
         self.param = torch.nn.Parameter(self.flat.params)   # shares storage with the model's views
+        self.eval_model = copy.deepcopy(self.model)          # evaluated on a snapshot, never mid-update
         self.steps_per_epoch = math.ceil(len(self.train_set) / job.global_batch)
         self.total_steps = self.steps_per_epoch * job.epochs
         if job.max_steps:
             self.total_steps = min(self.total_steps, job.max_steps)
         self.optimizer, self.lr_scheduler = optim.build_optimizer(job, self.param, self.total_steps)
         self.sampler = EpochSampler(len(self.train_set), job.seed)
-        self.acc = torch.zeros(self.flat.numel, dtype=torch.float32)
-        self.acc_np = self.acc.numpy()
         per = max(1, job.chunk_bytes // 4)
         self.chunks = [(o, min(per, self.flat.numel - o)) for o in range(0, self.flat.numel, per)]
         self.decoders = [codecs.make_codec(job.compression, n) for _, n in self.chunks]
@@ -101,11 +105,11 @@ class ParameterServer:
                                    fixed_sizes=cfg.worker_batch_sizes)
         self.registry = Registry()
         self.version = 0
-        self.step = 0
-        self.state: StepState | None = None
+        self.step = 0                     # optimizer updates applied (BSP: steps)
         self._params_frames: tuple[int, list] | None = None
         self._membership = asyncio.Event()
         self._server = None
+        self._finishing = False
         self.history: list[dict] = []
         self.epoch_results: list[dict] = []
         self.started = time.time()
@@ -114,11 +118,11 @@ class ParameterServer:
     async def start(self) -> None:
         self._server = await transport.start_server(
             self.cfg.host, self.cfg.port, token=self.cfg.token, on_hello=self._on_hello,
-            on_connection=self._serve_worker)
+            on_connection=self._serve)
         log.info("master listening on %s:%d — model %s (%d parameters), data %s (%d train / %d eval), "
-                 "global batch %d, %d steps", self.cfg.host, self.port, self.job.model, self.flat.numel,
+                 "global batch %d, %d steps, %s", self.cfg.host, self.port, self.job.model, self.flat.numel,
                  self.job.dataset, len(self.train_set), len(self.eval_set), self.job.global_batch,
-                 self.total_steps)
+                 self.total_steps, self.job.sync.upper())
 
     @property
     def port(self) -> int:
@@ -134,31 +138,38 @@ class ParameterServer:
             raise RemoteError("version_mismatch",
                               f"this worker runs hetero_ps {sw} but the master runs {hetero_ps.__version__}; "
                               "install the same version on every node")
+        if hello.get("role") == "control":
+            conn.worker = None
+            return {"role": "control", "workers": [h.rank for h in self.registry.live()]}
         h = self.registry.admit(int(hello.get("rank", -1)), str(hello.get("host", "?")),
                                 str(hello.get("device", "?")), hello.get("profile") or {}, conn)
         conn.worker = h
         conn.set_payload_allocator(self._push_allocator(h))
-        self.scheduler.add_worker(h.wid, rate_hint=float(h.profile.get("probe_samples_per_s", 0) or 0),
-                                  max_batch=int(h.profile.get("max_batch", 0) or 0))
-        log.info("worker joined: %s, %d/%d workers", h.name, len(self.registry), self.cfg.expected_workers)
+        log.info("worker joined: %s; preparing the job", h.name)
         self._event("worker_joined", rank=h.rank, host=h.host, device=h.device, profile=h.profile)
-        self._membership.set()
         return {"worker_id": h.wid, "rank": h.rank, "job": self.job.to_wire(), "numel": self.flat.numel,
                 "experiment": self.cfg.experiment, "total_steps": self.total_steps}
 
     def _push_allocator(self, h: WorkerHandle):
         """Each worker's chunks land in one receive buffer that lives as long as the connection."""
+        cap = max(d.max_encoded_bytes() for d in self.decoders) + 4096
         buf = bytearray(0)
 
         def allocate(msg_type, header, nbytes):
             nonlocal buf
-            if msg_type != MsgType.PUSH or nbytes > 2 * self.job.chunk_bytes + 65536:
-                return None
+            if msg_type != MsgType.PUSH or nbytes > cap:
+                return None   # the decoder allocates (within its limits); the handler rejects bad headers
             if len(buf) < nbytes:
-                buf = bytearray(max(nbytes, min(self.job.chunk_bytes + 65536, 2 * self.job.chunk_bytes)))
+                buf = bytearray(cap)
             return memoryview(buf)[:nbytes]
 
         return allocate
+
+    async def _serve(self, conn) -> None:
+        if conn.worker is None:
+            await self._serve_control(conn)
+        else:
+            await self._serve_worker(conn)
 
     async def _serve_worker(self, conn) -> None:
         h: WorkerHandle = conn.worker
@@ -170,7 +181,7 @@ class ParameterServer:
                 if msg.type == MsgType.PUSH:
                     self._on_push(h, msg)
                 elif msg.type == MsgType.METRICS:
-                    self._on_report(h, msg.header)
+                    self._on_metrics(h, msg.header)
                 elif msg.type == MsgType.HEARTBEAT:
                     pass
                 elif msg.type == MsgType.BYE:
@@ -189,249 +200,260 @@ class ParameterServer:
         finally:
             self._lose(h, reason)
 
+    async def _serve_control(self, conn) -> None:
+        """A control client: each CONTROL names a rank and knobs; we forward and acknowledge."""
+        try:
+            while True:
+                msg = await conn.recv(timeout=self.cfg.worker_timeout)
+                if msg.type == MsgType.BYE:
+                    return
+                if msg.type != MsgType.CONTROL:
+                    raise RemoteError("unexpected_message", f"a control client may not send {msg.type.name}")
+                try:
+                    rank, knobs = self._check_control(msg.header)
+                    await self.control(rank, **knobs)
+                except RemoteError as exc:
+                    await conn.send(MsgType.ERROR, {"code": exc.code, "message": exc.message})
+                    continue
+                await conn.send(MsgType.CONTROL, {"ok": True, "rank": rank, **knobs})
+        except RemoteError as exc:
+            await conn.send_error(exc.code, exc.message)
+        except (TransportError, HeteroPSError):
+            pass
+
+    def _check_control(self, hd: dict) -> tuple[int, dict]:
+        rank = hd.get("rank")
+        knobs = {k: v for k, v in hd.items() if k != "rank"}
+        bad = [k for k in knobs if k not in CONTROL_KNOBS]
+        if not isinstance(rank, int) or bad or not knobs:
+            raise RemoteError("bad_control", f"CONTROL needs an int rank and knobs from {sorted(CONTROL_KNOBS)}; "
+                              f"got rank={rank!r}, unknown={bad}")
+        try:
+            knobs = {k: CONTROL_KNOBS[k](v) for k, v in knobs.items()}
+        except (TypeError, ValueError):
+            raise RemoteError("bad_control", f"CONTROL knob values must be numbers, got {knobs}") from None
+        return rank, knobs
+
+    async def control(self, rank: int, **knobs) -> None:
+        """Change a worker's run-time knobs (``simulate_slowdown``, ``simulate_bandwidth``)."""
+        h = next((w for w in self.registry.live() if w.rank == rank), None)
+        if h is None:
+            raise RemoteError("no_such_worker", f"no live worker has rank {rank}")
+        await h.conn.send(MsgType.CONTROL, knobs)
+        log.info("control: %s -> %s", h.name, knobs)
+        self._event("control", rank=rank, **knobs)
+
     def _lose(self, h: WorkerHandle, reason: str) -> None:
         if self.registry.remove(h.wid) is None:
             return
         self.scheduler.remove_worker(h.wid)
-        log.warning("worker lost: %s — %s (%d left)", h.name, reason, len(self.registry))
-        self._event("worker_lost", rank=h.rank, host=h.host, reason=reason)
-        s = self.state
-        if s is not None and h.wid in s.sizes and not s.done.done():
-            s.done.set_exception(WorkerLost(h.name))
+        if self._finishing:
+            log.info("worker left: %s", h.name)
+        else:
+            log.warning("worker lost: %s — %s (%d left)", h.name, reason, len(self.registry))
+            self._event("worker_lost", rank=h.rank, host=h.host, reason=reason)
+        a = h.assignment
+        if a is not None and h.wid in a.sizes and a.done is not None and not a.done.done():
+            a.done.set_exception(WorkerLost(h.name))
         self._membership.set()
 
-    # -- pushes -------------------------------------------------------------------------------
+    # -- pushes and reports -------------------------------------------------------------------
     def _on_push(self, h: WorkerHandle, msg) -> None:
-        hd, s = msg.header, self.state
-        if s is None or hd.get("step") != s.step or hd.get("attempt") != s.attempt:
+        hd, a = msg.header, h.assignment
+        if a is None or hd.get("step") != a.step or hd.get("attempt") != a.attempt:
             return   # a push for an aborted attempt: its samples are being redone
-        if h.wid not in s.pending:
-            raise RemoteError("unexpected_push", f"{h.name} was not scheduled in step {s.step}")
+        if h.wid not in a.pending:
+            raise RemoteError("unexpected_push", f"{h.name} was not given step {a.step}")
         i = hd.get("chunk")
-        if not isinstance(i, int) or i not in s.pending[h.wid] or \
+        if not isinstance(i, int) or i not in a.pending[h.wid] or \
                 (hd.get("offset"), hd.get("numel")) != self.chunks[i]:
             raise RemoteError("bad_chunk", f"chunk {i!r} ({hd.get('offset')}+{hd.get('numel')}) does not match "
                               f"this model's chunking or was already received")
         if hd.get("codec") != self.job.compression:
             raise RemoteError("bad_codec", f"expected codec {self.job.compression}, got {hd.get('codec')!r}")
         off, n = self.chunks[i]
-        h.set_activity(f"pushing step {s.step} (chunk {i + 1}/{len(self.chunks)})")
-        self.decoders[i].decode_accumulate(self.acc_np[off:off + n], hd, msg.segments, s.sizes[h.wid] / s.total)
-        s.pending[h.wid].discard(i)
-        self._maybe_done(h, s)
+        h.set_activity(f"pushing step {a.step} (chunk {i + 1}/{len(self.chunks)})")
+        self.decoders[i].decode_accumulate(a.acc_np[off:off + n], hd, msg.segments, a.sizes[h.wid] / a.total)
+        a.pending[h.wid].discard(i)
+        self._maybe_done(h, a)
 
-    def _on_report(self, h: WorkerHandle, hd: dict) -> None:
-        s = self.state
-        if s is None or hd.get("step") != s.step or hd.get("attempt") != s.attempt or h.wid not in s.sizes:
+    def _on_metrics(self, h: WorkerHandle, hd: dict) -> None:
+        if "ready" in hd:
+            self._on_ready(h, hd.get("probe") or {})
             return
-        s.reports[h.wid] = report = hd.get("report") or {}
+        a = h.assignment
+        if a is None or hd.get("step") != a.step or hd.get("attempt") != a.attempt or h.wid not in a.sizes:
+            return
+        a.reports[h.wid] = report = hd.get("report") or {}
         util = report.get("util")
         if isinstance(util, dict):
             fields = {k: util.get(k) for k in ("cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")}
             for sink in self.sinks:
                 if hasattr(sink, "update_worker"):
                     sink.update_worker(h.rank, **fields)
-        self._maybe_done(h, s)
+        self._maybe_done(h, a)
 
-    def _maybe_done(self, h: WorkerHandle, s: StepState) -> None:
-        if s.pending[h.wid] or h.wid not in s.reports:
+    def _on_ready(self, h: WorkerHandle, probe: dict) -> None:
+        if h.ready:
             return
-        h.set_activity(f"done with step {s.step}, waiting for the others")
-        if all(not p for p in s.pending.values()) and len(s.reports) == len(s.pending) and not s.done.done():
-            s.done.set_result(None)
+        h.ready = True
+        h.profile.update(probe)
+        rate = float(probe.get("probe_samples_per_s") or 0.0)
+        self.scheduler.add_worker(h.wid, rate_hint=rate, max_batch=int(probe.get("max_batch") or 0))
+        log.info("worker ready: %s%s, %d/%d ready", h.name, f", probe {rate:.0f} samples/s" if rate else "",
+                 sum(w.ready for w in self.registry.live()), self.cfg.expected_workers)
+        self._event("worker_ready", rank=h.rank, probe=probe)
+        self._membership.set()
 
-    # -- the run ------------------------------------------------------------------------------
+    def _maybe_done(self, h: WorkerHandle, a: Assignment) -> None:
+        if a.pending[h.wid] or h.wid not in a.reports:
+            return
+        h.set_activity(f"done with step {a.step}, waiting")
+        if all(not p for p in a.pending.values()) and len(a.reports) == len(a.pending) and not a.done.done():
+            a.done.set_result(None)
+
+    # -- shared pieces of the step loops --------------------------------------------------------
+    def ready_workers(self) -> list[WorkerHandle]:
+        return [h for h in self.registry.live() if h.ready]
+
     async def wait_for_workers(self, n: int) -> None:
-        """Block until ``n`` workers have joined, saying every few seconds who is still missing."""
+        """Block until ``n`` workers are ready, saying every few seconds who is still missing."""
         deadline = time.monotonic() + self.cfg.join_timeout
-        while len(self.registry) < n:
+        while len(self.ready_workers()) < n:
             self._membership.clear()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise HeteroPSError(f"only {len(self.registry)} of {n} workers joined within "
+                raise HeteroPSError(f"only {len(self.ready_workers())} of {n} workers were ready within "
                                     f"{self.cfg.join_timeout:.0f} s; check the workers' logs and MASTER_ADDR")
             try:
                 await asyncio.wait_for(self._membership.wait(), timeout=min(5.0, left))
             except asyncio.TimeoutError:
-                have = ", ".join(str(h.rank) for h in self.registry.live()) or "none"
+                have = ", ".join(f"{h.rank}{'' if h.ready else ' (preparing)'}" for h in self.registry.live())
                 log.info("waiting for %d more worker(s) on port %d (joined ranks: %s)",
-                         n - len(self.registry), self.port, have)
+                         n - len(self.ready_workers()), self.port, have or "none")
 
-    async def train(self) -> dict:
-        """Run the whole job; returns the summary."""
-        await self.wait_for_workers(self.cfg.expected_workers)
-        t_train = time.perf_counter()
-        epoch = 0
-        n = len(self.train_set)
-        while self.step < self.total_steps:
-            offset = 0
-            while offset < n and self.step < self.total_steps:
-                total = min(self.job.global_batch, n - offset)
-                await self._run_step(epoch, offset, total)
-                offset += total
-            await self._end_epoch(epoch)
-            epoch += 1
-        return await self._finish(time.perf_counter() - t_train, epoch)
+    async def send_params(self, h: WorkerHandle) -> bool:
+        """Bring ``h`` to the current parameter version; False if it was lost on the way."""
+        if h.params_version == self.version:
+            return True
+        frames = self.encoded_params()
+        version = self.version
+        try:
+            for f in frames:
+                await h.conn.send_frame(f)
+        except (TransportError, OSError) as exc:
+            self._lose(h, f"could not send parameters: {exc}")
+            return False
+        h.params_version = version
+        return True
 
-    async def _run_step(self, epoch: int, offset: int, total: int) -> None:
-        attempt = 0
-        t0 = time.perf_counter()
-        while True:
-            if not self.registry.live():
-                log.warning("no workers left; waiting for one to join")
-                await self.wait_for_workers(1)
-            await self._admit_pending()
-            live = self.registry.live()
-            sizes, decision = self.scheduler.assign(self.step, [h.wid for h in live], total,
-                                                    ranks={h.wid: h.rank for h in live})
-            if decision is not None:
-                self._log_decision(decision)
-            self.acc.zero_()
-            s = StepState(step=self.step, attempt=attempt, total=total, sizes={w: b for w, b in sizes.items() if b},
-                          pending={w: set(range(len(self.chunks))) for w, b in sizes.items() if b},
-                          done=asyncio.get_running_loop().create_future())
-            self.state = s
-            try:
-                await self._send_schedules(s, epoch, offset, live)
-                await self._wait_step(s)
-                break
-            except WorkerLost as exc:
-                attempt += 1
-                log.warning("step %d: %s left mid-step; redoing the step with the %d remaining worker(s)",
-                            self.step, exc, len(self.registry))
-            finally:
-                self.state = None
-        t_agg = time.perf_counter()
-        await self._apply(s, epoch, t0, t_agg)
+    def encoded_params(self) -> list:
+        """The current parameters as frames, encoded once per version and shared by every worker.
 
-    async def _admit_pending(self) -> None:
-        """Workers that joined since the last step get the current parameters first."""
-        frames = self._encoded_params()
-        for h in self.registry.live():
-            if h.status == "joined":
-                try:
-                    for f in frames:
-                        await h.conn.send_frame(f)
-                    h.status = "training"
-                except (TransportError, OSError) as exc:
-                    self._lose(h, f"could not send parameters: {exc}")
-
-    async def _send_schedules(self, s: StepState, epoch: int, offset: int, live) -> None:
-        cursor = offset
-        for h in live:
-            b = s.sizes.get(h.wid, 0)
-            h.batch = b
-            if not b:
-                continue
-            header = {"step": s.step, "attempt": s.attempt, "epoch": epoch, "offset": cursor, "count": b,
-                      "version": self.version, "total": s.total}
-            cursor += b
-            h.set_activity(f"computing step {s.step} ({b} samples)")
-            try:
-                await h.conn.send(MsgType.SCHEDULE, header)
-            except (TransportError, OSError) as exc:
-                self._lose(h, f"could not send schedule: {exc}")
-        if s.done.done():
-            s.done.result()   # raises WorkerLost if someone left while we were sending
-
-    async def _wait_step(self, s: StepState) -> None:
-        while True:
-            done, _ = await asyncio.wait({s.done}, timeout=self.cfg.straggler_warn_s)
-            if done:
-                return s.done.result()
-            now = time.monotonic()
-            for wid in s.pending:
-                h = self.registry.workers.get(wid)
-                if h and (s.pending[wid] or wid not in s.reports):
-                    log.warning("step %d: still waiting for %s — last: %s (%.0f s ago)",
-                                s.step, h.name, h.activity, now - h.activity_since)
-
-    async def _apply(self, s: StepState, epoch: int, t0: float, t_agg: float) -> None:
-        reports = s.reports
-        nonfinite = [self.registry.workers[w].name for w, r in reports.items()
-                     if r.get("nonfinite") and w in self.registry.workers]
-        t_opt = time.perf_counter()
-        finite = bool(torch.isfinite(self.acc).all())
-        lr = self.optimizer.param_groups[0]["lr"]
-        if finite:
-            self.param.grad = self.acc
-            self.optimizer.step()
-            self.version += 1
-        else:
-            log.error("step %d: non-finite gradient (from %s); step skipped, parameters unchanged",
-                      s.step, ", ".join(nonfinite) or "the aggregate")
-            self._event("nonfinite_gradient", step=s.step, workers=nonfinite)
-        self.lr_scheduler.step()
-        t_bcast = time.perf_counter()
-        await self._broadcast()
-        t_end = time.perf_counter()
-        for wid, r in reports.items():
-            h = self.registry.workers.get(wid)
-            if h:
-                h.samples += s.sizes[wid]
-                h.steps += 1
-                h.last_report = r
-                self.scheduler.observe(wid, s.sizes[wid], r.get("compute_s", 0) + r.get("encode_s", 0)
-                                       + r.get("push_s", 0))
-        loss = sum(r.get("loss", 0.0) * s.sizes[w] for w, r in reports.items()) / max(1, s.total)
-        step_s = t_end - t0
-        rec = {
-            "step": s.step, "epoch": epoch, "attempts": s.attempt + 1, "loss": loss, "lr": lr,
-            "version": self.version, "samples": s.total, "step_s": step_s, "samples_per_s": s.total / step_s,
-            "applied": finite,
-            "server": {"aggregate_s": t_agg - t0, "optimizer_s": t_bcast - t_opt, "broadcast_s": t_end - t_bcast},
-            "workers": {str(self._rank_of(w)): {"batch": s.sizes[w], **_timing(r)} for w, r in reports.items()},
-        }
-        self.history.append(rec)
-        self._publish("step", rec)
-        if self.progress is not None:
-            self.progress.update(s.step, epoch, loss, rec["samples_per_s"], s.total)
-        elif s.step % 10 == 0 or s.step == self.total_steps - 1:
-            log.info("step %d/%d epoch %d loss %.4f  %.0f samples/s  batches %s", s.step + 1, self.total_steps,
-                     epoch, loss, rec["samples_per_s"],
-                     " ".join(f"r{self._rank_of(w)}={b}" for w, b in sorted(s.sizes.items())))
-        self.step += 1
-
-    def _rank_of(self, wid: int) -> int:
-        h = self.registry.workers.get(wid)
-        return h.rank if h else -wid
-
-    def _encoded_params(self) -> list:
-        """The current parameters as frames, encoded once per version and reused for every worker."""
+        In BSP nothing changes the parameters while they are being sent, so uncompressed frames
+        point straight at the parameter buffer. SSP/ASP may update them mid-send, so there every
+        version's frames own a copy of their bytes.
+        """
         if self._params_frames and self._params_frames[0] == self.version:
             return self._params_frames[1]
         params = self.flat.params.detach().numpy()
+        snapshot = self.job.sync != "bsp"
         frames = []
         for i, (off, n) in enumerate(self.chunks):
             fields, segments = self.encoders[i].encode(params[off:off + n])
+            if snapshot:
+                segments = [bytes(memoryview(s).cast("B")) for s in segments]
             header = {"version": self.version, "chunk": i, "offset": off, "numel": n,
                       "codec": self.job.pull_compression, **fields}
             frames.append(protocol.encode_frame(MsgType.PARAMS, header, segments))
         self._params_frames = (self.version, frames)
         return frames
 
-    async def _broadcast(self) -> None:
-        frames = self._encoded_params()
+    async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
+        epoch, offset, count = a.slices[h.wid]
+        header = {"step": a.step, "attempt": a.attempt, "epoch": epoch, "offset": offset, "count": count,
+                  "version": self.version, "total": a.total}
+        h.batch = count
+        h.assignment = a
+        h.set_activity(f"computing step {a.step} ({count} samples)")
+        try:
+            await h.conn.send(MsgType.SCHEDULE, header)
+            return True
+        except (TransportError, OSError) as exc:
+            self._lose(h, f"could not send schedule: {exc}")
+            return False
 
-        async def send_all(h):
-            try:
-                for f in frames:
-                    await h.conn.send_frame(f)
-            except (TransportError, OSError) as exc:
-                self._lose(h, f"could not send parameters: {exc}")
+    async def wait_done(self, a: Assignment) -> None:
+        """Wait for an assignment; every ``straggler_warn_s`` say who we are waiting for."""
+        while True:
+            done, _ = await asyncio.wait({a.done}, timeout=self.cfg.straggler_warn_s)
+            if done:
+                return a.done.result()
+            now = time.monotonic()
+            for wid in a.pending:
+                h = self.registry.workers.get(wid)
+                if h and (a.pending[wid] or wid not in a.reports):
+                    log.warning("step %d: still waiting for %s — last: %s (%.0f s ago)",
+                                a.step, h.name, h.activity, now - h.activity_since)
 
-        await asyncio.gather(*(send_all(h) for h in self.registry.live() if h.status == "training"))
+    def apply(self, grad: torch.Tensor) -> bool:
+        """One optimizer update with ``grad``; skipped (False) if it holds NaN/Inf."""
+        if not bool(torch.isfinite(grad).all()):
+            return False
+        self.param.grad = grad
+        self.optimizer.step()
+        self.version += 1
+        return True
 
-    async def _end_epoch(self, epoch: int) -> None:
+    def observe(self, a: Assignment) -> None:
+        """Feed each worker's measured step time to the scheduler and its counters."""
+        for wid, r in a.reports.items():
+            h = self.registry.workers.get(wid)
+            if h is None:
+                continue
+            h.samples += a.sizes[wid]
+            h.steps += 1
+            h.last_report = r
+            self.scheduler.observe(wid, a.sizes[wid], r.get("compute_s", 0.0) + r.get("encode_s", 0.0)
+                                   + r.get("push_s", 0.0) + r.get("pull_s", 0.0))
+
+    def record_step(self, rec: dict) -> None:
+        self.history.append(rec)
+        self._publish("step", rec)
+        if self.progress is not None:
+            self.progress.update(rec["step"], rec["epoch"], rec["loss"], rec["samples_per_s"], rec["samples"])
+
+    def rank_of(self, wid: int) -> int:
+        h = self.registry.workers.get(wid)
+        return h.rank if h else -wid
+
+    # -- the run ------------------------------------------------------------------------------
+    async def train(self) -> dict:
+        """Run the whole job; returns the summary."""
+        from hetero_ps.server.async_sgd import AsyncLoop
+        from hetero_ps.server.bsp import BSPLoop
+
+        await self.wait_for_workers(self.cfg.expected_workers)
+        t0 = time.perf_counter()
+        loop = BSPLoop(self) if self.job.sync == "bsp" else AsyncLoop(self)
+        epochs = await loop.run()
+        return await self._finish(time.perf_counter() - t0, epochs)
+
+    async def end_epoch(self, epoch: int) -> None:
         if not self.job.eval_every_epoch:
             return
         from hetero_ps.trainer import evaluate
 
         t0 = time.perf_counter()
+        with torch.no_grad():   # a snapshot: SSP/ASP keep updating the live parameters meanwhile
+            for dst, src in zip(self.eval_model.parameters(), self.model.parameters()):
+                dst.copy_(src)
         # BatchNorm statistics are never trained on the master: re-estimate them on training data first.
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        loss, acc = await asyncio.to_thread(evaluate, self.model, self.eval_set, 256, self.job,
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.eval_model.modules())
+        loss, acc = await asyncio.to_thread(evaluate, self.eval_model, self.eval_set, 256, self.job,
                                             calib_set=self.train_set if has_bn else None)
+        if has_bn:
+            self.model.load_state_dict(self.eval_model.state_dict())   # keep the estimated statistics
         rec = {"epoch": epoch, "step": self.step, "eval_loss": loss, "eval_accuracy": acc,
                "eval_s": time.perf_counter() - t0, "elapsed_s": time.time() - self.started}
         self.epoch_results.append(rec)
@@ -440,27 +462,38 @@ class ParameterServer:
                  "n/a" if acc is None else f"{100 * acc:.2f} %")
 
     async def _finish(self, train_s: float, epochs: int) -> dict:
+        self._finishing = True
         for h in self.registry.live():
             try:
                 await h.conn.send(MsgType.BYE, {"reason": "training finished"})
             except (TransportError, OSError):
                 pass
         samples = sum(r["samples"] for r in self.history)
-        slowest_compute = [max((w["compute_s"] for w in r["workers"].values()), default=0) for r in self.history]
+        busy = [max((w["compute_s"] for w in r["workers"].values()), default=0.0) for r in self.history]
         step_s = [r["step_s"] for r in self.history]
-        summary = {
+        worker_stats = {}
+        for r in self.history:
+            for rank, w in r["workers"].items():
+                ws = worker_stats.setdefault(rank, {"samples": 0, "steps": 0, "compute_s": 0.0, "push_s": 0.0,
+                                                    "wait_s": 0.0, "pull_s": 0.0})
+                ws["samples"] += w["batch"]
+                ws["steps"] += 1
+                for k in ("compute_s", "push_s", "wait_s", "pull_s"):
+                    ws[k] += w.get(k, 0.0)
+        probes = [float(h.profile.get("probe_samples_per_s") or 0) for h in self.registry.live()]
+        return {
             "experiment": self.cfg.experiment, "model": self.job.model, "dataset": self.job.dataset,
             "parameters": self.flat.numel, "steps": len(self.history), "epochs": epochs, "samples": samples,
             "train_s": train_s, "samples_per_s": samples / train_s if train_s else 0.0,
             "final_loss": self.history[-1]["loss"] if self.history else None,
             "eval": self.epoch_results[-1] if self.epoch_results else None,
             "final_eval_accuracy": self.epoch_results[-1]["eval_accuracy"] if self.epoch_results else None,
-            "communication_overhead": 1 - sum(slowest_compute) / sum(step_s) if step_s else None,
-            "workers": {str(h.rank): {"host": h.host, "device": h.device, "samples": h.samples, "steps": h.steps}
-                        for h in self.registry.live()},
+            # Share of step time not spent computing on the busiest worker (BSP: comm + sync + optimizer).
+            "communication_overhead": (1 - sum(busy) / sum(step_s)) if self.job.sync == "bsp" and step_s else None,
+            "ideal_samples_per_s": sum(probes) if probes and all(probes) else None,
+            "workers": worker_stats,
             "compression": self.job.compression, "sync": self.job.sync,
         }
-        return summary
 
     # -- metrics helpers ------------------------------------------------------------------------
     def _publish(self, kind: str, rec: dict) -> None:
@@ -476,14 +509,15 @@ class ParameterServer:
     def _event(self, kind: str, **fields) -> None:
         self._publish("event", {"event": kind, "step": self.step, "t": time.time(), **fields})
 
-    def _log_decision(self, d) -> None:
-        sizes = {str(self._rank_of(w)): b for w, b in d.sizes.items()}
+    def log_decision(self, d) -> None:
+        sizes = {str(self.rank_of(w)): b for w, b in d.sizes.items()}
         log.info("batch split (%s): %s — %s", d.policy, sizes, d.reason)
         self._event("schedule", policy=d.policy, sizes=sizes, reason=d.reason,
                     predicted_step_s=d.predicted_step_s, previous_predicted_s=d.previous_predicted_s,
-                    inputs={str(self._rank_of(w)): v for w, v in d.inputs.items()})
+                    inputs={str(self.rank_of(w)): v for w, v in d.inputs.items()})
 
 
-def _timing(r: dict) -> dict:
+def timing(r: dict) -> dict:
+    """The per-worker fields of a step record, from the worker's report."""
     keys = ("loss", "compute_s", "encode_s", "push_s", "wait_s", "pull_s", "bytes_out", "bytes_in")
     return {k: r.get(k, 0.0) for k in keys}

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("simulated heterogeneity (tests, benchmarks)")
     g.add_argument("--simulate-slowdown", type=float, default=1.0,
                    help="make compute take F times as long (F >= 1)")
+    g.add_argument("--simulate-bandwidth", type=float, default=0.0, metavar="MBIT",
+                   help="pace pushes and pulls to MBIT Mbit/s, like a slow link (0 = off)")
+    g.add_argument("--no-calibrate", action="store_true",
+                   help="skip the short probe of the model at join (the master then starts from equal shares)")
     g = p.add_argument_group("output")
     g.add_argument("--profile", "--profile-steps", dest="profile_steps", type=int, default=0, metavar="STEPS",
                    help="write a torch.profiler Chrome trace of STEPS steps to experiments/NAME/profiles/")
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WorkerConfig(master_addr=args.master_addr, master_port=args.master_port, token=args.token,
                        rank=args.rank, device=args.device, connect_timeout=args.connect_timeout,
                        simulate_slowdown=args.simulate_slowdown, torch_threads=args.torch_threads,
+                       simulate_bandwidth=args.simulate_bandwidth, calibrate=not args.no_calibrate,
                        experiments_dir=args.experiments_dir, profile_steps=args.profile_steps,
                        log_format=args.log_format)
     try:

@@ -26,10 +26,11 @@ import torch
 from hetero_ps import codecs, transport
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import ConfigError, ConnectionClosed, HeteroPSError, RemoteError, TransportError
+from hetero_ps.pacing import BandwidthPacer
 from hetero_ps.profiling import StepProfiler
 from hetero_ps.progress import Progress
 from hetero_ps.protocol import MsgType
-from hetero_ps.worker.profile import hardware_profile, resolve_device
+from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_profile, resolve_device
 
 log = logging.getLogger("hetero_ps.worker")
 
@@ -45,6 +46,8 @@ class WorkerConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     connect_timeout: float = 60.0      # give up reaching the master after this many seconds
     simulate_slowdown: float = 1.0     # compute takes this many times as long (heterogeneity in tests)
+    simulate_bandwidth: float = 0.0    # pace pushes and pulls to this many Mbit/s (0 = the real link)
+    calibrate: bool = True             # probe the job's model at join so the first split fits
     torch_threads: int = 0             # torch.set_num_threads (0 = torch's default)
     experiments_dir: str = "experiments"   # where this node writes its log (experiment name from master)
     profile_steps: int = 0             # record a torch.profiler trace of this many steps (after one warm-up)
@@ -93,6 +96,8 @@ class Worker:
         self._push_done_at = 0.0
         self.on_welcome = None   # callback(experiment, rank): the CLI adds the experiment's log file
         self._proc = psutil.Process()
+        self.pacer = None
+        self._set_bandwidth(cfg.simulate_bandwidth)
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
@@ -119,9 +124,9 @@ class Worker:
                     f"this node builds {self.job.model} with {self.flat.numel} parameters but the master's has "
                     f"{w['numel']}: the two nodes run different code or library versions")
             self.trainer = LocalTrainer(self.job, model, self.flat, train_set, info, self.device)
-        except HeteroPSError as exc:
+        except (HeteroPSError, ImportError, RuntimeError) as exc:
             await self.conn.send_error("job_setup_failed", f"rank {self.rank}: {exc}")
-            raise
+            raise HeteroPSError(f"cannot set up the job: {exc}") from exc
         self.sampler = data_sampler(self.job, len(train_set))
         self.progress = Progress(w.get("total_steps"), f"worker[{self.rank}]", self.cfg.log_format,
                                  epochs=self.job.epochs)
@@ -132,12 +137,24 @@ class Worker:
                 steps=self.cfg.profile_steps, rank=self.rank, skip=1, device=self.device)
         self._setup_codecs()
         self.conn.set_payload_allocator(self._allocate)
+        await self.conn.send(MsgType.METRICS, {"ready": True, "probe": await self._calibrate(len(train_set))})
         try:
             with self.progress.redirect_logging():
                 return await self._loop()
         finally:
             self.progress.close()
             await self.conn.close()
+
+    async def _calibrate(self, n_samples: int) -> dict:
+        """A short probe of the real model so the master's first split already fits this node."""
+        if not self.cfg.calibrate:
+            return {}
+        probe = await asyncio.to_thread(calibrate, self.trainer, n_samples, slowdown=self.slowdown)
+        probe["max_batch"] = await asyncio.to_thread(estimate_max_batch, self.trainer, self.device,
+                                                     max(self.job.global_batch // 4, 8))
+        log.info("calibration: %.0f samples/s, largest batch %s", probe.get("probe_samples_per_s", 0.0),
+                 probe["max_batch"] or "unbounded")
+        return probe
 
     # -- buffers and codecs -------------------------------------------------------------------
     def _setup_codecs(self) -> None:
@@ -167,6 +184,8 @@ class Worker:
             t = msg.type
             if t == MsgType.PARAMS:
                 self._on_params(msg)
+                if self.pacer is not None:   # a simulated slow link: the pull takes its time
+                    await self.pacer.pace(sum(memoryview(seg).nbytes for seg in msg.segments))
             elif t == MsgType.SCHEDULE:
                 await self._on_schedule(msg.header)
             elif t == MsgType.CONTROL:
@@ -202,14 +221,30 @@ class Worker:
 
     def _on_control(self, h: dict) -> None:
         if "simulate_slowdown" in h:
-            self.slowdown = float(h["simulate_slowdown"])
+            self.slowdown = max(1.0, float(h["simulate_slowdown"]))
             log.info("simulate_slowdown set to %.2f by the master", self.slowdown)
+        if "simulate_bandwidth" in h:
+            self._set_bandwidth(float(h["simulate_bandwidth"]))
+            log.info("simulate_bandwidth set to %s Mbit/s by the master", h["simulate_bandwidth"] or "unlimited")
+
+    def _set_bandwidth(self, mbit: float) -> None:
+        if mbit and mbit > 0:
+            if self.pacer is None:
+                self.pacer = BandwidthPacer(mbit)
+            else:
+                self.pacer.set_rate(mbit)
+        else:
+            self.pacer = None
 
     async def _on_schedule(self, h: dict) -> None:
         step, attempt, count = h["step"], h["attempt"], h["count"]
+        try:
+            indices = self.sampler.indices(h["epoch"], h["offset"], count)
+        except ValueError as exc:
+            await self.conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
+            raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
         if self._push_done_at:   # from our last push to this schedule: barrier, optimizer and pull
             self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
-        indices = self.sampler.indices(h["epoch"], h["offset"], count)
         t0 = time.perf_counter()
         if self.profiler is not None and not self.profiler.done:
             # torch's profiler records the thread that started it: compute here for profiled steps.
@@ -234,9 +269,12 @@ class Worker:
             header = {"step": step, "attempt": attempt, "chunk": i, "offset": off, "numel": numel,
                       "codec": self.job.compression, **fields}
             await self.conn.send(MsgType.PUSH, header, segments)
+            sent = sum(memoryview(s).nbytes for s in segments)
+            if self.pacer is not None:
+                await self.pacer.pace(sent)
             encode_s += tp - te
             push_s += time.perf_counter() - tp
-            nbytes += sum(memoryview(s).nbytes for s in segments)
+            nbytes += sent
         # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
         report = {"loss": stats.loss, "samples": stats.count, "compute_s": compute_s, "encode_s": encode_s,
                   "push_s": push_s, "bytes_out": nbytes, "nonfinite": bool(stats.nonfinite),

@@ -1,0 +1,116 @@
+"""Bulk-synchronous steps: every worker computes on the same parameters, one update per step.
+
+Step ``s`` over ``total`` samples (the global batch B, or an epoch's remainder):
+
+1. the scheduler splits ``total`` into per-worker sizes ``b_i``; worker *i* gets the consecutive
+   slice ``perm[offset_i : offset_i + b_i]`` of the epoch's seeded permutation;
+2. its chunks are accumulated as ``acc += (b_i / total) · decode(chunk)``, so ``acc`` is the mean
+   gradient over the union of the slices — exactly what one process would compute on that batch;
+3. one optimizer update, then the new parameters are encoded once and written to every worker.
+
+A worker lost mid-step aborts the attempt: ``acc`` is cleared and the same samples are re-split
+among the workers that remain (pushes of the old attempt are ignored), so every sample counts once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from hetero_ps.server.server import Assignment, ParameterServer, WorkerLost, timing
+
+log = logging.getLogger("hetero_ps.server")
+
+
+class BSPLoop:
+    def __init__(self, ps: ParameterServer):
+        self.ps = ps
+        self.acc = torch.zeros(ps.flat.numel, dtype=torch.float32)   # reused by every step
+
+    async def run(self) -> int:
+        """All epochs (or ``max_steps``); returns the number of epochs started."""
+        ps, n = self.ps, len(self.ps.train_set)
+        epoch = 0
+        while ps.step < ps.total_steps:
+            offset = 0
+            while offset < n and ps.step < ps.total_steps:
+                total = min(ps.job.global_batch, n - offset)
+                await self._step(epoch, offset, total)
+                offset += total
+            await ps.end_epoch(epoch)
+            epoch += 1
+        return epoch
+
+    async def _step(self, epoch: int, offset: int, total: int) -> None:
+        ps = self.ps
+        t0 = time.perf_counter()
+        attempt = 0
+        while True:
+            if not ps.ready_workers():
+                log.warning("no workers left; waiting for one to join")
+                await ps.wait_for_workers(1)
+            live = ps.ready_workers()
+            for h in live:   # newcomers first get the current parameters
+                await ps.send_params(h)
+            live = ps.ready_workers()
+            if not live:
+                continue
+            sizes, decision = ps.scheduler.assign(ps.step, [h.wid for h in live], total,
+                                                  ranks={h.wid: h.rank for h in live})
+            if decision is not None:
+                ps.log_decision(decision)
+            self.acc.zero_()
+            sizes = {w: b for w, b in sizes.items() if b}
+            a = Assignment(step=ps.step, attempt=attempt, total=total, sizes=sizes,
+                           pending={w: set(range(len(ps.chunks))) for w in sizes}, acc=self.acc,
+                           version=ps.version, done=asyncio.get_running_loop().create_future())
+            cursor = offset
+            for h in live:
+                if h.wid in sizes:
+                    a.slices[h.wid] = (epoch, cursor, sizes[h.wid])
+                    cursor += sizes[h.wid]
+            try:
+                for h in live:
+                    if h.wid in sizes:
+                        await ps.send_schedule(h, a)
+                if a.done.done():
+                    a.done.result()   # raises WorkerLost if someone left while we were sending
+                await ps.wait_done(a)
+                break
+            except WorkerLost as exc:
+                attempt += 1
+                log.warning("step %d: %s left mid-step; redoing the step with the %d remaining worker(s)",
+                            ps.step, exc, len(ps.ready_workers()))
+            finally:
+                for h in live:
+                    h.assignment = None
+        await self._apply(a, epoch, t0, time.perf_counter())
+
+    async def _apply(self, a: Assignment, epoch: int, t0: float, t_agg: float) -> None:
+        ps = self.ps
+        lr = ps.optimizer.param_groups[0]["lr"]
+        applied = ps.apply(self.acc)
+        if not applied:
+            flagged = [ps.registry.workers[w].name for w, r in a.reports.items()
+                       if r.get("nonfinite") and w in ps.registry.workers]
+            log.error("step %d: non-finite gradient (from %s); step skipped, parameters unchanged",
+                      a.step, ", ".join(flagged) or "the aggregate")
+            ps._event("nonfinite_gradient", workers=flagged)
+        ps.lr_scheduler.step()
+        t_bcast = time.perf_counter()
+        await asyncio.gather(*(ps.send_params(h) for h in ps.ready_workers()))
+        t_end = time.perf_counter()
+        ps.observe(a)
+        step_s = t_end - t0
+        loss = sum(r.get("loss", 0.0) * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
+        ps.record_step({
+            "step": a.step, "epoch": epoch, "attempts": a.attempt + 1, "loss": loss, "lr": lr,
+            "version": ps.version, "samples": a.total, "step_s": step_s, "samples_per_s": a.total / step_s,
+            "applied": applied, "staleness": 0,
+            "server": {"aggregate_s": t_agg - t0, "optimizer_s": t_bcast - t_agg, "broadcast_s": t_end - t_bcast},
+            "workers": {str(ps.rank_of(w)): {"batch": a.sizes[w], **timing(r)} for w, r in a.reports.items()},
+        })
+        ps.step += 1
