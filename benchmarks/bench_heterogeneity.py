@@ -19,8 +19,8 @@ with the throughput per rebalance interval after the change.
 Throughput is training samples/s: BSP ``Σ samples / Σ step_s`` after the first steps (evaluation
 pauses excluded, as in the ideal); SSP/ASP over whole epochs, wall time less evaluation time.
 
-Quick mode (CI): a few steps of uniform vs dynamic BSP and a short ideal, well under 90 s; it proves
-the benchmark runs. Full mode (``HETERO_PS_BENCH_FULL=1``): everything above, 30 epochs each.
+Quick mode (CI): a dozen steps of uniform vs dynamic BSP (no ideal), well under 90 s; it proves
+the benchmark runs and prints dynamic's ratio to uniform. Full mode (``HETERO_PS_BENCH_FULL=1``): everything above, 30 epochs each.
 """
 
 from __future__ import annotations
@@ -221,24 +221,26 @@ def slow_down_midway(rank: int, factor: float, at_step: int):
     return during
 
 
-def _row(label: str, run: Run | None, ideal_rate: float, note: str = "") -> str:
+def _row(label: str, run: Run | None, ideal_rate: float | None, note: str = "") -> str:
     if run is None:
         return f"| {label} | n/a | | | | | {note} |"
     rate = run.rate()
     t95 = run.time_to(0.95)
     acc = run.final_accuracy
-    return (f"| {label} | {rate:.0f} | {rate / ideal_rate:.2f} | {run.summary['samples_per_s']:.0f} | "
+    frac = f"{rate / ideal_rate:.2f}" if ideal_rate else "n/m"
+    return (f"| {label} | {rate:.0f} | {frac} | {run.summary['samples_per_s']:.0f} | "
             f"{'—' if t95 is None else f'{t95:.1f} s'} | {'n/a' if acc is None else f'{100 * acc:.1f} %'} | "
             f"{len(run.decisions())} decisions {note} |")
 
 
-def _report(label: str, run: Run, ideal_rate: float, uniform: Run | None) -> None:
+def _report(label: str, run: Run, ideal_rate: float | None, uniform: Run | None) -> None:
     rate = run.rate()
-    base = {"ideal (sum of solo rates)": ideal_rate}
+    base = {"ideal (sum of solo rates)": ideal_rate} if ideal_rate else {}
     if uniform is not None and uniform is not run:
         base["uniform BSP"] = uniform.rate()
     report_value(f"heterogeneity {label}: training samples/s", rate, "samples/s", base,
-                 extra={"fraction_of_ideal": rate / ideal_rate, "time_to_95_s": run.time_to(0.95),
+                 extra={"fraction_of_ideal": rate / ideal_rate if ideal_rate else None,
+                        "time_to_95_s": run.time_to(0.95),
                         "final_accuracy": run.final_accuracy, "decisions": len(run.decisions())})
     if FULL and run.final_accuracy is not None:
         report_value(f"heterogeneity {label}: final eval accuracy", 100 * run.final_accuracy, "%",
@@ -261,9 +263,11 @@ def _print_breakdown(run: Run) -> None:
 @pytest.mark.timeout(3600 if FULL else 150)
 def bench_heterogeneity(tmp_path):
     t_start = time.monotonic()
-    ideal_rate, solo = ideal(tmp_path)
-    print(f"\n[bench] ideal: solo rates {[round(r) for r in solo]} samples/s on shares "
-          f"{_shares(SLOWDOWNS, GLOBAL_BATCH)} -> {ideal_rate:.0f} samples/s")
+    ideal_rate = None
+    if FULL:   # quick mode skips the ideal (three more jobs) to stay well under 90 s in CI
+        ideal_rate, solo = ideal(tmp_path)
+        print(f"\n[bench] ideal: solo rates {[round(r) for r in solo]} samples/s on shares "
+              f"{_shares(SLOWDOWNS, GLOBAL_BATCH)} -> {ideal_rate:.0f} samples/s")
     lb = ["--enable-load-balancing", "--load-balance-policy"]
     runs: dict[str, Run | None] = {}
     notes: dict[str, str] = {}
@@ -330,8 +334,9 @@ def bench_heterogeneity(tmp_path):
         else:
             lines.append(f"| 50 Mbit/s link | n/a | | | | | the worker has no --simulate-bandwidth yet |")
 
-    print(f"\n[bench] heterogeneity, slowdowns {SLOWDOWNS}, global batch {GLOBAL_BATCH}, ideal {ideal_rate:.0f} "
-          f"samples/s ({'full' if FULL else 'quick'} mode, {time.monotonic() - t_start:.0f} s)")
+    shown = f"{ideal_rate:.0f} samples/s" if ideal_rate else "not measured in quick mode"
+    print(f"\n[bench] heterogeneity, slowdowns {SLOWDOWNS}, global batch {GLOBAL_BATCH}, ideal {shown} "
+          f"({'full' if FULL else 'quick'} mode, {time.monotonic() - t_start:.0f} s)")
     print("\n".join(lines))
     for label, run in runs.items():
         if run is not None and run.sync == "bsp":

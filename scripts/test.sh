@@ -30,5 +30,5 @@ run_pytest tests benchmarks "$@"
 if [ $# -eq 0 ]; then
   # The numpy twin of every kernel must carry the wire protocol and codecs on its own too.
   echo "[test] kernel, codec and protocol tests again with HETERO_PS_KERNELS=reference"
-  HETERO_PS_KERNELS=reference run_pytest -q $(ls tests/test_kernels.py tests/test_codecs.py tests/test_protocol*.py tests/test_transport.py 2>/dev/null)
+  HETERO_PS_KERNELS=reference run_pytest -q -rfE $(ls tests/test_kernels.py tests/test_codecs.py tests/test_protocol*.py tests/test_transport.py 2>/dev/null)
 fi

@@ -202,13 +202,16 @@ def test_a_worker_slowed_3x_gets_a_smaller_share_within_two_intervals(interval):
 
 
 def test_hysteresis_holds_under_noise():
-    """Once converged, 5 % timing noise and rare spikes move the split at most a couple of times."""
-    sim = SimCluster([0.004, 0.008, 0.016], [4000, 2000, 1000], noise=0.05, spike_p=0.05, seed=7)
-    s = make("dynamic", interval=5)
-    run(s, sim, range(40))
-    later = run(s, sim, range(40, 300))
-    assert len(later) <= 3, [(st, d.sizes, d.reason) for st, d in later]
-    assert sim.efficiency(s.sizes, 512) > 0.93
+    """Once converged, 5 % timing noise and 5 % spikes move the split rarely (52 chances each run)."""
+    moves, worst = [], 1.0
+    for seed in range(10):
+        sim = SimCluster([0.004, 0.008, 0.016], [4000, 2000, 1000], noise=0.05, spike_p=0.05, seed=seed)
+        s = make("dynamic", interval=5)
+        run(s, sim, range(40))
+        moves.append(len(run(s, sim, range(40, 300))))
+        worst = min(worst, sim.efficiency(s.sizes, 512))
+    assert sum(moves) <= 20 and max(moves) <= 6, moves
+    assert worst > 0.95
 
 
 def test_decisions_carry_inputs_and_reasons():

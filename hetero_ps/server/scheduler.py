@@ -34,36 +34,60 @@ from hetero_ps.server.solver import (expected_staleness, predicted_step_time, ro
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 
 
+def trimmed_mean(values: list[float], weights: list[float], trim: float = 0.25) -> float:
+    """Weighted mean of the values between the ``trim`` and ``1 − trim`` weight quantiles.
+
+    With ``trim = 0.25`` (the interquartile mean) a single wild value among a handful moves it
+    little, while it keeps most of a mean's efficiency on well-behaved noise.
+    """
+    pairs = sorted(zip(values, weights))
+    total = sum(weights)
+    lo, hi = trim * total, (1.0 - trim) * total
+    acc = num = den = 0.0
+    for v, w in pairs:
+        # the part of this value's weight that lies inside [lo, hi]
+        inside = max(0.0, min(acc + w, hi) - max(acc, lo))
+        num += inside * v
+        den += inside
+        acc += w
+    return num / den if den > 0 else pairs[len(pairs) // 2][0]
+
+
 @dataclass
 class WorkerModel:
     """What the scheduler knows about one worker's speed, fitted from ``(batch, seconds)`` pairs.
 
-    Two time scales. The fixed cost ``c`` only shapes how the time changes when the batch does, and
-    is learned from every observation of the current regime (up to ``keep``): a least-squares line
-    ``t = c + s·b`` whose ``c`` is trusted as far as its standard error allows (``_refit``). The rate
-    follows the recent past: ``r = b̄ / (t̄ − c)`` with ``b̄``, ``t̄`` exponentially weighted means
-    (EWMA, the newest with weight 1, one ``k`` steps older with ``(1 − alpha)^k``), so the model
-    predicts the batch sizes actually in use exactly and follows slow drift within ~``1/alpha`` steps.
+    Model: ``t(b) = c + b / r``. Two time scales, because the two parameters play different parts.
 
-    Robustness. An observation whose time is off the prediction by more than ``gate``× either way
-    is held back as a suspect, not fitted (one slow step — a GC pause, a busy neighbour — moves
-    nothing). But ``regime_after`` suspects in a row on the same side mean the machine itself
-    changed (slowed, throttled, freed): the window is replaced by those suspects, the model refitted
-    from them alone (the old ``c`` rescaled by the change as the prior), and ``changed`` set so the
-    scheduler re-solves without waiting for its interval. A real 3× slowdown is therefore never
-    discarded as an outlier for more than ``regime_after`` steps, and adopted at full strength
-    rather than blended in slowly.
+    * ``r`` must predict the batch sizes in use now, and follow drift: it is the weighted
+      interquartile mean of the rates ``b_k / (t_k − c)`` the recent observations imply,
+      observation ``k`` steps old with weight ``(1 − alpha)^k`` (a robust EWMA: a single odd step
+      cannot drag it).
+    * ``c`` only shapes how the time changes when the batch does (so a slow link, a slow start-up,
+      shows up as a smaller share rather than a wrong one). It is learned from every observation
+      of the current regime (up to ``keep``), by least squares weighted against what was known
+      before (``_fit_fixed``) — and only once the regime has ``2 · regime_after`` observations.
+
+    Regimes. In steady state an observation off the prediction by more than ``gate``× either way
+    is held back as a suspect, not fitted (a GC pause, a busy neighbour moves nothing). But
+    ``regime_after`` suspects in a row on the same side mean the machine itself changed (slowed,
+    throttled, freed): the window is replaced by those suspects, ``c`` scaled by the same factor
+    (a machine 3× slower is 3× slower at everything), and ``changed`` set so the scheduler
+    re-solves at once. A real 3× slowdown is thus adopted after ``regime_after`` steps, at full
+    strength. A new regime is on probation for its first ``2 · regime_after`` observations: nothing
+    is gated (the model is too new to judge by) and ``c`` stays as scaled, so the first moves to
+    other batch sizes refine ``r`` without a noisy two-point fit swinging ``c``.
     """
 
     rate_hint: float = 0.0          # samples/s from the join-time probe or specs (0 = unknown)
     max_batch: int = 0              # the largest batch that fits its memory (0 = no cap)
     c_hint: float = 0.0             # fixed cost per step from the probe (s), a prior for ``fixed``
     r_hint: float = 0.0             # per-sample rate from the probe (samples/s), 0 = use rate_hint
-    alpha: float = 0.15             # EWMA weight of the newest observation (for the rate)
+    alpha: float = 0.1              # EWMA weight decay per observation (for the rate)
     gate: float = 1.5               # an observation off the prediction by more than this factor is a suspect
     regime_after: int = 3           # this many suspects in a row on one side = a new regime
     keep: int = 30                  # observations kept per regime (for the fixed cost)
-    prior_sd: float = 0.25          # uncertainty of the prior fixed cost, as a share of the step time
+    prior_sd: float = 0.1           # weight of what was known about c, as a share of the step time
     observations: list = field(default_factory=list)   # (batch, seconds) of the current regime, newest last
     suspects: list = field(default_factory=list)       # consecutive off-model (batch, seconds, slower?)
     rate: float = 0.0               # fitted samples/s (0 = not measured yet)
@@ -72,7 +96,11 @@ class WorkerModel:
     rejected: int = 0               # observations held back as outliers and never adopted
     regimes: int = 0                # regime changes detected
     changed: bool = False           # a regime change the scheduler has not acted on yet
-    c_prior: float | None = None    # the fixed cost carried over from the previous regime
+
+    @property
+    def settled(self) -> bool:
+        """Past the current regime's probation (see the class docstring)."""
+        return len(self.observations) >= 2 * self.regime_after
 
     def predict(self, batch: float) -> float:
         """Predicted seconds for ``batch`` samples (needs a fit)."""
@@ -82,16 +110,20 @@ class WorkerModel:
         """Add a measurement; returns what became of it: ``fit``, ``suspect``, ``regime`` or ``ignored``."""
         if batch <= 0 or not (seconds > 0 and math.isfinite(seconds)):
             return "ignored"
-        if self.rate > 0 and len(self.observations) >= 2:
+        if self.rate > 0 and self.settled:
             q = seconds / self.predict(batch)
             if q > self.gate or q < 1.0 / self.gate:
                 return self._suspect(batch, seconds, q > 1.0)
+        if self.rate <= 0:   # the first observation: the probe's split of fixed vs per-sample time
+            self.fixed = self._probe_fixed(batch, seconds)
         self.rejected += len(self.suspects)
         self.suspects = []
         self.observations.append((batch, seconds))
         del self.observations[:-self.keep]
         self.count += 1
-        self._refit()
+        if self.settled:
+            self.fixed = self._fit_fixed()
+        self._fit_rate()
         return "fit"
 
     def _suspect(self, batch: int, seconds: float, slower: bool) -> str:
@@ -101,62 +133,59 @@ class WorkerModel:
         self.suspects.append((batch, seconds, slower))
         if len(self.suspects) < self.regime_after:
             return "suspect"
-        # The whole machine changed speed, its fixed cost too: carry c over, rescaled.
         ratio = sum(t for _, t, _ in self.suspects) / sum(self.predict(b) for b, _, _ in self.suspects)
-        self.c_prior = self.fixed * ratio
+        self.fixed *= ratio
         self.observations = [(b, t) for b, t, _ in self.suspects]
         self.count += len(self.suspects)
         self.suspects = []
         self.regimes += 1
         self.changed = True
-        self._refit()
+        self._fit_rate()
         return "regime"
 
-    def _refit(self) -> None:
-        """Refit ``c`` (whole regime) and ``r`` (recent), see the class docstring.
+    def _fit_rate(self) -> None:
+        obs = self.observations
+        t_min = min(t for _, t in obs)
+        self.fixed = min(max(self.fixed, 0.0), 0.9 * t_min)   # keep every implied rate finite
+        w = [(1.0 - self.alpha) ** (len(obs) - 1 - k) for k in range(len(obs))]
+        self.rate = trimmed_mean([b / (t - self.fixed) for b, t in obs], w)
 
-        ``c``: ordinary least squares over the regime's ``n`` observations gives ``ĉ`` with standard
-        error ``se² = σ̂²/n · (1 + b̄²/var b)``; it is combined with the prior ``c₀`` (the previous
-        regime's, else the probe's scaled to the measured speed, else 0) of standard deviation
-        ``prior_sd · t̄`` by precision weighting:
+    def _fit_fixed(self) -> float:
+        """``c`` from the regime's observations, weighed against the current estimate.
+
+        Ordinary least squares over the ``n`` observations gives ``ĉ`` with standard error
+        ``se² = σ̂²/n · (1 + b̄²/var b)``; the current estimate ``c₀`` counts as a measurement of
+        standard deviation ``sd₀ = prior_sd · t̄``:
 
             c = (ĉ / se² + c₀ / sd₀²) / (1 / se² + 1 / sd₀²)
 
-        so alike batch sizes (no information about ``c``) keep the prior and a spread of sizes (a
-        rebalance, an epoch's short last step) lets the data decide; noise-free data give ``ĉ``
-        exactly. ``c`` is kept within ``[0, 0.9 t̄]`` so the rate stays positive and finite.
+        Alike batch sizes (no information about ``c``) keep what was learned — evidence that has
+        left the window is not forgotten — while a spread of sizes (a rebalance, an epoch's short
+        last step) lets the data decide over a few refits; noise-free data give ``ĉ`` exactly.
         """
         obs = self.observations
-        w = [(1.0 - self.alpha) ** (len(obs) - 1 - k) for k in range(len(obs))]
-        sw = sum(w)
-        eb = sum(wi * b for wi, (b, _) in zip(w, obs)) / sw    # recent (EWMA) means
-        et = sum(wi * t for wi, (_, t) in zip(w, obs)) / sw
-        c0 = self._prior_fixed(eb, et)
-        c = c0
         n = len(obs)
-        if n >= 3:
-            mb = sum(b for b, _ in obs) / n
-            mt = sum(t for _, t in obs) / n
-            vb = sum((b - mb) ** 2 for b, _ in obs) / n
-            if vb > (1e-6 * mb) ** 2:
-                s = sum((b - mb) * (t - mt) for b, t in obs) / n / vb
-                c_ls = mt - s * mb
-                sigma2 = sum((t - c_ls - s * b) ** 2 for b, t in obs) / (n - 2)
-                se2 = sigma2 / n * (1.0 + mb * mb / vb)
-                sd02 = (self.prior_sd * et) ** 2
-                c = c_ls if se2 <= 1e-12 * sd02 else (c_ls / se2 + c0 / sd02) / (1.0 / se2 + 1.0 / sd02)
-        c = min(max(c, 0.0), 0.9 * et)
-        self.fixed, self.rate = c, eb / (et - c)
+        mb = sum(b for b, _ in obs) / n
+        mt = sum(t for _, t in obs) / n
+        vb = sum((b - mb) ** 2 for b, _ in obs) / n
+        if n < 3 or vb <= (1e-6 * mb) ** 2:
+            return self.fixed
+        s = sum((b - mb) * (t - mt) for b, t in obs) / n / vb
+        c_ls = mt - s * mb
+        sigma2 = sum((t - c_ls - s * b) ** 2 for b, t in obs) / (n - 2)
+        se2 = sigma2 / n * (1.0 + mb * mb / vb)
+        sd02 = (self.prior_sd * mt) ** 2
+        if se2 <= 1e-12 * sd02:
+            return c_ls
+        return (c_ls / se2 + self.fixed / sd02) / (1.0 / se2 + 1.0 / sd02)
 
-    def _prior_fixed(self, mb: float, mt: float) -> float:
-        """The fixed cost to assume without evidence (see ``_refit``)."""
-        if self.c_prior is not None:
-            return self.c_prior
+    def _probe_fixed(self, batch: int, seconds: float) -> float:
+        """The fixed cost to assume before any evidence: the probe's share of the time, else 0."""
         ref = self.profile_model()
         if ref is None or ref[0] <= 0:
             return 0.0
-        c, r = ref   # the probe's split of time into fixed and per-sample, at this worker's real speed
-        return c * mt / (c + mb / r)
+        c, r = ref   # the probe's split of a step into fixed and per-sample time, at the measured speed
+        return c * seconds / (c + batch / r)
 
     def profile_model(self) -> tuple[float, float] | None:
         """``(c, r)`` from the join probe, or None when the worker reported none."""
@@ -200,6 +229,7 @@ class Scheduler:
         self.sizes: dict[int, int] = {}
         self.source = ""                  # what the current split was computed from
         self._last_solve_step = -1
+        self._follow_up = None            # step at which to re-check a freshly moved measured split
 
     # -- membership -------------------------------------------------------------------------
     def add_worker(self, wid: int, rate_hint: float = 0.0, max_batch: int = 0,
@@ -264,6 +294,11 @@ class Scheduler:
         moved = [w for w, m in zip(wids, ms) if m.changed]
         if moved and self.source == "measured":
             return f"worker(s) {moved} changed speed"
+        if self._follow_up is not None and step >= self._follow_up:
+            # The last move put each worker at a new batch size: that spread tells the fit where the
+            # fixed costs are, so look again now instead of a whole interval later.
+            self._follow_up = None
+            return "follow-up on the last move"
         if step - self._last_solve_step >= self.rebalance_interval:
             return f"rebalance interval ({self.rebalance_interval} steps)"
         return ""
@@ -328,6 +363,8 @@ class Scheduler:
 
     def _adopt(self, sizes: dict[int, int], policy: str, reason: str, t_new: float = 0.0,
                t_old: float = 0.0, inputs: dict | None = None) -> Decision:
+        moved = self.source == "measured" and self.sizes and sizes != self.sizes
+        self._follow_up = self._last_solve_step + self.warmup_observations if moved else None
         self.sizes = sizes
         return Decision(sizes=dict(sizes), policy=policy, reason=reason, predicted_step_s=t_new,
                         previous_predicted_s=t_old, inputs=inputs or {})

@@ -1,0 +1,64 @@
+"""The dashboard of a real 2-worker run, in a real headless Chromium (issue: watching a run)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import time
+
+import pytest
+
+from hetero_ps.cluster import LocalCluster
+from test_dashboard_browser import CHROMIUM, Browser
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")]
+
+
+def _wait_for_dashboard(c: LocalCluster, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"dashboard: (http://\S+)", c.output("server"))
+        steps = os.path.join(c.workdir, "experiments", "dash", "metrics", "steps.jsonl")
+        if m and os.path.exists(steps) and sum(1 for _ in open(steps)) >= 10:
+            return m.group(1)
+        assert c.server.poll() is None, c.output("server")
+        time.sleep(0.1)
+    raise TimeoutError("the dashboard never came up:\n" + c.output("server"))
+
+
+def test_dashboard_of_a_two_worker_run(tmp_path):
+    args = ["--world-size", "3", "--no-local-worker", "--dataset", "digits", "--global-batch-size", "64",
+            "--epochs", "40", "--enable-load-balancing", "--rebalance-interval", "5", "--experiment", "dash"]
+    with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2", "--simulate-slowdown", "2"]]) as c:
+        url = _wait_for_dashboard(c)
+
+        async def look():
+            async with Browser(str(tmp_path / "profile")) as b:
+                await b.page("Page.navigate", url=url)
+                await b.wait_for("document.body.dataset.ready === '1' && "
+                                 "document.querySelectorAll('#workers tbody tr').length === 2", "both workers")
+                # Live: more steps arrive over the stream while the page is open.
+                first = int(await b.eval("document.body.dataset.steps"))
+                await b.wait_for(f"+document.body.dataset.steps > {first + 5}", "live steps")
+                rows = await b.eval("[...document.querySelectorAll('#workers tbody tr')].map("
+                                    "tr => [...tr.cells].map(td => td.textContent.trim()))")
+                points = await b.eval("Object.fromEntries([...document.querySelectorAll('canvas')].map("
+                                      "c => [c.id, +c.dataset.points]))")
+                await b.page("Emulation.setDeviceMetricsOverride", width=1400,
+                             height=int(await b.eval("document.documentElement.scrollHeight")),
+                             deviceScaleFactor=1, mobile=False)
+                shot = await b.page("Page.captureScreenshot", format="png")
+                return rows, points, base64.b64decode(shot["data"]), b.exceptions
+
+        rows, points, png, exceptions = asyncio.run(asyncio.wait_for(look(), 90))
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[3] == "training" for r in rows), rows
+    for chart in ("chart-loss", "chart-throughput", "chart-shares", "chart-split", "chart-bytes"):
+        assert points[chart] > 0, (chart, points)
+    assert not exceptions, exceptions
+    (tmp_path / "dashboard.png").write_bytes(png)
+    if os.environ.get("HETERO_PS_SCREENSHOT"):
+        with open(os.environ["HETERO_PS_SCREENSHOT"], "wb") as f:
+            f.write(png)
