@@ -7,6 +7,7 @@ header of the WELCOME frame, so every field is a str, int, float, bool, list or 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -57,3 +58,12 @@ class JobConfig:
     def from_wire(cls, d: dict) -> "JobConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (the seed guide's RANK, WORLD_SIZE, MASTER_PORT), or ``default``."""
+    v = os.environ.get(name, "")
+    try:
+        return int(v) if v.strip() else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={v!r} is not an integer") from None

@@ -186,4 +186,6 @@ class FaultProxy:
 
 
 # The loopback cluster of real processes lives in its own module; re-exported for users' tests.
-from hetero_ps.cluster import LocalCluster  # noqa: E402,F401
+from hetero_ps.cluster import LocalCluster  # noqa: E402
+
+__all__ = ["Fault", "FaultProxy", "LocalCluster"]

@@ -18,42 +18,13 @@ import signal
 import subprocess
 import sys
 
-from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig
+from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, env_int
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.logs import add_file_log, setup_logging
+from hetero_ps.plugins import parse_kv
 from hetero_ps.progress import Progress
 
 log = logging.getLogger("hetero_ps.server")
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name, "")
-    try:
-        return int(v) if v.strip() else default
-    except ValueError:
-        raise SystemExit(f"error: environment variable {name}={v!r} is not an integer")
-
-
-def _kv(items: list[str], flag: str) -> dict:
-    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with ints, floats and booleans parsed."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"{flag} expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-            continue
-        for conv in (int, float):
-            try:
-                out[k] = conv(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k] = v
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cluster")
     g.add_argument("--host", default=os.environ.get("HETERO_PS_HOST", "0.0.0.0"),
                    help="address to listen on (default 0.0.0.0: every interface)")
-    g.add_argument("--port", "--master-port", dest="port", type=int, default=_env_int("MASTER_PORT", 29500),
+    g.add_argument("--port", "--master-port", dest="port", type=int, default=env_int("MASTER_PORT", 29500),
                    help="port to listen on (env MASTER_PORT, default 29500; 0 picks a free one)")
     g.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""),
                    help="shared secret workers must know (env HETERO_PS_TOKEN)")
     g.add_argument("--port-file", default="", help="write the port actually bound here (useful with --port 0)")
-    g.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1),
+    g.add_argument("--world-size", type=int, default=env_int("WORLD_SIZE", 1),
                    help="nodes in the job, the master included (env WORLD_SIZE, default 1)")
     g.add_argument("--no-local-worker", action="store_true", help="the master does not train itself")
     g.add_argument("--local-device", default="auto", help="device of the master's own worker (auto|cpu|cuda[:N])")
@@ -98,17 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=0, help="the global batch B, overriding --batch-size")
     g.add_argument("--worker-batch-sizes", default="",
                    help="fixed per-rank split, e.g. 0:5,1:17,2:42 (must sum to the global batch)")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training split (default {d.epochs})")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size)
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the model init and every epoch's sample order")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help=f"the master's optimizer (default {d.optimizer}: SGD with momentum)")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="momentum of --optimizer momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 (decoupled for adamw)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help=f"learning-rate schedule after warmup (default {d.lr_schedule})")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="step schedule: decay every N steps")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule: decay factor")
     g = p.add_argument_group("synchronisation and compression")
     g.add_argument("--sync", choices=SYNC_MODES, default=d.sync, help="bsp (default), ssp or asp")
     g.add_argument("--staleness", type=int, default=d.staleness,
@@ -119,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pull-compression", default=d.pull_compression, help="pull codec: none|fp16|bf16")
     g.add_argument("--chunk-mb", type=float, default=d.chunk_bytes / 2**20, help="gradient chunk size on the wire")
     g = p.add_argument_group("load balancing")
-    g.add_argument("--enable-load-balancing", action="store_true")
-    g.add_argument("--load-balance-policy", choices=[x for x in POLICIES if x != "uniform"], default="dynamic")
+    g.add_argument("--enable-load-balancing", action="store_true",
+                   help="size each worker's batch to its speed (without it: equal shares)")
+    g.add_argument("--load-balance-policy", choices=[x for x in POLICIES if x != "uniform"], default="dynamic",
+                   help="proportional (join-time probe), dynamic (measured, default) or hybrid")
     g.add_argument("--rebalance-interval", type=int, default=d.rebalance_interval, help="steps between rebalances")
     g = p.add_argument_group("watching the run")
     g.add_argument("--dashboard-port", type=int, default=3000, help="live dashboard port (default 3000)")
@@ -129,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to experiments/NAME/tb")
     g = p.add_argument_group("experiment and output")
     g.add_argument("--experiment", default="", help="experiment name (default: timestamp-model-dataset)")
-    g.add_argument("--experiments-dir", default="experiments")
-    g.add_argument("--log-level", default="INFO")
-    g.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    g.add_argument("--experiments-dir", default="experiments", help="where experiments/NAME goes")
+    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    g.add_argument("--log-format", choices=["plain", "json"], default="plain",
+                   help="plain lines (a progress bar on a terminal) or JSON lines")
     return p
 
 
@@ -148,8 +124,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     if a.pull_compression.split(":")[0] not in ("none", "fp16", "bf16"):
         raise ConfigError("--pull-compression must be none, fp16 or bf16")
     return JobConfig(
-        model=a.model, model_size=a.model_size, model_args=_kv(a.model_arg, "--model-arg"),
-        dataset=a.dataset, dataset_args=_kv(a.dataset_arg, "--dataset-arg"), data_dir=a.data_dir, loss=a.loss,
+        model=a.model, model_size=a.model_size, model_args=parse_kv(a.model_arg, "--model-arg"),
+        dataset=a.dataset, dataset_args=parse_kv(a.dataset_arg, "--dataset-arg"), data_dir=a.data_dir, loss=a.loss,
         optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, lr_step_size=a.lr_step_size,
         lr_gamma=a.lr_gamma, global_batch=global_batch, epochs=a.epochs, max_steps=a.max_steps, seed=a.seed,

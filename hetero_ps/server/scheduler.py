@@ -68,8 +68,9 @@ class WorkerModel:
       of the current regime (up to ``keep``), by least squares weighted against what was known
       before (``_fit_fixed``) — and only once the regime has ``2 · regime_after`` observations.
 
-    Regimes. In steady state an observation off the prediction by more than ``gate``× either way
-    is held back as a suspect, not fitted (a GC pause, a busy neighbour moves nothing). But
+    Regimes. In steady state an observation at a familiar batch size (near those in the window; at
+    a new size the observation is what corrects the model) that is off the prediction by more than
+    ``gate``× either way is held back as a suspect, not fitted (a GC pause, a busy neighbour moves nothing). But
     ``regime_after`` suspects in a row on the same side mean the machine itself changed (slowed,
     throttled, freed): the window is replaced by those suspects, ``c`` scaled by the same factor
     (a machine 3× slower is 3× slower at everything), and ``changed`` set so the scheduler
@@ -110,7 +111,7 @@ class WorkerModel:
         """Add a measurement; returns what became of it: ``fit``, ``suspect``, ``regime`` or ``ignored``."""
         if batch <= 0 or not (seconds > 0 and math.isfinite(seconds)):
             return "ignored"
-        if self.rate > 0 and self.settled:
+        if self.rate > 0 and self.settled and self._familiar(batch):
             q = seconds / self.predict(batch)
             if q > self.gate or q < 1.0 / self.gate:
                 return self._suspect(batch, seconds, q > 1.0)
@@ -125,6 +126,12 @@ class WorkerModel:
             self.fixed = self._fit_fixed()
         self._fit_rate()
         return "fit"
+
+    def _familiar(self, batch: int) -> bool:
+        """Whether ``batch`` lies near the batch sizes the regime has seen (so a prediction for it is
+        an interpolation to judge by, not an extrapolation that the observation should correct)."""
+        sizes = [b for b, _ in self.observations]
+        return 0.8 * min(sizes) <= batch <= 1.25 * max(sizes)
 
     def _suspect(self, batch: int, seconds: float, slower: bool) -> str:
         if self.suspects and self.suspects[-1][2] != slower:   # both sides: noise, not a regime

@@ -14,19 +14,12 @@ import os
 import socket
 import sys
 
+from hetero_ps.config import env_int
 from hetero_ps.errors import HeteroPSError
 from hetero_ps.logs import add_file_log, setup_logging
 from hetero_ps.worker.worker import Worker, WorkerConfig
 
 log = logging.getLogger("hetero_ps.worker")
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name, "")
-    try:
-        return int(v) if v.strip() else default
-    except ValueError:
-        raise SystemExit(f"error: environment variable {name}={v!r} is not an integer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("connection")
     g.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", ""),
                    help="the master's address (env MASTER_ADDR)")
-    g.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT", 29500),
+    g.add_argument("--master-port", type=int, default=env_int("MASTER_PORT", 29500),
                    help="the master's port (env MASTER_PORT, default 29500)")
     g.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""),
                    help="shared secret, the same as the master's (env HETERO_PS_TOKEN)")
-    g.add_argument("--rank", type=int, default=_env_int("RANK", -1),
+    g.add_argument("--rank", type=int, default=env_int("RANK", -1),
                    help="this worker's rank (env RANK; default: the master assigns one)")
-    g.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 0),
+    g.add_argument("--world-size", type=int, default=env_int("WORLD_SIZE", 0),
                    help="accepted for the seed guide's scripts (env WORLD_SIZE); the master counts workers")
     g.add_argument("--connect-timeout", type=float, default=60.0,
                    help="keep retrying to reach the master for this many seconds (default 60)")
@@ -60,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile", "--profile-steps", dest="profile_steps", type=int, default=0, metavar="STEPS",
                    help="write a torch.profiler Chrome trace of STEPS steps to experiments/NAME/profiles/")
     g.add_argument("--experiments-dir", default="experiments", help="where this node writes its logs")
-    g.add_argument("--log-level", default="INFO")
-    g.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    g.add_argument("--log-format", choices=["plain", "json"], default="plain",
+                   help="plain lines (a progress bar on a terminal) or JSON lines")
     g = p.add_argument_group("job flags of the seed guide (the master decides; accepted and ignored)")
     for flag in ("--model", "--dataset", "--batch-size", "--epochs", "--backend", "--load-balance-policy",
                  "--rebalance-interval"):
