@@ -87,9 +87,11 @@ def test_worker_with_other_code_version_is_refused(tmp_path):
         assert "0.0.1" in r.stderr and "version" in r.stderr.lower(), r.stderr
 
 
-def test_worker_vanishing_mid_run_does_not_stop_training(tmp_path):
+@pytest.mark.parametrize("codec", ["none", "topk:0.1"])
+def test_worker_vanishing_mid_run_does_not_stop_training(tmp_path, codec):
     args = ["--world-size", "3", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits",
-            "--global-batch-size", "32", "--epochs", "3", "--experiment", "vanish", "--worker-timeout", "20"]
+            "--global-batch-size", "32", "--epochs", "3", "--experiment", "vanish", "--worker-timeout", "20",
+            "--compression", codec]
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2", "--simulate-slowdown", "3"]]) as c:
         deadline = time.monotonic() + 60
         steps = os.path.join(tmp_path, "experiments", "vanish", "metrics", "steps.jsonl")

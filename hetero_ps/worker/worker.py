@@ -98,6 +98,7 @@ class Worker:
         self._proc = psutil.Process()
         self.pacer = None
         self._set_bandwidth(cfg.simulate_bandwidth)
+        self._feedback, self._feedback_step = None, -1   # top-k residuals before the current step
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
@@ -259,6 +260,7 @@ class Worker:
         if self.device != "cpu":
             self.grads_cpu.copy_(self.flat.grads)
         grads = self.grads_cpu.numpy()
+        self._keep_feedback_exact(step, attempt)
         prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         encode_s = push_s = 0.0
         nbytes = 0
@@ -285,6 +287,29 @@ class Worker:
         self.steps_done += 1
         self.samples_done += count
         self.progress.update(step, h["epoch"], stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
+
+    def _keep_feedback_exact(self, step: int, attempt: int) -> None:
+        """Top-k's residual must not count an aborted attempt's values as sent.
+
+        Before each step the residuals are copied (one memcpy of the gradient); when the master
+        redoes the same step (a worker was lost), they are put back first.
+        """
+        topk = [c for c in self.push_codecs if isinstance(c, codecs.TopKCodec)]
+        if not topk:
+            return
+        if attempt > 0 and self._feedback_step == step:
+            for c, saved in zip(topk, self._feedback):
+                if saved is None:
+                    c.reset()            # the aborted attempt was the first ever: nothing was owed
+                else:
+                    c.residual[:] = saved
+            return
+        if self._feedback is None or any(x is None for x in self._feedback):
+            self._feedback = [None if c.residual is None else np.empty_like(c.residual) for c in topk]
+        for c, saved in zip(topk, self._feedback):
+            if saved is not None:
+                saved[:] = c.residual
+        self._feedback_step = step
 
     def _utilisation(self) -> dict:
         """CPU/GPU utilisation and memory of this node, for the dashboard's worker table."""
