@@ -24,8 +24,8 @@ Codecs (``parse_codec`` syntax → wire bytes per element):
 ``none``           4       float32 as is
 ``fp16``           2       IEEE half (round to nearest even); |x| > 65504 becomes ±inf
 ``bf16``           2       bfloat16 (round to nearest even): float32's range, 8 bits of mantissa
-``int8[:BLOCK]``   ~1      blockwise absmax: q = round(x / s), s = max|x| / 127 per BLOCK (256)
-                           values, so |x − s·q| ≤ s / 2 per element
+``int8[:BLOCK]``   ~1      blockwise absmax: q = rint(x · (127 / max|x|)) per BLOCK (256) values,
+                           sent with s = max|x| / 127, so |x − s·q| ≤ s / 2 (+ rounding) per element
 ``topk[:RATIO]``   8·RATIO the k = ceil(RATIO · numel) largest |x + residual| (RATIO 0.01 default)
                            as int32 indices (ascending) + float32 values; what is not sent stays
                            in the worker's residual (error feedback) and is added next step, so

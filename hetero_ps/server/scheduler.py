@@ -9,9 +9,11 @@ Policies (``--load-balance-policy``, active with ``--enable-load-balancing``):
 * ``dynamic`` — shares from measured step times: each worker's ``t_i(b) = c_i + b / r_i`` is fitted
   from its (batch, seconds) observations (``WorkerModel``), then the solver in ``solver.py``
   equalises predicted times. Uniform until every worker has ``warmup_observations`` measurements,
-  then re-solved every ``rebalance_interval`` steps — and at once when a worker's speed changes
-  abruptly (a detected regime change), so a machine slowed 3× mid-run gets a smaller share within
-  a few steps, not a few intervals.
+  then re-solved every ``rebalance_interval`` steps, and also: at once when a worker's speed
+  changes abruptly (a detected regime change), so a machine slowed 3× mid-run gets a smaller share
+  within a few steps, not a few intervals; and ``warmup_observations`` steps after any move, when
+  the workers' new batch sizes have shown how their times scale (the fixed costs), so the first
+  splits converge in a handful of steps.
 * ``hybrid`` — ``proportional`` until every worker has ``warmup_observations`` measurements, then
   ``dynamic``.
 

@@ -222,7 +222,9 @@ def estimate_max_batch(trainer, device, probe_batch: int) -> int:
     Free bytes are ``torch.cuda.mem_get_info`` (plus what torch has cached but not allocated) on
     CUDA and ``psutil.virtual_memory().available`` on the CPU. With micro-batching a step never
     holds more than one micro-batch of activations, so there is no cap (0). The answer is capped at
-    ``MAX_BATCH_CAP`` and is at least ``probe_batch`` when the probe itself ran.
+    ``MAX_BATCH_CAP`` and is at least ``probe_batch`` when the probe itself ran. A probe that runs
+    out of memory is retried at half the batch (down to 1), so a small GPU gets a small cap
+    rather than a crash at join.
     """
     if probe_batch < 1:
         raise ValueError(f"probe_batch must be at least 1, got {probe_batch}")
@@ -231,11 +233,21 @@ def estimate_max_batch(trainer, device, probe_batch: int) -> int:
     n = len(trainer.train_set)
     if n < 1:
         return 0
-    saved, growth = _per_sample_bytes(trainer, device, probe_batch, n)
+    dev = torch.device(device)
+    while True:
+        try:
+            saved, growth = _per_sample_bytes(trainer, device, probe_batch, n)
+            break
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if not _is_oom(exc) or probe_batch == 1:
+                raise
+            trainer.flat.zero_grad_()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            probe_batch //= 2
     per_sample = max(2 * saved, growth)
     if per_sample <= 0:
         return 0
-    dev = torch.device(device)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         free += max(0, torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
@@ -243,3 +255,10 @@ def estimate_max_batch(trainer, device, probe_batch: int) -> int:
         free = psutil.virtual_memory().available
     est = int(MEMORY_SAFETY * free // per_sample)
     return max(probe_batch, min(est, MAX_BATCH_CAP))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
