@@ -17,7 +17,9 @@ which worker 1 is slowed 3× mid-run by a CONTROL message (against the ideal of 
 with the throughput per rebalance interval after the change.
 
 Throughput is training samples/s: BSP ``Σ samples / Σ step_s`` after the first steps (evaluation
-pauses excluded, as in the ideal); SSP/ASP over whole epochs, wall time less evaluation time.
+pauses excluded, as in the ideal, whose jobs are BSP too); SSP/ASP over whole epochs of wall time
+(their evaluations run beside training, in a thread, so they are not subtracted). "End-to-end" is
+the summary's samples / train_s, evaluations and all.
 
 Quick mode (CI): a dozen steps of uniform vs dynamic BSP (no ideal), well under 90 s; it proves
 the benchmark runs and prints dynamic's ratio to uniform. Full mode (``HETERO_PS_BENCH_FULL=1``):
@@ -75,9 +77,8 @@ class Run:
             steps = self.steps[first:last]
             return sum(s["samples"] for s in steps) / sum(s["step_s"] for s in steps)
         ep = self.epochs
-        if len(ep) >= 3:   # epochs 1..E: wall time between their ends, less their evaluations
-            span = ep[-1]["elapsed_s"] - ep[0]["elapsed_s"] - sum(e.get("eval_s", 0.0) for e in ep[1:])
-            return TRAIN_SIZE * (len(ep) - 1) / span
+        if len(ep) >= 3:   # epochs 2..E: wall time between the ends of epoch 1 and epoch E
+            return TRAIN_SIZE * (len(ep) - 1) / (ep[-1]["elapsed_s"] - ep[0]["elapsed_s"])
         return self.summary["samples_per_s"]
 
     def time_to(self, accuracy: float) -> float | None:

@@ -92,6 +92,40 @@ def test_max_batch_estimate_is_plausible(trainer):
         estimate_max_batch(trainer, "cpu", 0)
 
 
+class _OOMAbove:
+    """A trainer whose gradient runs out of memory above ``limit`` samples (like a small GPU)."""
+
+    device = "cpu"
+    micro_batch = 0
+
+    def __init__(self, limit):
+        from hetero_ps.flat import FlatParams
+
+        self.limit = limit
+        self.model = torch.nn.Linear(64, 64)
+        self.flat = FlatParams(self.model)
+        self.train_set = list(range(1000))
+        self.tried = []
+
+    def compute_gradient(self, idx):
+        self.tried.append(len(idx))
+        if len(idx) > self.limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.flat.zero_grad_()
+        self.model(torch.ones(len(idx), 64)).relu().sum().backward()
+
+
+def test_max_batch_probe_backs_off_when_the_probe_does_not_fit():
+    t = _OOMAbove(limit=40)
+    est = estimate_max_batch(t, "cpu", 256)
+    assert t.tried == [256, 128, 64, 32] and est >= 32
+    with pytest.raises(RuntimeError, match="shape"):   # other errors are not mistaken for memory
+        class Broken(_OOMAbove):
+            def compute_gradient(self, idx):
+                raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        estimate_max_batch(Broken(10), "cpu", 8)
+
+
 def test_max_batch_is_unbounded_with_micro_batches(trainer):
     trainer.micro_batch = 16
     try:

@@ -67,8 +67,8 @@ class WorkerModel:
       cannot drag it).
     * ``c`` only shapes how the time changes when the batch does (so a slow link, a slow start-up,
       shows up as a smaller share rather than a wrong one). It is learned from every observation
-      of the current regime (up to ``keep``), by least squares weighted against what was known
-      before (``_fit_fixed``) — and only once the regime has ``2 · regime_after`` observations.
+      of the current regime (up to ``keep``), by least squares weighed against the join probe's
+      (``_fit_fixed``) — and only once the regime has ``2 · regime_after`` observations.
 
     Regimes. In steady state an observation at a familiar batch size (near those in the window; at
     a new size the observation is what corrects the model) that is off the prediction by more than
@@ -90,7 +90,7 @@ class WorkerModel:
     gate: float = 1.5               # an observation off the prediction by more than this factor is a suspect
     regime_after: int = 3           # this many suspects in a row on one side = a new regime
     keep: int = 30                  # observations kept per regime (for the fixed cost)
-    prior_sd: float = 0.1           # weight of what was known about c, as a share of the step time
+    prior_sd: float = 0.1           # uncertainty of the probe's fixed cost, as a share of the step time
     observations: list = field(default_factory=list)   # (batch, seconds) of the current regime, newest last
     suspects: list = field(default_factory=list)       # consecutive off-model (batch, seconds, slower?)
     rate: float = 0.0               # fitted samples/s (0 = not measured yet)
@@ -160,25 +160,29 @@ class WorkerModel:
         self.rate = trimmed_mean([b / (t - self.fixed) for b, t in obs], w)
 
     def _fit_fixed(self) -> float:
-        """``c`` from the regime's observations, weighed against the current estimate.
+        """``c`` from the regime's observations, weighed against the probe's.
 
         Ordinary least squares over the ``n`` observations gives ``ĉ`` with standard error
-        ``se² = σ̂²/n · (1 + b̄²/var b)``; the current estimate ``c₀`` counts as a measurement of
-        standard deviation ``sd₀ = prior_sd · t̄``:
+        ``se² = σ̂²/n · (1 + b̄²/var b)``; the prior ``c₀`` — the probe's share of fixed time applied
+        to the measured step (0 without a probe) — counts as a measurement of standard deviation
+        ``sd₀ = prior_sd · t̄``:
 
             c = (ĉ / se² + c₀ / sd₀²) / (1 / se² + 1 / sd₀²)
 
-        Alike batch sizes (no information about ``c``) keep what was learned — evidence that has
-        left the window is not forgotten — while a spread of sizes (a rebalance, an epoch's short
-        last step) lets the data decide over a few refits; noise-free data give ``ĉ`` exactly.
+        Alike batch sizes or noisy times (no real information about ``c``) leave the prior; a clear
+        spread of sizes (a rebalance, an epoch's short last step) with consistent times lets the
+        data decide; noise-free data give ``ĉ`` exactly. The prior is deliberately not the previous
+        estimate: on a shared machine the workers' times depend on each other's load, and a fit
+        fed back into its own prior would drift with that noise.
         """
         obs = self.observations
         n = len(obs)
         mb = sum(b for b, _ in obs) / n
         mt = sum(t for _, t in obs) / n
+        c0 = self._probe_fixed(mb, mt)
         vb = sum((b - mb) ** 2 for b, _ in obs) / n
         if n < 3 or vb <= (1e-6 * mb) ** 2:
-            return self.fixed
+            return c0
         s = sum((b - mb) * (t - mt) for b, t in obs) / n / vb
         c_ls = mt - s * mb
         sigma2 = sum((t - c_ls - s * b) ** 2 for b, t in obs) / (n - 2)
@@ -186,7 +190,7 @@ class WorkerModel:
         sd02 = (self.prior_sd * mt) ** 2
         if se2 <= 1e-12 * sd02:
             return c_ls
-        return (c_ls / se2 + self.fixed / sd02) / (1.0 / se2 + 1.0 / sd02)
+        return (c_ls / se2 + c0 / sd02) / (1.0 / se2 + 1.0 / sd02)
 
     def _probe_fixed(self, batch: int, seconds: float) -> float:
         """The fixed cost to assume before any evidence: the probe's share of the time, else 0."""
@@ -239,6 +243,7 @@ class Scheduler:
         self.source = ""                  # what the current split was computed from
         self._last_solve_step = -1
         self._follow_up = None            # step at which to re-check a freshly moved measured split
+        self._ranks: dict[int, int] = {}  # worker id -> rank, for readable reasons
 
     # -- membership -------------------------------------------------------------------------
     def add_worker(self, wid: int, rate_hint: float = 0.0, max_batch: int = 0,
@@ -256,6 +261,7 @@ class Scheduler:
 
     def remove_worker(self, wid: int) -> None:
         self.models.pop(wid, None)
+        self._ranks.pop(wid, None)
         self.sizes = {}
 
     def observe(self, wid: int, batch: int, seconds: float) -> None:
@@ -280,6 +286,8 @@ class Scheduler:
             raise ValueError(f"a step's batch must be within [0, {self.global_batch}], got {total}")
         if not wids:
             return {}, None
+        if ranks:
+            self._ranks.update(ranks)
         decision = None
         if set(self.sizes) != set(wids):
             decision = self._decide(step, wids, ranks, "membership changed")
@@ -302,7 +310,7 @@ class Scheduler:
             return "every worker measured"
         moved = [w for w, m in zip(wids, ms) if m.changed]
         if moved and self.source == "measured":
-            return f"worker(s) {moved} changed speed"
+            return f"{', '.join(self._label(w) for w in moved)} changed speed"
         if self._follow_up is not None and step >= self._follow_up:
             # The last move put each worker at a new batch size: that spread tells the fit where the
             # fixed costs are, so look again now instead of a whole interval later.
@@ -311,6 +319,9 @@ class Scheduler:
         if step - self._last_solve_step >= self.rebalance_interval:
             return f"rebalance interval ({self.rebalance_interval} steps)"
         return ""
+
+    def _label(self, w: int) -> str:
+        return f"rank {self._ranks[w]}" if w in self._ranks else f"worker {w}"
 
     def _warm(self, ms: list[WorkerModel]) -> bool:
         return all(m.rate > 0 and m.count >= self.warmup_observations for m in ms)
