@@ -70,7 +70,8 @@ def test_master_and_worker_scripts_train_on_loopback(tmp_path):
             assert master.poll() is None and time.monotonic() < deadline, (tmp_path / "master.log").read_text()
             time.sleep(0.1)
         wenv = dict(env, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port_file.read_text().strip())
-        worker = subprocess.run(["bash", os.path.join(ROOT, "scripts/start_worker.sh")], cwd=ROOT, env=wenv,
+        worker = subprocess.run(["bash", os.path.join(ROOT, "scripts/start_worker.sh"),
+                                 "--experiments-dir", str(tmp_path / "exp")], cwd=ROOT, env=wenv,
                                 capture_output=True, text=True, timeout=180)
         assert master.wait(timeout=60) == 0
     finally:
