@@ -10,8 +10,10 @@ cluster's workers will. Job *i* trains on its equal-time share of the global bat
 pays the per-step costs it would pay there. The ideal is the sum of their samples/s.
 
 The cluster. Uniform BSP (equal batches, no load balancing) and every policy (proportional, dynamic,
-hybrid) with BSP, SSP and ASP, each reported as a fraction of the ideal, with its time to 95 % eval
-accuracy (from the first step) and its final accuracy. Then the same with worker 1 on a paced
+hybrid) with BSP, SSP and ASP, each reported as a fraction of the ideal (measured again between
+groups of runs — a shared machine's load drifts — and each run compared with the mean of the
+measurements just before and after it), with its time to 95 % eval accuracy (from the first step)
+and its final accuracy. Then the same with worker 1 on a paced
 50 Mbit/s link (``--simulate-bandwidth``; against an ideal whose job 1 is paced too), and a run in
 which worker 1 is slowed 3× mid-run by a CONTROL message (against the ideal of the new speeds),
 with the throughput per rebalance interval after the change.
@@ -23,7 +25,7 @@ the summary's samples / train_s, evaluations and all.
 
 Quick mode (CI): a dozen steps of uniform vs dynamic BSP (no ideal), well under 90 s; it proves
 the benchmark runs and prints dynamic's ratio to uniform. Full mode (``HETERO_PS_BENCH_FULL=1``):
-everything above, 30 epochs each (~15 minutes on a 2-core machine).
+everything above, 30 epochs each (15-20 minutes on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -225,12 +227,13 @@ def slow_down_midway(rank: int, factor: float, at_step: int):
 
 def _row(label: str, run: Run | None, ideal_rate: float | None, note: str = "") -> str:
     if run is None:
-        return f"| {label} | n/a | | | | | {note} |"
+        return f"| {label} | n/a | | | | | | {note} |"
     rate = run.rate()
     t95 = run.time_to(0.95)
     acc = run.final_accuracy
     frac = f"{rate / ideal_rate:.2f}" if ideal_rate else "n/m"
-    return (f"| {label} | {rate:.0f} | {frac} | {run.summary['samples_per_s']:.0f} | "
+    used = f"{ideal_rate:.0f}" if ideal_rate else ""
+    return (f"| {label} | {rate:.0f} | {frac} | {used} | {run.summary['samples_per_s']:.0f} | "
             f"{'—' if t95 is None else f'{t95:.1f} s'} | {'n/a' if acc is None else f'{100 * acc:.1f} %'} | "
             f"{len(run.decisions())} decisions {note} |")
 
@@ -246,7 +249,8 @@ def _report(label: str, run: Run, ideal_rate: float | None, uniform: Run | None)
                         "final_accuracy": run.final_accuracy, "decisions": len(run.decisions())})
     if FULL and run.final_accuracy is not None:
         report_value(f"heterogeneity {label}: final eval accuracy", 100 * run.final_accuracy, "%",
-                     {"uniform BSP": 100 * uniform.final_accuracy} if uniform and uniform.final_accuracy else {})
+                     {"uniform BSP": 100 * uniform.final_accuracy}
+                     if uniform is not None and uniform is not run and uniform.final_accuracy else {})
         t95 = run.time_to(0.95)
         if t95 is not None:
             report_value(f"heterogeneity {label}: seconds to 95 % accuracy", t95, "s")
@@ -258,59 +262,73 @@ def _print_breakdown(run: Run) -> None:
                   f"wait {1e3 * v['wait_s']:.0f} pull {1e3 * v['pull_s']:.1f} ms;"
                   for k, v in b.items() if k.startswith("w"))
     print(f"[bench]   {run.name}: step {1e3 * b['step_s']:.0f} ms = server aggregate "
-          f"{1e3 * b['server_aggregate_s']:.0f} + optimizer {1e3 * b['server_optimizer_s']:.1f} + broadcast {1e3 * b['server_broadcast_s']:.1f} ms; {ws}")
+          f"{1e3 * b['server_aggregate_s']:.0f} + optimizer {1e3 * b['server_optimizer_s']:.1f} "
+          f"+ broadcast {1e3 * b['server_broadcast_s']:.1f} ms; {ws}")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600 if FULL else 150)
 def bench_heterogeneity(tmp_path):
     t_start = time.monotonic()
-    ideal_rate = None
-    if FULL:   # quick mode skips the ideal (three more jobs) to stay well under 90 s in CI
-        ideal_rate, solo = ideal(tmp_path)
-        print(f"\n[bench] ideal: solo rates {[round(r) for r in solo]} samples/s on shares "
-              f"{_shares(SLOWDOWNS, GLOBAL_BATCH)} -> {ideal_rate:.0f} samples/s")
     lb = ["--enable-load-balancing", "--load-balance-policy"]
+    # The load of a shared machine drifts: the ideal is measured again between groups of runs, and
+    # each run is compared with the mean of the measurements just before and just after it.
+    plan: list = [("uniform BSP", "uniform-bsp", []), ("dynamic BSP", "dynamic-bsp", lb + ["dynamic"])]
+    if FULL:
+        plan = ["ideal", *plan, "ideal", ("proportional BSP", "proportional-bsp", lb + ["proportional"]),
+                ("hybrid BSP", "hybrid-bsp", lb + ["hybrid"]), "ideal"]
+        for sync in ("ssp", "asp"):
+            plan += [(f"{policy} {sync.upper()}", f"{policy}-{sync}",
+                      ["--sync", sync] + ([] if policy == "uniform" else lb + [policy]))
+                     for policy in ("uniform", "proportional", "dynamic", "hybrid")]
+        plan.append("ideal")
     runs: dict[str, Run | None] = {}
     notes: dict[str, str] = {}
-    runs["uniform BSP"] = cluster(tmp_path, "uniform-bsp")
-    runs["dynamic BSP"] = cluster(tmp_path, "dynamic-bsp", lb + ["dynamic"])
-    if FULL:
-        for policy in ("proportional", "hybrid"):
-            runs[f"{policy} BSP"] = cluster(tmp_path, f"{policy}-bsp", lb + [policy])
-        # The machine's load drifts (other jobs): measure the ideal again between the runs, use the mean.
-        again, solo2 = ideal(tmp_path, "ideal-again")
-        print(f"[bench] ideal again: solo rates {[round(r) for r in solo2]} -> {again:.0f} samples/s; "
-              f"using the mean of {ideal_rate:.0f} and {again:.0f}")
-        ideal_rate = (ideal_rate + again) / 2
-        for sync in ("ssp", "asp"):
-            if not server_supports("--sync", sync):
-                notes[f"{sync.upper()}"] = "not available in this build (--sync has no such choice)"
-                continue
-            for policy in ("uniform", "proportional", "dynamic", "hybrid"):
-                label = f"{policy} {sync.upper()}"
-                args = ["--sync", sync] + ([] if policy == "uniform" else lb + [policy])
-                try:
-                    runs[label] = cluster(tmp_path, f"{policy}-{sync}", args)
-                except (AssertionError, RuntimeError, TimeoutError) as exc:
-                    runs[label] = None
-                    notes[label] = f"failed: {str(exc).splitlines()[0][:120]}"
+    ideal_of: dict[str, float] = {}
+    ideals: list[float] = []
+    pending: list[str] = []
+    for item in plan:
+        if item == "ideal":
+            rate, solo = ideal(tmp_path, f"ideal{len(ideals)}-")
+            print(f"\n[bench] ideal #{len(ideals)}: solo rates {[round(r) for r in solo]} samples/s on shares "
+                  f"{_shares(SLOWDOWNS, GLOBAL_BATCH)} -> {rate:.0f} samples/s")
+            ideals.append(rate)
+            for label in pending:
+                ideal_of[label] = sum(ideals[-2:]) / len(ideals[-2:])
+            pending = []
+            continue
+        label, name, args = item
+        sync = args[args.index("--sync") + 1] if "--sync" in args else "bsp"
+        if sync != "bsp" and not server_supports("--sync", sync):
+            notes[label] = "not available in this build (--sync has no such choice)"
+            continue
+        try:
+            runs[label] = cluster(tmp_path, name, args)
+        except (AssertionError, RuntimeError, TimeoutError) as exc:
+            if sync == "bsp":
+                raise
+            runs[label] = None
+            notes[label] = f"failed: {str(exc).splitlines()[0][:120]}"
+        pending.append(label)
     uniform = runs["uniform BSP"]
-    lines = ["| run | samples/s | of ideal | end-to-end samples/s | to 95 % | final acc | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | samples/s | of ideal | ideal used | end-to-end samples/s | to 95 % | final acc | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, run in runs.items():
-        lines.append(_row(label, run, ideal_rate, notes.get(label, "")))
+        lines.append(_row(label, run, ideal_of.get(label), notes.get(label, "")))
         if run is not None:
-            _report(label, run, ideal_rate, uniform)
+            _report(label, run, ideal_of.get(label), uniform)
     for label, note in notes.items():
         if label not in runs:
-            lines.append(f"| {label} | n/a | | | | | {note} |")
+            lines.append(f"| {label} | n/a | | | | | | {note} |")
 
     if FULL:
         # A worker slowed 3× mid-run: throughput per rebalance interval after the change.
         new = (3.0,) + SLOWDOWNS[1:]
         new_ideal, _ = ideal(tmp_path, "ideal-slowed", slowdowns=new)
         run = cluster(tmp_path, "dynamic-bsp-slowed", lb + ["dynamic"], during=slow_down_midway(1, 3.0, SLOW_AT))
+        new_after, _ = ideal(tmp_path, "ideal-slowed-after", slowdowns=new)
+        print(f"[bench] ideal of the new speeds {new}: {new_ideal:.0f} before, {new_after:.0f} after the run")
+        new_ideal = (new_ideal + new_after) / 2
         runs["dynamic BSP, rank 1 slowed 3x"] = run
         ctl = next((e for e in run.events if e.get("event") == "control"), None)
         at = ctl["step"] if ctl else SLOW_AT
@@ -339,9 +357,10 @@ def bench_heterogeneity(tmp_path):
                                   "(vs the paced ideal)"))
                 _report(f"{label}, rank 1 on a {LINK_MBIT:.0f} Mbit/s link", run, link_ideal, None)
         else:
-            lines.append("| 50 Mbit/s link | n/a | | | | | the worker has no --simulate-bandwidth yet |")
+            lines.append("| 50 Mbit/s link | n/a | | | | | | the worker has no --simulate-bandwidth yet |")
 
-    shown = f"{ideal_rate:.0f} samples/s" if ideal_rate else "not measured in quick mode"
+    shown = (" / ".join(f"{r:.0f}" for r in ideals) + " samples/s (measured in turn)") if ideals \
+        else "not measured in quick mode"
     print(f"\n[bench] heterogeneity, slowdowns {SLOWDOWNS}, global batch {GLOBAL_BATCH}, ideal {shown} "
           f"({'full' if FULL else 'quick'} mode, {time.monotonic() - t_start:.0f} s)")
     print("\n".join(lines))

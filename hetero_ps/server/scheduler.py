@@ -72,12 +72,12 @@ class WorkerModel:
 
     Regimes. In steady state an observation at a familiar batch size (near those in the window; at
     a new size the observation is what corrects the model) that is off the prediction by more than
-    ``gate``× either way is held back as a suspect, not fitted (a GC pause, a busy neighbour moves nothing). But
-    ``regime_after`` suspects in a row on the same side mean the machine itself changed (slowed,
-    throttled, freed): the window is replaced by those suspects, ``c`` scaled by the same factor
-    (a machine 3× slower is 3× slower at everything), and ``changed`` set so the scheduler
-    re-solves at once. A real 3× slowdown is thus adopted after ``regime_after`` steps, at full
-    strength. A new regime is on probation for its first ``2 · regime_after`` observations: nothing
+    ``gate``× either way is held back as a suspect, not fitted: a GC pause or a busy neighbour
+    moves nothing. But ``regime_after`` suspects in a row on the same side mean the machine itself
+    changed (slowed, throttled, freed): the window is replaced by those suspects, ``c`` scaled by
+    the same factor (a machine 3× slower is 3× slower at everything), and ``changed`` set so the
+    scheduler re-solves at once. A real 3× slowdown is thus adopted after ``regime_after`` steps,
+    at full strength. A new regime is on probation for its first ``2 · regime_after`` observations: nothing
     is gated (the model is too new to judge by) and ``c`` stays as scaled, so the first moves to
     other batch sizes refine ``r`` without a noisy two-point fit swinging ``c``.
     """

@@ -299,7 +299,8 @@ class ParameterServer:
         h.ready = True
         h.profile.update(probe)
         rate = float(probe.get("probe_samples_per_s") or 0.0)
-        self.scheduler.add_worker(h.wid, rate_hint=rate, max_batch=int(probe.get("max_batch") or 0))
+        self.scheduler.add_worker(h.wid, rate_hint=rate, max_batch=int(probe.get("max_batch") or 0),
+                                  c_hint=float(probe.get("probe_c_s") or 0.0), r_hint=float(probe.get("probe_r") or 0.0))
         log.info("worker ready: %s%s, %d/%d ready", h.name, f", probe {rate:.0f} samples/s" if rate else "",
                  sum(w.ready for w in self.registry.live()), self.cfg.expected_workers)
         self._event("worker_ready", rank=h.rank, probe=probe)

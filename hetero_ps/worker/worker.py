@@ -186,7 +186,7 @@ class Worker:
             if t == MsgType.PARAMS:
                 self._on_params(msg)
                 if self.pacer is not None:   # a simulated slow link: the pull takes its time
-                    await self.pacer.pace(sum(memoryview(seg).nbytes for seg in msg.segments))
+                    self._prev["pull_s"] += await self.pacer.pace(sum(memoryview(seg).nbytes for seg in msg.segments))
             elif t == MsgType.SCHEDULE:
                 await self._on_schedule(msg.header)
             elif t == MsgType.CONTROL:
