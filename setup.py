@@ -73,7 +73,7 @@ setup(
     description="A parameter server for training one PyTorch model on unequal machines",
     python_requires=">=3.11",
     packages=find_packages(include=["hetero_ps*"]),
-    package_data={"hetero_ps": ["dashboard/static/*"]},
+    package_data={"hetero_ps": ["observe/dashboard/static/*"]},
     ext_modules=[CMakeExtension("hetero_ps._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

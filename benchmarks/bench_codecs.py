@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import best_of, report, size
-from hetero_ps import codecs, kernels
+from hetero_ps.wire import codecs
+from hetero_ps import kernels
 
 N = size(16 << 20, 1 << 20)
 W = 0.25

@@ -1,6 +1,6 @@
 """Heterogeneity: three unequal workers (compute 1×, 2×, 4× as slow) against the sum of their speeds.
 
-Real processes on loopback (``hetero_ps.cluster.LocalCluster``): simple_cnn on digits, a fixed global
+Real processes on loopback (``hetero_ps.testing.local_cluster.LocalCluster``): simple_cnn on digits, a fixed global
 batch, one torch thread per worker, ``--simulate-slowdown`` 1, 2, 4.
 
 The ideal. The three workers train at the same time *without synchronising*: three single-worker
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from benchmarks.conftest import FULL, report_value
-from hetero_ps.cluster import LocalCluster
+from hetero_ps.testing import LocalCluster
 
 SLOWDOWNS = (1.0, 2.0, 4.0)
 GLOBAL_BATCH = 512        # compute dominates per-step costs here (a step is ~0.1 s of compute)
@@ -217,7 +217,7 @@ def _wait_for_step(c: LocalCluster, step: int, timeout: float) -> None:
 
 def slow_down_midway(rank: int, factor: float, at_step: int):
     def during(c: LocalCluster) -> dict:
-        from hetero_ps.control import send_control
+        from hetero_ps.tools.control import send_control
 
         _wait_for_step(c, at_step, RUN_TIMEOUT)
         asyncio.run(send_control("127.0.0.1", c.port, c.token, rank, {"simulate_slowdown": factor}))

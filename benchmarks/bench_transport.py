@@ -2,7 +2,7 @@
 
 Arrangement (the same for both): the client is this process, the server a separate process (spawned),
 so each end has its own interpreter and its own core, as a worker and the master have. Both use the
-same socket buffer sizes (``hetero_ps.transport.SOCKET_BUFFER_BYTES``) and TCP_NODELAY.
+same socket buffer sizes (``hetero_ps.wire.transport.SOCKET_BUFFER_BYTES``) and TCP_NODELAY.
 
 * push: the client sends the tensor (one PUSH frame, one segment); the server receives it into a
   preallocated buffer (payload allocator) and answers a 1-frame ack. Raw: ``sendall`` of the same
@@ -38,7 +38,7 @@ SIZES = [64 << 20, 256 << 20] if FULL else [size(0, 8 << 20)]
 # -- the server side, in its own process -----------------------------------------------------------
 
 def _raw_socket_opts(s: socket.socket) -> None:
-    from hetero_ps.transport import SOCKET_BUFFER_BYTES
+    from hetero_ps.wire.transport import SOCKET_BUFFER_BYTES
 
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if SOCKET_BUFFER_BYTES > 0:
@@ -79,8 +79,8 @@ def _raw_peer(conn, nbytes: int) -> None:
 
 
 def _transport_peer(conn, nbytes: int) -> None:
-    from hetero_ps.protocol import MsgType, encode_frame
-    from hetero_ps.transport import start_server
+    from hetero_ps.wire.protocol import MsgType, encode_frame
+    from hetero_ps.wire.transport import start_server
 
     inbox = bytearray(nbytes)
     params = np.random.default_rng(1).standard_normal(nbytes // 4).astype(np.float32)
@@ -166,8 +166,8 @@ class _RawClient:
 
 class _TransportClient:
     def __init__(self, port: int, nbytes: int):
-        from hetero_ps.protocol import MsgType
-        from hetero_ps.transport import connect
+        from hetero_ps.wire.protocol import MsgType
+        from hetero_ps.wire.transport import connect
 
         self.MsgType = MsgType
         self.loop = asyncio.new_event_loop()
@@ -206,7 +206,7 @@ def _timed(fn) -> float:
 
 @pytest.mark.parametrize("nbytes", SIZES, ids=[f"{n >> 20}MiB" for n in SIZES])
 def bench_transport_push_pull(nbytes):
-    from hetero_ps.transport import SOCKET_BUFFER_BYTES
+    from hetero_ps.wire.transport import SOCKET_BUFFER_BYTES
 
     raw_peer, ours_peer = _Peer(_raw_peer, nbytes), _Peer(_transport_peer, nbytes)
     raw = ours = None

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from hetero_ps import codecs
-from hetero_ps.codecs import CodecId, CodecSpec, make_codec, parse_codec
+from hetero_ps.wire import codecs
+from hetero_ps.wire.codecs import CodecId, CodecSpec, make_codec, parse_codec
 from hetero_ps.errors import ConfigError, RemoteProtocolError
 
 N = 5000   # not a multiple of the int8 block: the last block is ragged

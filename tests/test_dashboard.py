@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 import synthetic_run
-from hetero_ps.dashboard import MetricsHub, start_dashboard
+from hetero_ps.observe.dashboard import MetricsHub, start_dashboard
 from hetero_ps.errors import ConfigError
 
 TIMEOUT = 10.0

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 import synthetic_run
-from hetero_ps.dashboard import MetricsHub, start_dashboard
+from hetero_ps.observe.dashboard import MetricsHub, start_dashboard
 
 CHROMIUM = os.environ.get("HETERO_PS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hetero_ps.cluster import LocalCluster
+from hetero_ps.testing import LocalCluster
 from test_dashboard_browser import CHROMIUM, Browser
 
 pytestmark = [pytest.mark.slow,

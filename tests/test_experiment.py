@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.data import DatasetInfo
+from hetero_ps.training.data import DatasetInfo
 from hetero_ps.errors import ConfigError
-from hetero_ps.experiment import Experiment
-from hetero_ps.flat import FlatParams
-from hetero_ps.models import build_model
+from hetero_ps.observe.experiment import Experiment
+from hetero_ps.training.flat import FlatParams
+from hetero_ps.training.models import build_model
 
 
 def _lines(path):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from hetero_ps.cluster import LocalCluster
+from hetero_ps.testing import LocalCluster
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.data import DatasetInfo
+from hetero_ps.training.data import DatasetInfo
 from hetero_ps.errors import ConfigError
-from hetero_ps.flat import FlatParams
-from hetero_ps.models import build_model
-from hetero_ps.optim import build_optimizer, lr_factor
+from hetero_ps.training.flat import FlatParams
+from hetero_ps.training.models import build_model
+from hetero_ps.training.optim import build_optimizer, lr_factor
 
 DIGITS = DatasetInfo("digits", "image", (1, 8, 8), 10)
 

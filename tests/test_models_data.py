@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from hetero_ps import data
+from hetero_ps.training import data
 from hetero_ps.config import JobConfig
-from hetero_ps.data import DatasetInfo, collate, load_datasets
+from hetero_ps.training.data import DatasetInfo, collate, load_datasets
 from hetero_ps.errors import ConfigError, DataError
-from hetero_ps.flat import FlatParams
-from hetero_ps.models import build_model
-from hetero_ps.trainer import LocalTrainer, evaluate, recalibrate_batchnorm
+from hetero_ps.training.flat import FlatParams
+from hetero_ps.training.models import build_model
+from hetero_ps.training.trainer import LocalTrainer, evaluate, recalibrate_batchnorm
 
 
 def _setup(**kw):

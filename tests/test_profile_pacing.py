@@ -8,16 +8,16 @@ import time
 import pytest
 import torch
 
-from hetero_ps.pacing import BURST_BYTES, BandwidthPacer
+from hetero_ps.worker.pacing import BURST_BYTES, BandwidthPacer
 from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_profile
 
 
 @pytest.fixture(scope="module")
 def trainer():
-    from hetero_ps import data, models
+    from hetero_ps.training import data, models
     from hetero_ps.config import JobConfig
-    from hetero_ps.flat import FlatParams
-    from hetero_ps.trainer import LocalTrainer
+    from hetero_ps.training.flat import FlatParams
+    from hetero_ps.training.trainer import LocalTrainer
 
     job = JobConfig(model="simple_cnn", dataset="digits")
     train, _, info = data.load_datasets(job)
@@ -99,7 +99,7 @@ class _OOMAbove:
     micro_batch = 0
 
     def __init__(self, limit):
-        from hetero_ps.flat import FlatParams
+        from hetero_ps.training.flat import FlatParams
 
         self.limit = limit
         self.model = torch.nn.Linear(64, 64)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from hetero_ps.profiling import StepProfiler
+from hetero_ps.observe.profiling import StepProfiler
 
 
 def train_step(model, opt, prof):

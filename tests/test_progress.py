@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from hetero_ps.progress import Progress, format_eta
+from hetero_ps.observe.progress import Progress, format_eta
 
 
 class FakeClock:

@@ -21,7 +21,7 @@ from hetero_ps.errors import (
     UnknownMessage,
     VersionMismatch,
 )
-from hetero_ps.protocol import (
+from hetero_ps.wire.protocol import (
     FLAG_PAYLOAD_CRC,
     MAGIC,
     PREFIX_SIZE,

@@ -2,7 +2,7 @@
 
 ``DocClient`` uses nothing but ``socket``, ``struct``, ``hmac``, ``hashlib``, ``msgpack`` and the
 ``crc32c`` package (plus ``os.urandom`` for its nonce) and no hetero_ps code; the server it talks to
-is the real ``hetero_ps.transport.start_server``, run in a thread with its own event loop.
+is the real ``hetero_ps.wire.transport.start_server``, run in a thread with its own event loop.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class ThreadedServer:
         return {"worker_id": 7, "job": {"model": "doc"}}
 
     async def _on_connection(self, conn):
-        from hetero_ps.protocol import MsgType
+        from hetero_ps.wire.protocol import MsgType
         while True:
             m = await conn.recv(timeout=10)
             if m.type == MsgType.BYE:
@@ -125,7 +125,7 @@ class ThreadedServer:
             await conn.send(MsgType.PARAMS, {"got": m.header}, list(reversed(m.segments)))
 
     def _run(self):
-        from hetero_ps.transport import start_server
+        from hetero_ps.wire.transport import start_server
 
         self.loop = asyncio.new_event_loop()
 

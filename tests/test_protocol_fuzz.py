@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hetero_ps.errors import ProtocolError
-from hetero_ps.protocol import PREFIX_SIZE, FrameDecoder, Limits, MsgType, encode_frame
+from hetero_ps.wire.protocol import PREFIX_SIZE, FrameDecoder, Limits, MsgType, encode_frame
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import synthetic_run
-from hetero_ps import report
+from hetero_ps.tools import report
 from hetero_ps.errors import DataError
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from hetero_ps.cluster import LocalCluster
-from hetero_ps.server.async_sgd import WorkQueue
+from hetero_ps.testing import LocalCluster
+from hetero_ps.server.loops.async_sgd import WorkQueue
 
 DIGITS_TRAIN = 1438
 

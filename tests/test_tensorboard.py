@@ -12,7 +12,7 @@ import synthetic_run
 pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard==2.21.0)")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from hetero_ps.tensorboard import TensorBoardSink  # noqa: E402
+from hetero_ps.observe.tensorboard import TensorBoardSink  # noqa: E402
 
 
 def scalars(path: str) -> dict:

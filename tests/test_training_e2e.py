@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.cluster import LocalCluster
+from hetero_ps.testing import LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,10 @@ def _read_jsonl(path):
 
 def test_union_batch_invariant_end_to_end(tmp_path):
     """One BSP step of 3 workers on unequal batches equals one single-process step on the union."""
-    from hetero_ps import data, models
-    from hetero_ps.flat import FlatParams
-    from hetero_ps.sampler import EpochSampler
-    from hetero_ps.trainer import LocalTrainer
+    from hetero_ps.training import data, models
+    from hetero_ps.training.flat import FlatParams
+    from hetero_ps.training.sampler import EpochSampler
+    from hetero_ps.training.trainer import LocalTrainer
 
     args = ["--world-size", "4", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits",
             "--global-batch-size", "64", "--worker-batch-sizes", "1:5,2:17,3:42", "--max-steps", "1",
@@ -109,10 +109,10 @@ def test_user_model_and_dataset_plugins_train_with_three_workers(tmp_path):
         state = torch.load(os.path.join(c.experiment_dir(), "model.pt"), weights_only=True)["model"]
 
     # The same job in one process: same seed, same sample order, same optimizer and schedule.
-    from hetero_ps import data, models, optim
-    from hetero_ps.flat import FlatParams
-    from hetero_ps.sampler import EpochSampler
-    from hetero_ps.trainer import LocalTrainer, evaluate
+    from hetero_ps.training import data, models, optim
+    from hetero_ps.training.flat import FlatParams
+    from hetero_ps.training.sampler import EpochSampler
+    from hetero_ps.training.trainer import LocalTrainer, evaluate
 
     sys.path.insert(0, str(tmp_path))
     try:

@@ -30,9 +30,9 @@ from hetero_ps.errors import (
     TransportTimeout,
     VersionMismatch,
 )
-from hetero_ps.protocol import FrameDecoder, Limits, Message, MsgType, encode_frame
+from hetero_ps.wire.protocol import FrameDecoder, Limits, Message, MsgType, encode_frame
 from hetero_ps.testing import Fault, FaultProxy
-from hetero_ps.transport import connect, default_payload_checksum, raise_if_error, server_mac, start_server
+from hetero_ps.wire.transport import connect, default_payload_checksum, raise_if_error, server_mac, start_server
 
 TOKEN = "s3cret"
 FAST = Limits(frame_timeout=0.3, min_frame_rate=1e9, handshake_timeout=5.0)
@@ -156,7 +156,7 @@ async def test_handshake_then_round_trip():
 @async_test()
 async def test_wrong_token_is_refused_clearly_and_the_server_keeps_serving(caplog):
     async with await serve() as srv:
-        with caplog.at_level(logging.WARNING, logger="hetero_ps.transport"):
+        with caplog.at_level(logging.WARNING, logger="hetero_ps.wire.transport"):
             with pytest.raises(RemoteError) as ei:
                 await connect("127.0.0.1", srv.port, token="wrong", hello={"rank": 1})
         assert ei.value.code == "auth_failed"
@@ -275,7 +275,7 @@ async def test_a_failing_handler_closes_only_its_connection(caplog):
     async with await serve(handler=handler) as srv:
         bad, _ = await connect("127.0.0.1", srv.port, token=TOKEN, hello={})
         await bad.send(MsgType.HEARTBEAT, {"boom": True})
-        with caplog.at_level(logging.ERROR, logger="hetero_ps.transport"):
+        with caplog.at_level(logging.ERROR, logger="hetero_ps.wire.transport"):
             err = await bad.recv(timeout=5)
             with pytest.raises(RemoteError, match="internal_error"):
                 raise_if_error(err)

@@ -13,14 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetero_ps import codecs
+from hetero_ps.wire import codecs
 from hetero_ps.config import JobConfig
-from hetero_ps.data import load_datasets
-from hetero_ps.flat import FlatParams
-from hetero_ps.models import build_model
-from hetero_ps.optim import build_optimizer
-from hetero_ps.sampler import EpochSampler, epoch_steps, scale_sizes, steps_per_epoch, worker_slices
-from hetero_ps.trainer import LocalTrainer
+from hetero_ps.training.data import load_datasets
+from hetero_ps.training.flat import FlatParams
+from hetero_ps.training.models import build_model
+from hetero_ps.training.optim import build_optimizer
+from hetero_ps.training.sampler import EpochSampler, epoch_steps, scale_sizes, steps_per_epoch, worker_slices
+from hetero_ps.training.trainer import LocalTrainer
 
 # -- sampler ---------------------------------------------------------------------------------------
 

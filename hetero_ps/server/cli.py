@@ -20,9 +20,9 @@ import sys
 
 from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, env_int
 from hetero_ps.errors import ConfigError, HeteroPSError
-from hetero_ps.logs import add_file_log, setup_logging
-from hetero_ps.plugins import parse_kv
-from hetero_ps.progress import Progress
+from hetero_ps.observe.logs import add_file_log, setup_logging
+from hetero_ps.training.plugins import parse_kv
+from hetero_ps.observe.progress import Progress
 
 log = logging.getLogger("hetero_ps.server")
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
-    from hetero_ps.codecs import parse_codec
+    from hetero_ps.wire.codecs import parse_codec
 
     global_batch = a.global_batch_size or a.batch_size * trainers
     if a.staleness < 0:
@@ -157,7 +157,7 @@ def spawn_local_worker(port: int, token: str, device: str, experiments_dir: str,
 
 
 async def run(a: argparse.Namespace) -> dict:
-    from hetero_ps.experiment import Experiment
+    from hetero_ps.observe.experiment import Experiment
     from hetero_ps.server.server import ParameterServer, ServerConfig
 
     local = not a.no_local_worker
@@ -175,12 +175,12 @@ async def run(a: argparse.Namespace) -> dict:
     sinks = []
     hub = dashboard = None
     if not a.no_dashboard:
-        from hetero_ps.dashboard import MetricsHub
+        from hetero_ps.observe.dashboard import MetricsHub
 
         hub = MetricsHub()
         sinks.append(hub)
     if a.tensorboard:
-        from hetero_ps.tensorboard import TensorBoardSink
+        from hetero_ps.observe.tensorboard import TensorBoardSink
 
         sinks.append(TensorBoardSink(os.path.join(exp.path, "tb")))
     ps = ParameterServer(job, cfg, exp, sinks=sinks)
@@ -190,7 +190,7 @@ async def run(a: argparse.Namespace) -> dict:
     await ps.start()
     print(f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", flush=True)
     if hub is not None:
-        from hetero_ps.dashboard import start_dashboard
+        from hetero_ps.observe.dashboard import start_dashboard
 
         hub.set_job({**job.to_wire(), "experiment": exp.name, "total_steps": ps.total_steps,
                      "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.flat.numel})

@@ -8,7 +8,7 @@ encoding parameters once per version, evaluation on the held-out split, and the 
 Admission: a worker's HELLO is checked (software version, rank), then the worker builds the job
 locally, calibrates itself and reports ``ready`` (a METRICS frame carrying its probe); only then does
 the scheduler count it, so the very first split already reflects each node's measured speed. A
-connection whose HELLO says ``role: control`` is a control client instead (``hetero_ps.control``):
+connection whose HELLO says ``role: control`` is a control client instead (``hetero_ps.tools.control``):
 it may send CONTROL frames that are forwarded to one worker, nothing else.
 """
 
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 import hetero_ps
-from hetero_ps import codecs, protocol, transport
+from hetero_ps.wire import codecs, protocol, transport
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import HeteroPSError, RemoteError, TransportError
-from hetero_ps.protocol import MsgType
+from hetero_ps.wire.protocol import MsgType
 from hetero_ps.server.registry import Registry, WorkerHandle
 from hetero_ps.server.scheduler import Scheduler
 
@@ -77,9 +77,9 @@ class Assignment:
 
 class ParameterServer:
     def __init__(self, job: JobConfig, cfg: ServerConfig, experiment=None, sinks=(), progress=None):
-        from hetero_ps import data, models, optim
-        from hetero_ps.flat import FlatParams
-        from hetero_ps.sampler import EpochSampler
+        from hetero_ps.training import data, models, optim
+        from hetero_ps.training.flat import FlatParams
+        from hetero_ps.training.sampler import EpochSampler
 
         self.job, self.cfg, self.exp = job, cfg, experiment
         # Everything that watches the run (dashboard hub, TensorBoard) gets each step, epoch and event.
@@ -431,8 +431,8 @@ class ParameterServer:
     # -- the run ------------------------------------------------------------------------------
     async def train(self) -> dict:
         """Run the whole job; returns the summary."""
-        from hetero_ps.server.async_sgd import AsyncLoop
-        from hetero_ps.server.bsp import BSPLoop
+        from hetero_ps.server.loops.async_sgd import AsyncLoop
+        from hetero_ps.server.loops.bsp import BSPLoop
 
         await self.wait_for_workers(self.cfg.expected_workers)
         t0 = time.perf_counter()
@@ -443,7 +443,7 @@ class ParameterServer:
     async def end_epoch(self, epoch: int) -> None:
         if not self.job.eval_every_epoch:
             return
-        from hetero_ps.trainer import evaluate
+        from hetero_ps.training.trainer import evaluate
 
         t0 = time.perf_counter()
         with torch.no_grad():   # a snapshot: SSP/ASP keep updating the live parameters meanwhile

@@ -16,7 +16,7 @@ import sys
 
 from hetero_ps.config import env_int
 from hetero_ps.errors import HeteroPSError
-from hetero_ps.logs import add_file_log, setup_logging
+from hetero_ps.observe.logs import add_file_log, setup_logging
 from hetero_ps.worker.worker import Worker, WorkerConfig
 
 log = logging.getLogger("hetero_ps.worker")

@@ -23,13 +23,13 @@ import numpy as np
 import psutil
 import torch
 
-from hetero_ps import codecs, transport
+from hetero_ps.wire import codecs, transport
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import ConfigError, ConnectionClosed, HeteroPSError, RemoteError, TransportError
-from hetero_ps.pacing import BandwidthPacer
-from hetero_ps.profiling import StepProfiler
-from hetero_ps.progress import Progress
-from hetero_ps.protocol import MsgType
+from hetero_ps.worker.pacing import BandwidthPacer
+from hetero_ps.observe.profiling import StepProfiler
+from hetero_ps.observe.progress import Progress
+from hetero_ps.wire.protocol import MsgType
 from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_profile, resolve_device
 
 log = logging.getLogger("hetero_ps.worker")
@@ -102,9 +102,9 @@ class Worker:
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
-        from hetero_ps import data, models
-        from hetero_ps.flat import FlatParams
-        from hetero_ps.trainer import LocalTrainer
+        from hetero_ps.training import data, models
+        from hetero_ps.training.flat import FlatParams
+        from hetero_ps.training.trainer import LocalTrainer
 
         hello = {"rank": self.cfg.rank, "host": socket.gethostname(), "device": self.device,
                  "profile": hardware_profile(self.device)}
@@ -334,6 +334,6 @@ def _same_buffer(view: memoryview, arr: np.ndarray, off: int) -> bool:
 
 
 def data_sampler(job: JobConfig, n: int):
-    from hetero_ps.sampler import EpochSampler
+    from hetero_ps.training.sampler import EpochSampler
 
     return EpochSampler(n, job.seed)

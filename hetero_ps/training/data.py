@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from hetero_ps.errors import ConfigError, DataError
-from hetero_ps.plugins import call_factory, is_plugin_name, load_callable
+from hetero_ps.training.plugins import call_factory, is_plugin_name, load_callable
 
 
 @dataclass(frozen=True)

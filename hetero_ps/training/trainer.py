@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetero_ps.data import collate, to_device
-from hetero_ps.plugins import load_callable
+from hetero_ps.training.data import collate, to_device
+from hetero_ps.training.plugins import load_callable
 
 
 @dataclass

@@ -51,7 +51,7 @@ from hetero_ps.errors import (
     UnknownMessage,
     VersionMismatch,
 )
-from hetero_ps.protocol import (
+from hetero_ps.wire.protocol import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
     Frame,

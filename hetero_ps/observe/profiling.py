@@ -30,7 +30,7 @@ import os
 
 import torch
 
-log = logging.getLogger("hetero_ps.profiling")
+log = logging.getLogger("hetero_ps.observe.profiling")
 
 
 class StepProfiler:

@@ -6,7 +6,7 @@ any machine that can reach ``http://<master-ip>:3000`` sees the run live with no
 the internet.
 """
 
-from hetero_ps.dashboard.hub import MetricsHub
+from hetero_ps.observe.dashboard.hub import MetricsHub
 
 __all__ = ["MetricsHub", "start_dashboard", "Dashboard"]
 
@@ -15,7 +15,7 @@ def __getattr__(name):
     # aiohttp is imported only when the dashboard is actually served, so the hub (and the master with
     # --no-dashboard) work without it.
     if name in ("start_dashboard", "Dashboard"):
-        from hetero_ps.dashboard import server
+        from hetero_ps.observe.dashboard import server
 
         return getattr(server, name)
     raise AttributeError(name)

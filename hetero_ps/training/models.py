@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hetero_ps.errors import ConfigError
-from hetero_ps.plugins import call_factory, is_plugin_name, load_callable
+from hetero_ps.training.plugins import call_factory, is_plugin_name, load_callable
 
 MODEL_SIZES = ("default", "tiny")
 

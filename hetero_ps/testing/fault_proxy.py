@@ -185,7 +185,4 @@ class FaultProxy:
                 await asyncio.Event().wait()  # until the proxy is closed (this task cancelled)
 
 
-# The loopback cluster of real processes lives in its own module; re-exported for users' tests.
-from hetero_ps.cluster import LocalCluster  # noqa: E402
-
-__all__ = ["Fault", "FaultProxy", "LocalCluster"]
+__all__ = ["Fault", "FaultProxy"]

@@ -1,7 +1,7 @@
 // The dashboard page: keeps the run's records in memory, follows the master's event stream and
 // redraws (at most a few times a second) the header, the worker table, the charts and the timeline.
 //
-// Sync protocol (see hetero_ps/dashboard/server.py): open /api/stream first; on its "hello" (and on
+// Sync protocol (see hetero_ps/observe/dashboard/server.py): open /api/stream first; on its "hello" (and on
 // "resync", when the server dropped messages for us) fetch /api/status, page through
 // /api/metrics?since=<last step we hold> and fetch /api/events?since=<last seq>. Live messages that
 // arrive during that fetch wait in `pending`, so a page boundary never skips steps; records we

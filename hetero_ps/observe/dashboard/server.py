@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from hetero_ps.dashboard.hub import MetricsHub
+from hetero_ps.observe.dashboard.hub import MetricsHub
 from hetero_ps.errors import ConfigError
 
-log = logging.getLogger("hetero_ps.dashboard")
+log = logging.getLogger("hetero_ps.observe.dashboard")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PING_S = 15.0             # an SSE comment this often keeps proxies from closing an idle stream

@@ -1,0 +1,1 @@
+"""Watching a run: metrics records, the experiment folder, progress lines, logs, TensorBoard, profiling, the dashboard."""

@@ -1,0 +1,1 @@
+"""The master's step loops: BSP (`bsp`) and SSP/ASP (`async_sgd`)."""
