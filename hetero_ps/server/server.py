@@ -78,7 +78,7 @@ class Assignment:
 class ParameterServer:
     def __init__(self, job: JobConfig, cfg: ServerConfig, experiment=None, sinks=(), progress=None):
         from hetero_ps.training import data, models, optim
-        from hetero_ps.training.flat import FlatParams
+        from hetero_ps.training.flat import FlatParams, chunk_layout
         from hetero_ps.training.sampler import EpochSampler
 
         self.job, self.cfg, self.exp = job, cfg, experiment
@@ -96,8 +96,7 @@ class ParameterServer:
             self.total_steps = min(self.total_steps, job.max_steps)
         self.optimizer, self.lr_scheduler = optim.build_optimizer(job, self.param, self.total_steps)
         self.sampler = EpochSampler(len(self.train_set), job.seed)
-        per = max(1, job.chunk_bytes // 4)
-        self.chunks = [(o, min(per, self.flat.numel - o)) for o in range(0, self.flat.numel, per)]
+        self.chunks = chunk_layout(self.flat.numel, job.chunk_bytes)
         self.decoders = [codecs.make_codec(job.compression, n) for _, n in self.chunks]
         self.encoders = [codecs.make_codec(job.pull_compression, n) for _, n in self.chunks]
         policy = job.policy if job.load_balancing else "uniform"

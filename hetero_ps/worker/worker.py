@@ -29,6 +29,7 @@ from hetero_ps.errors import ConfigError, ConnectionClosed, HeteroPSError, Remot
 from hetero_ps.worker.pacing import BandwidthPacer
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
+from hetero_ps.training.flat import chunk_layout
 from hetero_ps.wire.protocol import MsgType
 from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_profile, resolve_device
 
@@ -159,8 +160,8 @@ class Worker:
 
     # -- buffers and codecs -------------------------------------------------------------------
     def _setup_codecs(self) -> None:
-        n, per = self.flat.numel, max(1, self.job.chunk_bytes // 4)
-        self.chunks = [(off, min(per, n - off)) for off in range(0, n, per)]
+        n = self.flat.numel
+        self.chunks = chunk_layout(n, self.job.chunk_bytes)
         self.push_codecs = [codecs.make_codec(self.job.compression, numel) for _, numel in self.chunks]
         self.pull_codecs = [codecs.make_codec(self.job.pull_compression, numel) for _, numel in self.chunks]
         # Parameters live on the CPU for the wire; on a GPU node they are copied in once per step.
