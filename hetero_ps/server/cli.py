@@ -193,7 +193,7 @@ async def run(a: argparse.Namespace) -> dict:
         from hetero_ps.observe.dashboard import start_dashboard
 
         hub.set_job({**job.to_wire(), "experiment": exp.name, "total_steps": ps.total_steps,
-                     "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.flat.numel})
+                     "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.numel})
         dashboard = await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)
         shown = "127.0.0.1" if (a.dashboard_host or a.host) in ("0.0.0.0", "") else (a.dashboard_host or a.host)
         print(f"dashboard: http://{shown}:{dashboard.port}/", flush=True)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from hetero_ps.errors import RemoteError
+
+if TYPE_CHECKING:
+    from hetero_ps.server.assignment import Assignment
 
 
 @dataclass
@@ -17,7 +21,7 @@ class WorkerHandle:
     host: str
     device: str
     profile: dict
-    conn: object                   # transport.Connection
+    conn: Any                      # transport.Connection
     status: str = "joined"         # joined (waiting for its first step) | training | lost
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
@@ -29,7 +33,7 @@ class WorkerHandle:
     last_report: dict = field(default_factory=dict)
     ready: bool = False            # built the job and reported its calibration probe
     params_version: int = -1       # the parameter version it last received
-    assignment: object = None      # server.Assignment in flight for it, if any
+    assignment: Assignment | None = None   # the work in flight for it, if any
     clock: int = 0                 # SSP/ASP: updates it has pushed
 
     def set_activity(self, what: str) -> None:

@@ -30,8 +30,10 @@ import time
 
 import torch
 
+from hetero_ps.observe.records import AsyncStep, ServerTiming, StepRecord, WorkerTiming
+from hetero_ps.server.assignment import Assignment, WorkerLost
+from hetero_ps.server.loops.host import LoopHost
 from hetero_ps.server.registry import WorkerHandle
-from hetero_ps.server.server import Assignment, ParameterServer, WorkerLost, timing
 
 log = logging.getLogger("hetero_ps.server")
 
@@ -77,19 +79,19 @@ class WorkQueue:
 
 
 class AsyncLoop:
-    def __init__(self, ps: ParameterServer):
+    def __init__(self, ps: LoopHost):
         self.ps = ps
         job = ps.job
         self.ssp = job.sync == "ssp"
         self.bound = job.staleness
         self.scale = SCALINGS[job.staleness_scaling]
-        n = len(ps.train_set)
+        n = ps.train_samples
         self.work = WorkQueue(n, job.epochs, ps.total_steps * job.global_batch if job.max_steps else n * job.epochs)
-        self.applied_in_epoch = collections.Counter()   # epoch -> samples applied
+        self.applied_in_epoch: collections.Counter[int] = collections.Counter()   # epoch -> samples applied
         self.samples_since_lr = 0
         self.clock_changed = asyncio.Condition()
         self.next_eval = 0
-        self.recent = collections.deque(maxlen=32)        # (time, samples) of recent updates
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)   # (time, samples)
         self.drivers: dict[int, asyncio.Task] = {}
         self.accs: dict[int, torch.Tensor] = {}
 
@@ -101,8 +103,9 @@ class AsyncLoop:
                     h.clock = self._min_clock()
                     self.drivers[h.wid] = asyncio.create_task(self._drive(h))
             for t in self.drivers.values():
-                if t.done() and not t.cancelled() and t.exception() is not None:
-                    raise t.exception()
+                failure = t.exception() if t.done() and not t.cancelled() else None
+                if failure is not None:
+                    raise failure
             active = [t for t in self.drivers.values() if not t.done()]
             if not active:
                 if self.work.exhausted:
@@ -110,8 +113,7 @@ class AsyncLoop:
                 log.warning("no workers left; waiting for one to join")
                 await ps.wait_for_workers(1)
                 continue
-            ps._membership.clear()
-            membership = asyncio.create_task(ps._membership.wait())
+            membership = ps.next_membership_change()
             await asyncio.wait([membership, *active], return_when=asyncio.FIRST_COMPLETED)
             membership.cancel()
         while self.next_eval < ps.job.epochs and self.applied_in_epoch[self.next_eval] > 0:
@@ -127,7 +129,7 @@ class AsyncLoop:
 
     async def _drive(self, h: WorkerHandle) -> None:
         try:
-            while h.wid in self.ps.registry.workers and await self._one(h):
+            while self.ps.is_live(h) and await self._one(h):
                 pass
         finally:
             await self._tick()   # our clock no longer holds anyone back
@@ -139,24 +141,20 @@ class AsyncLoop:
         if self.ssp:
             async with self.clock_changed:
                 await self.clock_changed.wait_for(
-                    lambda: h.wid not in ps.registry.workers or h.clock - self._min_clock() <= self.bound)
-            if h.wid not in ps.registry.workers:
+                    lambda: not ps.is_live(h) or h.clock - self._min_clock() <= self.bound)
+            if not ps.is_live(h):
                 return False
             lead = h.clock - self._min_clock()
-        wids = [w.wid for w in ps.ready_workers() if w.wid in self.drivers]
-        sizes, decision = ps.scheduler.assign(ps.step, wids)
-        if decision is not None:
-            ps.log_decision(decision)
+        sizes = ps.split_batch([w for w in ps.ready_workers() if w.wid in self.drivers])
         piece = self.work.take(max(1, sizes.get(h.wid, 1)))
         if piece is None:
             return False
         if not await ps.send_params(h):
             self.work.give_back(*piece)
             return False
-        a = Assignment(step=h.clock, attempt=0, total=ps.job.global_batch, sizes={h.wid: piece[2]},
-                       pending={h.wid: set(range(len(ps.chunks)))},
-                       acc=self._acc(h), version=h.params_version,
-                       slices={h.wid: piece}, done=asyncio.get_running_loop().create_future())
+        a = Assignment.for_sizes(step=h.clock, attempt=0, total=ps.job.global_batch, sizes={h.wid: piece[2]},
+                                 n_chunks=ps.n_chunks, acc=self._acc(h), version=h.params_version)
+        a.slices[h.wid] = piece
         t0 = time.perf_counter()
         try:
             if not await ps.send_schedule(h, a):
@@ -176,51 +174,48 @@ class AsyncLoop:
         """Each worker's accumulator, allocated once (a fresh buffer costs page faults every time)."""
         acc = self.accs.get(h.wid)
         if acc is None:
-            acc = self.accs[h.wid] = torch.zeros(self.ps.flat.numel, dtype=torch.float32)
+            acc = self.accs[h.wid] = torch.zeros(self.ps.numel, dtype=torch.float32)
         return acc.zero_()
 
     async def _tick(self) -> None:
         async with self.clock_changed:
             self.clock_changed.notify_all()
 
-    def _apply(self, h: WorkerHandle, a: Assignment, piece, lead: int, t0: float) -> None:
+    def _apply(self, h: WorkerHandle, a: Assignment, piece: tuple[int, int, int], lead: int, t0: float) -> None:
         ps = self.ps
         epoch, _, count = piece
         tau = ps.version - a.version
         scale = self.scale(tau)
-        lr = ps.optimizer.param_groups[0]["lr"]
+        lr = ps.lr
         t_opt = time.perf_counter()
         if scale != 1.0:
             a.acc.mul_(scale)
-        applied = ps.apply(a.acc)
+        applied = ps.apply_update(a.acc)
         if not applied:
             log.error("update from %s: non-finite gradient; skipped", h.name)
-            ps._event("nonfinite_gradient", workers=[h.name])
+            ps.emit_event("nonfinite_gradient", workers=[h.name])
         self.samples_since_lr += count
         while self.samples_since_lr >= ps.job.global_batch:
             self.samples_since_lr -= ps.job.global_batch
-            ps.lr_scheduler.step()
+            ps.step_lr()
         self.applied_in_epoch[epoch] += count
         h.clock += 1
-        ps.observe(a)
+        ps.feed_scheduler(a)
         now = time.perf_counter()
         self.recent.append((now, count))
         span = now - self.recent[0][0]
         rate = sum(c for _, c in list(self.recent)[1:]) / span if span > 0 else count / (now - t0)
         r = a.reports.get(h.wid, {})
-        ps.record_step({
-            "step": ps.step, "epoch": epoch, "attempts": 1, "loss": r.get("loss", 0.0), "lr": lr,
-            "version": ps.version, "samples": count, "step_s": now - t0, "samples_per_s": rate,
-            "applied": applied, "worker": h.rank, "tau": tau, "scale": scale, "staleness": lead,
-            "clock": h.clock,
-            "server": {"aggregate_s": t_opt - t0, "optimizer_s": now - t_opt, "broadcast_s": 0.0},
-            "workers": {str(h.rank): {"batch": count, **timing(r)}},
-        })
-        ps.step += 1
+        ps.record_step(StepRecord(
+            step=ps.step, epoch=epoch, attempts=1, loss=float(r.get("loss", 0.0)), lr=lr, version=ps.version,
+            samples=count, step_s=now - t0, samples_per_s=rate, applied=applied, staleness=lead,
+            server=ServerTiming(aggregate_s=t_opt - t0, optimizer_s=now - t_opt, broadcast_s=0.0),
+            workers={str(h.rank): WorkerTiming.from_report(count, r)},
+            asynchronous=AsyncStep(worker=h.rank, tau=tau, scale=scale, clock=h.clock)))
 
     async def _maybe_eval(self) -> None:
         """Evaluate an epoch once all of its samples have been applied."""
-        ps, n = self.ps, len(self.ps.train_set)
+        ps, n = self.ps, self.ps.train_samples
         while self.next_eval < ps.job.epochs and self.applied_in_epoch[self.next_eval] >= n:
             epoch = self.next_eval
             self.next_eval += 1

@@ -20,19 +20,21 @@ import time
 
 import torch
 
-from hetero_ps.server.server import Assignment, ParameterServer, WorkerLost, timing
+from hetero_ps.observe.records import ServerTiming, StepRecord, WorkerTiming
+from hetero_ps.server.assignment import Assignment, WorkerLost
+from hetero_ps.server.loops.host import LoopHost
 
 log = logging.getLogger("hetero_ps.server")
 
 
 class BSPLoop:
-    def __init__(self, ps: ParameterServer):
+    def __init__(self, ps: LoopHost):
         self.ps = ps
-        self.acc = torch.zeros(ps.flat.numel, dtype=torch.float32)   # reused by every step
+        self.acc = torch.zeros(ps.numel, dtype=torch.float32)   # reused by every step
 
     async def run(self) -> int:
         """All epochs (or ``max_steps``); returns the number of epochs started."""
-        ps, n = self.ps, len(self.ps.train_set)
+        ps, n = self.ps, self.ps.train_samples
         epoch = 0
         while ps.step < ps.total_steps:
             offset = 0
@@ -58,15 +60,10 @@ class BSPLoop:
             live = ps.ready_workers()
             if not live:
                 continue
-            sizes, decision = ps.scheduler.assign(ps.step, [h.wid for h in live], total,
-                                                  ranks={h.wid: h.rank for h in live})
-            if decision is not None:
-                ps.log_decision(decision)
+            sizes = {w: b for w, b in ps.split_batch(live, total).items() if b}
             self.acc.zero_()
-            sizes = {w: b for w, b in sizes.items() if b}
-            a = Assignment(step=ps.step, attempt=attempt, total=total, sizes=sizes,
-                           pending={w: set(range(len(ps.chunks))) for w in sizes}, acc=self.acc,
-                           version=ps.version, done=asyncio.get_running_loop().create_future())
+            a = Assignment.for_sizes(step=ps.step, attempt=attempt, total=total, sizes=sizes,
+                                     n_chunks=ps.n_chunks, acc=self.acc, version=ps.version)
             cursor = offset
             for h in live:
                 if h.wid in sizes:
@@ -91,26 +88,23 @@ class BSPLoop:
 
     async def _apply(self, a: Assignment, epoch: int, t0: float, t_agg: float) -> None:
         ps = self.ps
-        lr = ps.optimizer.param_groups[0]["lr"]
-        applied = ps.apply(self.acc)
+        lr = ps.lr
+        applied = ps.apply_update(self.acc)
         if not applied:
-            flagged = [ps.registry.workers[w].name for w, r in a.reports.items()
-                       if r.get("nonfinite") and w in ps.registry.workers]
+            names = {h.wid: h.name for h in ps.ready_workers()}
+            flagged = [names[w] for w, r in a.reports.items() if r.get("nonfinite") and w in names]
             log.error("step %d: non-finite gradient (from %s); step skipped, parameters unchanged",
                       a.step, ", ".join(flagged) or "the aggregate")
-            ps._event("nonfinite_gradient", workers=flagged)
-        ps.lr_scheduler.step()
+            ps.emit_event("nonfinite_gradient", workers=flagged)
+        ps.step_lr()
         t_bcast = time.perf_counter()
         await asyncio.gather(*(ps.send_params(h) for h in ps.ready_workers()))
         t_end = time.perf_counter()
-        ps.observe(a)
+        ps.feed_scheduler(a)
         step_s = t_end - t0
         loss = sum(r.get("loss", 0.0) * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
-        ps.record_step({
-            "step": a.step, "epoch": epoch, "attempts": a.attempt + 1, "loss": loss, "lr": lr,
-            "version": ps.version, "samples": a.total, "step_s": step_s, "samples_per_s": a.total / step_s,
-            "applied": applied, "staleness": 0,
-            "server": {"aggregate_s": t_agg - t0, "optimizer_s": t_bcast - t_agg, "broadcast_s": t_end - t_bcast},
-            "workers": {str(ps.rank_of(w)): {"batch": a.sizes[w], **timing(r)} for w, r in a.reports.items()},
-        })
-        ps.step += 1
+        ps.record_step(StepRecord(
+            step=a.step, epoch=epoch, attempts=a.attempt + 1, loss=loss, lr=lr, version=ps.version,
+            samples=a.total, step_s=step_s, samples_per_s=a.total / step_s, applied=applied, staleness=0,
+            server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=t_bcast - t_agg, broadcast_s=t_end - t_bcast),
+            workers={str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r) for w, r in a.reports.items()}))

@@ -1,0 +1,247 @@
+"""Every record the master writes to ``metrics/*.jsonl`` and ``summary.json``, typed, in one place.
+
+The step loops build these; :class:`~hetero_ps.server.run_records.RunRecords` writes them (the JSON
+form, ``to_json()``) to the experiment folder, the dashboard and TensorBoard, and ``report`` reads them
+back (``from_json``). docs/ARCHITECTURE.md's record tables are generated from the field docs here
+(``python -m hetero_ps.observe.records``) and a test keeps them equal.
+
+The JSON keys are the experiment folder's format: renaming a field here changes it for every reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+JSONObject = dict[str, Any]
+
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation (rendered into docs/ARCHITECTURE.md)."""
+    return field(metadata={"doc": text}, **kwargs)
+
+
+def _float(report: Mapping[str, Any], key: str) -> float:
+    value = report.get(key, 0.0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+@dataclass(frozen=True)
+class WorkerTiming:
+    """One worker's part of a step (``workers[rank]`` in a step record)."""
+
+    batch: int = doc("samples it computed in this step")
+    loss: float = doc("its mean training loss over those samples")
+    compute_s: float = doc("forward + backward")
+    encode_s: float = doc("compressing the gradient chunks")
+    push_s: float = doc("sending them")
+    wait_s: float = doc("waiting for the new parameters after its push")
+    pull_s: float = doc("receiving and decoding the parameters")
+    bytes_out: float = doc("bytes it pushed")
+    bytes_in: float = doc("bytes it pulled")
+
+    @classmethod
+    def from_report(cls, batch: int, report: Mapping[str, Any]) -> WorkerTiming:
+        """From the ``report`` of the worker's METRICS frame; absent or non-numeric fields count as 0."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "batch"]
+        return cls(batch, *(_float(report, k) for k in names))
+
+
+@dataclass(frozen=True)
+class ServerTiming:
+    """Where the master's time in a step went (``server`` in a step record)."""
+
+    aggregate_s: float = doc("from the step's start until every push of it was in")
+    optimizer_s: float = doc("the optimizer update")
+    broadcast_s: float = doc("sending the new parameters (BSP; 0 in SSP/ASP, where the next slice carries them)")
+
+
+@dataclass(frozen=True)
+class AsyncStep:
+    """What only an SSP/ASP update has: whose push it was and how stale (flattened into the step record)."""
+
+    worker: int = doc("rank whose push this update applied")
+    tau: int = doc("staleness: updates applied by others since that worker's parameters")
+    scale: float = doc("the staleness damping s(tau) the push was multiplied by")
+    clock: int = doc("that worker's clock (updates it has pushed) after this one")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step (``metrics/steps.jsonl``)."""
+
+    step: int = doc("0-based step index (BSP: a global batch; SSP/ASP: one worker's update)")
+    epoch: int = doc("0-based epoch the step's samples belong to")
+    attempts: int = doc("1, or more when a worker was lost mid-step and the step was redone")
+    loss: float = doc("mean training loss over the step's samples")
+    lr: float = doc("learning rate the update used")
+    version: int = doc("parameter version after the update")
+    samples: int = doc("samples in the step (the global batch, or an epoch's remainder)")
+    step_s: float = doc("wall time of the step on the master")
+    samples_per_s: float = doc("throughput (SSP/ASP: over the recent updates)")
+    applied: bool = doc("false when the gradient held NaN/Inf and the update was skipped")
+    staleness: int = doc("BSP: 0; SSP/ASP: the worker's clock lead over the slowest when it got the slice")
+    server: ServerTiming = doc("the master's timings")
+    workers: dict[str, WorkerTiming] = doc("rank -> that worker's part of the step")
+    asynchronous: AsyncStep | None = doc("SSP/ASP only: its fields appear at the top level", default=None)
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                           if f.name not in ("server", "workers", "asynchronous")}
+        if self.asynchronous is not None:
+            out.update(dataclasses.asdict(self.asynchronous))
+        out["server"] = dataclasses.asdict(self.server)
+        out["workers"] = {rank: dataclasses.asdict(w) for rank, w in self.workers.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> StepRecord:
+        plain = {f.name: d[f.name] for f in dataclasses.fields(cls)
+                 if f.name not in ("server", "workers", "asynchronous")}
+        asynchronous = None
+        if "worker" in d:
+            asynchronous = AsyncStep(**{f.name: d[f.name] for f in dataclasses.fields(AsyncStep)})
+        return cls(**plain, server=ServerTiming(**d["server"]),
+                   workers={str(r): WorkerTiming(**w) for r, w in d["workers"].items()}, asynchronous=asynchronous)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One evaluation of the held-out split (``metrics/epochs.jsonl``)."""
+
+    epoch: int = doc("0-based epoch just finished")
+    step: int = doc("steps done when the snapshot was taken")
+    eval_loss: float = doc("mean loss on the eval split")
+    eval_accuracy: float | None = doc("accuracy on the eval split (null for language models)")
+    eval_s: float = doc("how long the evaluation took")
+    elapsed_s: float = doc("seconds since the master started")
+
+    def to_json(self) -> JSONObject:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> EpochRecord:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the master decided or saw (``metrics/events.jsonl``); ``fields`` depend on the kind.
+
+    Kinds: ``worker_joined`` (rank, host, device, profile), ``worker_ready`` (rank, probe),
+    ``worker_lost`` (rank, host, reason), ``schedule`` (policy, sizes, reason, predicted_step_s,
+    previous_predicted_s, inputs), ``control`` (rank, knobs), ``nonfinite_gradient`` (workers).
+    """
+
+    event: str = doc("the kind of event")
+    step: int = doc("steps done when it happened")
+    t: float = doc("Unix time")
+    fields: JSONObject = doc("the kind's own fields, at the top level of the JSON object",
+                             default_factory=dict)
+
+    def to_json(self) -> JSONObject:
+        return {"event": self.event, "step": self.step, "t": self.t, **self.fields}
+
+
+@dataclass(frozen=True)
+class WorkerTotals:
+    """One worker's sums over the run (``workers[rank]`` in ``summary.json``)."""
+
+    samples: int = doc("samples it computed")
+    steps: int = doc("steps it took part in")
+    compute_s: float = doc("total forward + backward time")
+    push_s: float = doc("total push time")
+    wait_s: float = doc("total time waiting for parameters")
+    pull_s: float = doc("total pull time")
+
+
+def worker_totals(history: list[StepRecord]) -> dict[str, WorkerTotals]:
+    """Each rank's totals over ``history``."""
+    sums: dict[str, dict[str, float]] = {}
+    for rec in history:
+        for rank, w in rec.workers.items():
+            s = sums.setdefault(rank, dict.fromkeys(("samples", "steps", "compute_s", "push_s", "wait_s", "pull_s"), 0))
+            s["samples"] += w.batch
+            s["steps"] += 1
+            for k in ("compute_s", "push_s", "wait_s", "pull_s"):
+                s[k] += getattr(w, k)
+    return {rank: WorkerTotals(samples=int(s["samples"]), steps=int(s["steps"]), compute_s=s["compute_s"],
+                               push_s=s["push_s"], wait_s=s["wait_s"], pull_s=s["pull_s"])
+            for rank, s in sums.items()}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The outcome of a run (``summary.json``; also printed by the master at exit)."""
+
+    experiment: str = doc("experiment name")
+    model: str = doc("model name")
+    dataset: str = doc("data set name")
+    parameters: int = doc("trainable parameters")
+    steps: int = doc("steps taken")
+    epochs: int = doc("epochs started")
+    samples: int = doc("samples trained on")
+    train_s: float = doc("training wall time")
+    samples_per_s: float = doc("samples / train_s")
+    final_loss: float | None = doc("training loss of the last step")
+    eval: EpochRecord | None = doc("the last evaluation")
+    final_eval_accuracy: float | None = doc("its accuracy")
+    communication_overhead: float | None = doc(
+        "BSP: share of step time not spent computing on the busiest worker (comm + sync + optimizer)")
+    ideal_samples_per_s: float | None = doc("sum of the workers' calibration probes: the cluster's ideal")
+    workers: dict[str, WorkerTotals] = doc("rank -> the worker's totals")
+    compression: str = doc("push codec")
+    sync: str = doc("bsp, ssp or asp")
+
+    def to_json(self) -> JSONObject:
+        out = dataclasses.asdict(self)
+        return out
+
+    @classmethod
+    def of_run(cls, *, experiment: str, model: str, dataset: str, parameters: int, epochs: int, train_s: float,
+               history: list[StepRecord], evaluations: list[EpochRecord], probes: list[float],
+               compression: str, sync: str) -> RunSummary:
+        samples = sum(r.samples for r in history)
+        busy = sum(max((w.compute_s for w in r.workers.values()), default=0.0) for r in history)
+        step_s = sum(r.step_s for r in history)
+        last_eval = evaluations[-1] if evaluations else None
+        return cls(
+            experiment=experiment, model=model, dataset=dataset, parameters=parameters, steps=len(history),
+            epochs=epochs, samples=samples, train_s=train_s,
+            samples_per_s=samples / train_s if train_s else 0.0,
+            final_loss=history[-1].loss if history else None,   # the run's last step, whatever the order
+            eval=last_eval, final_eval_accuracy=last_eval.eval_accuracy if last_eval else None,
+            communication_overhead=(1 - busy / step_s) if sync == "bsp" and step_s else None,
+            ideal_samples_per_s=sum(probes) if probes and all(probes) else None,
+            workers=worker_totals(history), compression=compression, sync=sync)
+
+
+DOCUMENTED = {
+    "metrics/steps.jsonl": [StepRecord, ServerTiming, WorkerTiming, AsyncStep],
+    "metrics/epochs.jsonl": [EpochRecord],
+    "metrics/events.jsonl": [Event],
+    "summary.json": [RunSummary, WorkerTotals],
+}
+
+
+def _type_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.type).replace("JSONObject", "object").replace("dict[str, ", "{rank: ").replace("]", "}")
+
+
+def markdown() -> str:
+    """The record tables of docs/ARCHITECTURE.md."""
+    lines: list[str] = []
+    for where, classes in DOCUMENTED.items():
+        for cls in classes:
+            lines += [f"**`{where}` — `{cls.__name__}`**: {(cls.__doc__ or '').strip().splitlines()[0]}", "",
+                      "| field | type | meaning |", "| --- | --- | --- |"]
+            lines += [f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)]
+            lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())

@@ -1,0 +1,109 @@
+"""Who is in the cluster: joining, becoming ready, and being lost.
+
+A worker's HELLO is checked (software version, rank) and the worker is registered; it then builds
+the job locally, calibrates itself and reports ``ready`` with its probe. Only then does the
+scheduler count it, so the very first split already reflects each node's measured speed. A lost
+worker leaves the scheduler, and the work it owed fails with ``WorkerLost`` so the loop redoes it.
+Every join, ready and loss wakes whoever waits on :meth:`Admission.next_change`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import hetero_ps
+from hetero_ps.errors import HeteroPSError, RemoteError
+from hetero_ps.server.registry import Registry, WorkerHandle
+from hetero_ps.server.scheduler import Scheduler
+
+log = logging.getLogger("hetero_ps.server")
+
+
+class Admission:
+    def __init__(self, scheduler: Scheduler, event: Callable[..., None], expected_workers: int,
+                 join_timeout: float):
+        self.registry = Registry()
+        self.scheduler = scheduler
+        self._event = event
+        self.expected_workers = expected_workers
+        self.join_timeout = join_timeout
+        self.finishing = False            # losses at the end of the run are departures, not failures
+        self._changed = asyncio.Event()
+
+    @staticmethod
+    def check_version(hello: dict[str, Any]) -> None:
+        sw = hello.get("software")
+        if sw != hetero_ps.__version__:
+            raise RemoteError("version_mismatch",
+                              f"this worker runs hetero_ps {sw} but the master runs {hetero_ps.__version__}; "
+                              "install the same version on every node")
+
+    def admit(self, hello: dict[str, Any], conn: Any) -> WorkerHandle:
+        h = self.registry.admit(int(hello.get("rank", -1)), str(hello.get("host", "?")),
+                                str(hello.get("device", "?")), hello.get("profile") or {}, conn)
+        log.info("worker joined: %s; preparing the job", h.name)
+        self._event("worker_joined", rank=h.rank, host=h.host, device=h.device, profile=h.profile)
+        self._changed.set()
+        return h
+
+    def mark_ready(self, h: WorkerHandle, probe: dict[str, Any]) -> None:
+        if h.ready:
+            return
+        h.ready = True
+        h.profile.update(probe)
+        rate = float(probe.get("probe_samples_per_s") or 0.0)
+        self.scheduler.add_worker(h.wid, rate_hint=rate, max_batch=int(probe.get("max_batch") or 0),
+                                  c_hint=float(probe.get("probe_c_s") or 0.0), r_hint=float(probe.get("probe_r") or 0.0))
+        log.info("worker ready: %s%s, %d/%d ready", h.name, f", probe {rate:.0f} samples/s" if rate else "",
+                 len(self.ready_workers()), self.expected_workers)
+        self._event("worker_ready", rank=h.rank, probe=probe)
+        self._changed.set()
+
+    def lose(self, h: WorkerHandle, reason: str) -> None:
+        if self.registry.remove(h.wid) is None:
+            return
+        self.scheduler.remove_worker(h.wid)
+        if self.finishing:
+            log.info("worker left: %s", h.name)
+        else:
+            log.warning("worker lost: %s — %s (%d left)", h.name, reason, len(self.registry))
+            self._event("worker_lost", rank=h.rank, host=h.host, reason=reason)
+        if h.assignment is not None:
+            h.assignment.fail(h.wid, h.name)
+        self._changed.set()
+
+    def ready_workers(self) -> list[WorkerHandle]:
+        return [h for h in self.registry.live() if h.ready]
+
+    def is_live(self, h: WorkerHandle) -> bool:
+        return h.wid in self.registry.workers
+
+    def rank_of(self, wid: int) -> int:
+        h = self.registry.workers.get(wid)
+        return h.rank if h else -wid
+
+    def next_change(self) -> asyncio.Task[Any]:
+        """A task that ends at the next join, ready or loss after this call (none is missed)."""
+        self._changed.clear()
+        return asyncio.ensure_future(self._changed.wait())
+
+    async def wait_for(self, n: int, port: int) -> None:
+        """Block until ``n`` workers are ready, saying every few seconds who is still missing."""
+        deadline = time.monotonic() + self.join_timeout
+        while len(self.ready_workers()) < n:
+            change = self.next_change()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                change.cancel()
+                raise HeteroPSError(f"only {len(self.ready_workers())} of {n} workers were ready within "
+                                    f"{self.join_timeout:.0f} s; check the workers' logs and MASTER_ADDR")
+            try:
+                await asyncio.wait_for(change, timeout=min(5.0, left))
+            except asyncio.TimeoutError:
+                have = ", ".join(f"{h.rank}{'' if h.ready else ' (preparing)'}" for h in self.registry.live())
+                log.info("waiting for %d more worker(s) on port %d (joined ranks: %s)",
+                         n - len(self.ready_workers()), port, have or "none")

@@ -1,0 +1,66 @@
+"""What a step loop may ask of the master: the whole interface between ``loops/`` and ``server.py``.
+
+A loop decides *which samples go where and when an update is applied*; the master owns the workers'
+connections, the parameters and optimizer, the scheduler and the records. The loops see the master
+only through this protocol (``ParameterServer`` implements it), so each side can be read — and
+tested — alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import torch
+
+from hetero_ps.config import JobConfig
+from hetero_ps.observe.records import StepRecord
+from hetero_ps.server.assignment import Assignment
+from hetero_ps.server.registry import WorkerHandle
+
+
+class LoopHost(Protocol):
+    job: JobConfig
+    total_steps: int                        # steps the run takes (epochs × steps per epoch, or max_steps)
+
+    @property
+    def train_samples(self) -> int: ...     # size of the training split
+
+    @property
+    def step(self) -> int: ...              # steps recorded so far: the index of the next one
+
+    @property
+    def version(self) -> int: ...           # parameter version (optimizer updates applied)
+
+    @property
+    def lr(self) -> float: ...              # the learning rate the next update will use
+
+    @property
+    def numel(self) -> int: ...             # trainable parameters
+
+    @property
+    def n_chunks(self) -> int: ...          # gradient chunks every worker pushes per step
+
+    # -- workers ---------------------------------------------------------------------------------
+    def ready_workers(self) -> list[WorkerHandle]: ...
+    def is_live(self, h: WorkerHandle) -> bool: ...
+    def rank_of(self, wid: int) -> int: ...
+    async def wait_for_workers(self, n: int) -> None: ...
+    def next_membership_change(self) -> asyncio.Task[Any]: ...
+
+    # -- one step ----------------------------------------------------------------------------------
+    def split_batch(self, workers: list[WorkerHandle], total: int | None = None) -> dict[int, int]:
+        """The scheduler's sizes (wid -> samples) for ``total`` samples (default: the global batch)."""
+        ...
+
+    async def send_params(self, h: WorkerHandle) -> bool: ...             # False: lost on the way
+    async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool: ...
+    async def wait_done(self, a: Assignment) -> None: ...                 # raises WorkerLost
+    def apply_update(self, grad: torch.Tensor) -> bool: ...               # False: non-finite, skipped
+    def step_lr(self) -> None: ...
+    def feed_scheduler(self, a: Assignment) -> None: ...                  # measured times -> the model
+
+    # -- records -------------------------------------------------------------------------------------
+    def record_step(self, rec: StepRecord) -> None: ...
+    def emit_event(self, kind: str, **fields: Any) -> None: ...
+    async def end_epoch(self, epoch: int) -> None: ...

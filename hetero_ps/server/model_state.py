@@ -1,0 +1,91 @@
+"""The master's copy of the model: parameters in one flat buffer, the optimizer, and their wire form.
+
+The parameters are cut into the same chunks the workers cut their gradients into
+(:func:`~hetero_ps.training.flat.chunk_layout`); each chunk has a push decoder and a pull encoder.
+``version`` counts the optimizer updates applied; the encoded parameters are cached per version, so
+every worker is sent the same frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from hetero_ps.config import JobConfig
+from hetero_ps.errors import RemoteError
+from hetero_ps.training import models, optim
+from hetero_ps.training.flat import FlatParams, chunk_layout
+from hetero_ps.wire import codecs, protocol
+from hetero_ps.wire.protocol import MsgType
+
+
+class ModelState:
+    def __init__(self, job: JobConfig, info: Any, total_steps: int):
+        self.job = job
+        self.model = models.build_model(job, info)
+        self.flat = FlatParams(self.model)
+        self.param = torch.nn.Parameter(self.flat.params)   # shares storage with the model's views
+        self.optimizer, self.lr_scheduler = optim.build_optimizer(job, self.param, total_steps)
+        self.chunks = chunk_layout(self.flat.numel, job.chunk_bytes)
+        self.decoders = [codecs.make_codec(job.compression, n) for _, n in self.chunks]
+        self.encoders = [codecs.make_codec(job.pull_compression, n) for _, n in self.chunks]
+        self.version = 0
+        self._params_frames: tuple[int, list[Any]] | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def max_push_bytes(self) -> int:
+        """The largest payload one pushed chunk may have."""
+        return max(d.max_encoded_bytes() for d in self.decoders)
+
+    def accumulate(self, chunk: int, header: dict[str, Any], segments: Any, acc: np.ndarray, weight: float) -> None:
+        """``acc[chunk] += weight · decode(pushed chunk)``, after checking the push matches our chunking."""
+        if (header.get("offset"), header.get("numel")) != self.chunks[chunk]:
+            raise RemoteError("bad_chunk", f"chunk {chunk} ({header.get('offset')}+{header.get('numel')}) does "
+                              f"not match this model's chunking {self.chunks[chunk]}")
+        if header.get("codec") != self.job.compression:
+            raise RemoteError("bad_codec", f"expected codec {self.job.compression}, got {header.get('codec')!r}")
+        off, n = self.chunks[chunk]
+        self.decoders[chunk].decode_accumulate(acc[off:off + n], header, segments, weight)
+
+    def apply(self, grad: torch.Tensor) -> bool:
+        """One optimizer update with ``grad``; skipped (False) if it holds NaN/Inf."""
+        if not bool(torch.isfinite(grad).all()):
+            return False
+        self.param.grad = grad
+        self.optimizer.step()
+        self.version += 1
+        return True
+
+    def step_lr(self) -> None:
+        self.lr_scheduler.step()
+
+    def encoded_params(self) -> list[Any]:
+        """The current parameters as PARAMS frames, encoded once per version and shared by every worker.
+
+        In BSP nothing changes the parameters while they are being sent, so uncompressed frames
+        point straight at the parameter buffer. SSP/ASP may update them mid-send, so there every
+        version's frames own a copy of their bytes.
+        """
+        if self._params_frames and self._params_frames[0] == self.version:
+            return self._params_frames[1]
+        params = self.flat.params.detach().numpy()
+        snapshot = self.job.sync != "bsp"
+        frames = []
+        for i, (off, n) in enumerate(self.chunks):
+            fields, segments = self.encoders[i].encode(params[off:off + n])
+            if snapshot:
+                segments = [bytes(memoryview(s).cast("B")) for s in segments]
+            header = {"version": self.version, "chunk": i, "offset": off, "numel": n,
+                      "codec": self.job.pull_compression, **fields}
+            frames.append(protocol.encode_frame(MsgType.PARAMS, header, segments))
+        self._params_frames = (self.version, frames)
+        return frames

@@ -1,0 +1,59 @@
+"""The master's record of the run: steps, evaluations and events, written to every reader.
+
+Each record goes to the experiment's JSONL files and to every sink (the dashboard hub, TensorBoard:
+``add_step``/``add_epoch``/``add_event``), and steps also to the progress line. ``step`` — the
+number of steps done — is how far the run is; every event is stamped with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hetero_ps.observe.records import EpochRecord, Event, JSONObject, StepRecord
+
+log = logging.getLogger("hetero_ps.server")
+
+
+class RunRecords:
+    def __init__(self, experiment: Any = None, sinks: list[Any] | tuple[Any, ...] = (), progress: Any = None):
+        self.experiment = experiment
+        self.sinks = list(sinks)
+        self.progress = progress
+        self.history: list[StepRecord] = []
+        self.evaluations: list[EpochRecord] = []
+        self.started = time.time()
+
+    @property
+    def step(self) -> int:
+        """Steps done so far (the index the next step record will carry)."""
+        return len(self.history)
+
+    def add_step(self, rec: StepRecord) -> None:
+        self.history.append(rec)
+        self._publish("step", rec.to_json())
+        if self.progress is not None:
+            self.progress.update(rec.step, rec.epoch, rec.loss, rec.samples_per_s, rec.samples)
+
+    def add_epoch(self, rec: EpochRecord) -> None:
+        self.evaluations.append(rec)
+        self._publish("epoch", rec.to_json())
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self._publish("event", Event(kind, self.step, time.time(), fields).to_json())
+
+    def worker_utilisation(self, rank: int, **fields: Any) -> None:
+        """A worker's CPU/GPU utilisation from its report, for the views that show it."""
+        for sink in self.sinks:
+            if hasattr(sink, "update_worker"):
+                sink.update_worker(rank, **fields)
+
+    def _publish(self, kind: str, rec: JSONObject) -> None:
+        if self.experiment:
+            getattr(self.experiment.metrics, f"log_{kind}")(rec)
+        for sink in self.sinks:
+            try:
+                getattr(sink, f"add_{kind}")(rec)
+            except Exception:   # a broken view must never stop training
+                log.exception("metrics sink %r failed on a %s record", sink, kind)
