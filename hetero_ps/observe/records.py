@@ -61,7 +61,7 @@ class ServerTiming:
 
 @dataclass(frozen=True)
 class AsyncStep:
-    """What only an SSP/ASP update has: whose push it was and how stale (flattened into the step record)."""
+    """SSP/ASP steps only: whose push the update applied and how stale it was (top-level fields of the step)."""
 
     worker: int = doc("rank whose push this update applied")
     tau: int = doc("staleness: updates applied by others since that worker's parameters")
@@ -86,7 +86,7 @@ class StepRecord:
     staleness: int = doc("BSP: 0; SSP/ASP: the worker's clock lead over the slowest when it got the slice")
     server: ServerTiming = doc("the master's timings")
     workers: dict[str, WorkerTiming] = doc("rank -> that worker's part of the step")
-    asynchronous: AsyncStep | None = doc("SSP/ASP only: its fields appear at the top level", default=None)
+    asynchronous: AsyncStep | None = doc("SSP/ASP only; written as top-level fields", default=None)
 
     def to_json(self) -> JSONObject:
         out: JSONObject = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -127,20 +127,30 @@ class EpochRecord:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
+# Each kind of event and the fields it carries besides event/step/t.
+EVENT_KINDS: dict[str, str] = {
+    "worker_joined": "`rank`, `host`, `device`, `profile` (its hardware): a worker passed the handshake",
+    "worker_ready": "`rank`, `probe` (calibration: samples/s, largest batch): it is counted from now on",
+    "worker_lost": "`rank`, `host`, `reason`: its connection ended or timed out; its work is redone",
+    "schedule": "`policy`, `sizes` (rank -> batch), `reason`, `predicted_step_s`, `previous_predicted_s`, "
+                "`inputs` (rank -> the measurements behind the decision): a new batch split",
+    "control": "`rank` and the knobs changed (`simulate_slowdown`, `simulate_bandwidth`)",
+    "nonfinite_gradient": "`workers` (names of those whose report flagged NaN/Inf): the update was skipped",
+}
+
+
 @dataclass(frozen=True)
 class Event:
-    """Something the master decided or saw (``metrics/events.jsonl``); ``fields`` depend on the kind.
+    """Something the master decided or saw (`metrics/events.jsonl`); its kinds are in ``EVENT_KINDS``."""
 
-    Kinds: ``worker_joined`` (rank, host, device, profile), ``worker_ready`` (rank, probe),
-    ``worker_lost`` (rank, host, reason), ``schedule`` (policy, sizes, reason, predicted_step_s,
-    previous_predicted_s, inputs), ``control`` (rank, knobs), ``nonfinite_gradient`` (workers).
-    """
-
-    event: str = doc("the kind of event")
+    event: str = doc("the kind of event (a key of `EVENT_KINDS`, below)")
     step: int = doc("steps done when it happened")
     t: float = doc("Unix time")
-    fields: JSONObject = doc("the kind's own fields, at the top level of the JSON object",
-                             default_factory=dict)
+    fields: JSONObject = doc("the kind's own fields, written at the top level", default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.event not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {self.event!r}; document it in EVENT_KINDS")
 
     def to_json(self) -> JSONObject:
         return {"event": self.event, "step": self.step, "t": self.t, **self.fields}
@@ -228,7 +238,8 @@ DOCUMENTED = {
 
 
 def _type_name(f: dataclasses.Field[Any]) -> str:
-    return str(f.type).replace("JSONObject", "object").replace("dict[str, ", "{rank: ").replace("]", "}")
+    name = str(f.type).replace("JSONObject", "object").replace("dict[str, ", "{rank: ").replace("]", "}")
+    return name.replace(" | None", " or null")
 
 
 def markdown() -> str:
@@ -236,10 +247,16 @@ def markdown() -> str:
     lines: list[str] = []
     for where, classes in DOCUMENTED.items():
         for cls in classes:
-            lines += [f"**`{where}` — `{cls.__name__}`**: {(cls.__doc__ or '').strip().splitlines()[0]}", "",
+            summary = (cls.__doc__ or "").strip().split("\n\n")[0].replace("``", "`").replace("\n", " ")
+            lines += [f"**`{where}` — `{cls.__name__}`**: {summary}", "",
                       "| field | type | meaning |", "| --- | --- | --- |"]
-            lines += [f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)]
+            lines += [f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)
+                      if f.name != "asynchronous"]   # flattened: AsyncStep's own table follows
             lines.append("")
+            if cls is Event:
+                lines += ["| event | its fields |", "| --- | --- |"]
+                lines += [f"| `{kind}` | {what} |" for kind, what in EVENT_KINDS.items()]
+                lines.append("")
     return "\n".join(lines)
 
 
