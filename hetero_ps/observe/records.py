@@ -229,7 +229,7 @@ class RunSummary:
             workers=worker_totals(history), compression=compression, sync=sync)
 
 
-DOCUMENTED = {
+DOCUMENTED: dict[str, list[type[Any]]] = {
     "metrics/steps.jsonl": [StepRecord, ServerTiming, WorkerTiming, AsyncStep],
     "metrics/epochs.jsonl": [EpochRecord],
     "metrics/events.jsonl": [Event],
@@ -242,6 +242,10 @@ def _type_name(f: dataclasses.Field[Any]) -> str:
     return name.replace(" | None", " or null")
 
 
+def _fields(cls: type[Any]) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(cls)
+
+
 def markdown() -> str:
     """The record tables of docs/ARCHITECTURE.md."""
     lines: list[str] = []
@@ -250,7 +254,7 @@ def markdown() -> str:
             summary = (cls.__doc__ or "").strip().split("\n\n")[0].replace("``", "`").replace("\n", " ")
             lines += [f"**`{where}` — `{cls.__name__}`**: {summary}", "",
                       "| field | type | meaning |", "| --- | --- | --- |"]
-            lines += [f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)
+            lines += [f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |" for f in _fields(cls)
                       if f.name != "asynchronous"]   # flattened: AsyncStep's own table follows
             lines.append("")
             if cls is Event:

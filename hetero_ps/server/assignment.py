@@ -49,7 +49,7 @@ class Assignment:
 
     def is_current(self, step: Any, attempt: Any) -> bool:
         """Whether a push/report for ``(step, attempt)`` belongs here (an aborted attempt's does not)."""
-        return step == self.step and attempt == self.attempt
+        return bool(step == self.step and attempt == self.attempt)
 
     def weight(self, wid: int) -> float:
         """A worker's share of the step: its gradient enters the mean with ``b_i / total``."""

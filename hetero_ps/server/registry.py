@@ -47,7 +47,7 @@ class WorkerHandle:
 class Registry:
     """Live workers by id; ranks stay unique among them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.workers: dict[int, WorkerHandle] = {}
         self._next_wid = 1
 
