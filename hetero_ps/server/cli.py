@@ -29,7 +29,8 @@ log = logging.getLogger("hetero_ps.server")
 
 def build_parser() -> argparse.ArgumentParser:
     d = JobConfig()
-    p = argparse.ArgumentParser(prog="python -m hetero_ps.server", description=__doc__,
+    # allow_abbrev=False: a typo such as --epoch is an error, not silently --epochs
+    p = argparse.ArgumentParser(prog="python -m hetero_ps.server", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("cluster")
     g.add_argument("--host", default=os.environ.get("HETERO_PS_HOST", "0.0.0.0"),
@@ -134,14 +135,25 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         rebalance_interval=a.rebalance_interval, chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4)
 
 
-def parse_fixed_sizes(spec: str) -> dict:
-    out = {}
+def parse_fixed_sizes(spec: str, global_batch: int, trainers: int) -> dict[int, int]:
+    """``--worker-batch-sizes``: one ``rank:size`` per training worker, summing to the global batch."""
+    out: dict[int, int] = {}
     for part in filter(None, spec.split(",")):
         try:
             r, b = part.split(":")
             out[int(r)] = int(b)
         except ValueError:
-            raise ConfigError(f"--worker-batch-sizes expects rank:size,rank:size..., got {spec!r}")
+            raise ConfigError(f"--worker-batch-sizes expects rank:size,rank:size..., got {spec!r}") from None
+    if not out:
+        return out
+    if any(b < 1 for b in out.values()):
+        raise ConfigError(f"--worker-batch-sizes {spec}: every size must be at least 1")
+    if len(out) != trainers:
+        raise ConfigError(f"--worker-batch-sizes {spec} names {len(out)} rank(s), but the job has {trainers} "
+                          "training worker(s); give one size per worker")
+    if sum(out.values()) != global_batch:
+        raise ConfigError(f"--worker-batch-sizes {spec} sums to {sum(out.values())}, but the global batch is "
+                          f"{global_batch}; pass --global-batch-size {sum(out.values())} or change the sizes")
     return out
 
 
@@ -165,11 +177,12 @@ async def run(a: argparse.Namespace) -> dict:
     if trainers < 1:
         raise ConfigError(f"WORLD_SIZE={a.world_size} with --no-local-worker leaves nobody to train")
     job = job_from_args(a, trainers)
+    fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)   # before any folder exists
     exp = Experiment(a.experiments_dir, a.experiment or None, job=job)
     add_file_log(exp.log_path("server"), "master", a.log_format)
     cfg = ServerConfig(host=a.host, port=a.port, token=a.token, expected_workers=trainers,
                        join_timeout=a.join_timeout, worker_timeout=a.worker_timeout,
-                       worker_batch_sizes=parse_fixed_sizes(a.worker_batch_sizes), experiment=exp.name)
+                       worker_batch_sizes=fixed_sizes, experiment=exp.name)
     if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
     sinks = []

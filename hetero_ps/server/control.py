@@ -9,6 +9,7 @@ else from a control client ends its connection with an ERROR.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,9 @@ from hetero_ps.wire.protocol import MsgType
 
 log = logging.getLogger("hetero_ps.server")
 
-CONTROL_KNOBS: dict[str, Callable[[Any], float]] = {"simulate_slowdown": float, "simulate_bandwidth": float}
+# Each knob and the smallest value it takes: a slowdown stretches compute (1 = none), a bandwidth
+# paces the link in Mbit/s (0 = the real link).
+CONTROL_KNOBS: dict[str, float] = {"simulate_slowdown": 1.0, "simulate_bandwidth": 0.0}
 
 
 def check_control(header: dict[str, Any]) -> tuple[int, dict[str, float]]:
@@ -29,10 +32,12 @@ def check_control(header: dict[str, Any]) -> tuple[int, dict[str, float]]:
     if not isinstance(rank, int) or bad or not knobs:
         raise RemoteError("bad_control", f"CONTROL needs an int rank and knobs from {sorted(CONTROL_KNOBS)}; "
                           f"got rank={rank!r}, unknown={bad}")
-    try:
-        return rank, {k: CONTROL_KNOBS[k](v) for k, v in knobs.items()}
-    except (TypeError, ValueError):
-        raise RemoteError("bad_control", f"CONTROL knob values must be numbers, got {knobs}") from None
+    values: dict[str, float] = {}
+    for k, v in knobs.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < CONTROL_KNOBS[k]:
+            raise RemoteError("bad_control", f"{k} must be a number >= {CONTROL_KNOBS[k]:g}, got {v!r}")
+        values[k] = float(v)
+    return rank, values
 
 
 class ControlDesk:

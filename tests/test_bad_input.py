@@ -1,0 +1,79 @@
+"""Input that cannot be honoured is an error that says the fix, and leaves nothing half-done."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hetero_ps.errors import RemoteError
+from hetero_ps.server.control import check_control
+from hetero_ps.testing import LocalCluster
+from hetero_ps.tools.control import main as control_main
+
+
+def _master(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+           "--experiments-dir", str(tmp_path / "experiments"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--world-size", "4", "--no-local-worker", "--worker-batch-sizes", "1:5,2:17,3:42"],
+     "sums to 64, but the global batch is 96; pass --global-batch-size 64"),
+    (["--world-size", "3", "--no-local-worker", "--global-batch-size", "64", "--worker-batch-sizes", "1:64"],
+     "names 1 rank(s), but the job has 2 training worker(s)"),
+    (["--world-size", "2", "--global-batch-size", "8", "--worker-batch-sizes", "0:8,1:0"],
+     "every size must be at least 1"),
+])
+def test_a_batch_split_that_cannot_be_honoured_stops_the_master_before_anything_is_written(tmp_path, args, message):
+    r = _master(tmp_path, *args)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "experiments").exists() or not os.listdir(tmp_path / "experiments")
+
+
+def test_an_abbreviated_flag_is_an_error_not_a_guess(tmp_path):
+    r = _master(tmp_path, "--epoch", "3")
+    assert r.returncode == 2 and "unrecognized arguments: --epoch" in r.stderr
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"rank": 1, "simulate_slowdown": 0.5}, "simulate_slowdown must be a number >= 1"),
+    ({"rank": 1, "simulate_bandwidth": -5}, "simulate_bandwidth must be a number >= 0"),
+    ({"rank": 1, "simulate_slowdown": "fast"}, "simulate_slowdown must be a number"),
+    ({"rank": 1, "simulate_slowdown": True}, "simulate_slowdown must be a number"),
+    ({"rank": 1, "simulate_slowdown": float("nan")}, "simulate_slowdown must be a number"),
+    ({"rank": 1, "volume": 11}, "unknown=['volume']"),
+    ({"rank": "1", "simulate_slowdown": 2}, "needs an int rank"),
+])
+def test_control_knobs_out_of_range_are_refused(header, message):
+    with pytest.raises(RemoteError, match="bad_control") as exc:
+        check_control(header)
+    assert message in str(exc.value)
+
+
+def test_control_values_in_range_are_taken_as_floats():
+    assert check_control({"rank": 2, "simulate_slowdown": 3, "simulate_bandwidth": 0}) == \
+        (2, {"simulate_slowdown": 3.0, "simulate_bandwidth": 0.0})
+
+
+@pytest.mark.slow
+def test_the_control_tool_reports_a_refused_knob_and_exits_1(tmp_path, capsys):
+    args = ["--world-size", "2", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits",
+            "--epochs", "50", "--experiment", "ctl"]
+    with LocalCluster(tmp_path, args, workers=[["--rank", "1"]]) as c:
+        steps = tmp_path / "experiments" / "ctl" / "metrics" / "steps.jsonl"
+        deadline = time.monotonic() + 120   # a poll's timeout, not a bound on the run
+        while not (steps.exists() and steps.stat().st_size):   # rank 1 has trained: it is live
+            assert c.server.poll() is None and time.monotonic() < deadline, c.output("server")
+            time.sleep(0.1)
+        rc = control_main(["--master-port", str(c.port), "--token", c.token, "--rank", "1",
+                           "--simulate-slowdown", "0.5"])
+        assert rc == 1
+        assert "simulate_slowdown must be a number >= 1" in capsys.readouterr().err
+        assert control_main(["--master-port", str(c.port), "--token", c.token, "--rank", "1",
+                             "--simulate-slowdown", "1.5"]) == 0
