@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from hetero_ps.tools.control import main as control_main
 
 
 def _master(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+    dashboard = [] if "--dashboard-port" in args else ["--no-dashboard"]
+    cmd = [sys.executable, "-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", "0", *dashboard,
            "--experiments-dir", str(tmp_path / "experiments"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
@@ -77,3 +79,24 @@ def test_the_control_tool_reports_a_refused_knob_and_exits_1(tmp_path, capsys):
         assert "simulate_slowdown must be a number >= 1" in capsys.readouterr().err
         assert control_main(["--master-port", str(c.port), "--token", c.token, "--rank", "1",
                              "--simulate-slowdown", "1.5"]) == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_local_worker_that_dies_stops_the_master_at_once_with_its_last_lines(tmp_path):
+    # The join timeout is the default 600 s: the master must not wait for it.
+    r = _master(tmp_path, "--world-size", "1", "--local-device", "cuda", "--max-steps", "2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the master's local worker (rank 0) exited with code" in r.stderr
+    assert "cuda" in r.stderr.split("its last lines:")[1].lower()   # the worker's own reason is quoted
+
+
+@pytest.mark.slow
+def test_with_log_format_json_every_stdout_line_is_one_json_object(tmp_path):
+    r = _master(tmp_path, "--world-size", "1", "--model", "simple_cnn", "--dataset", "digits", "--max-steps", "3",
+                "--log-format", "json", "--dashboard-port", "0", "--experiment", "js")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, r.stderr
+    parsed = [json.loads(line) for line in lines]   # raises on any line that is not JSON
+    assert all(isinstance(p, dict) for p in parsed)
+    assert {"listening", "summary"} <= {p.get("event") for p in parsed}
+    assert next(p for p in parsed if p.get("event") == "summary")["summary"]["steps"] == 3

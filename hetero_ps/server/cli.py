@@ -15,14 +15,15 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
+import time
 
 from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, env_int
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.observe.logs import add_file_log, setup_logging
 from hetero_ps.training.plugins import parse_kv
 from hetero_ps.observe.progress import Progress
+from hetero_ps.server.local_worker import LocalWorker
 
 log = logging.getLogger("hetero_ps.server")
 
@@ -157,17 +158,6 @@ def parse_fixed_sizes(spec: str, global_batch: int, trainers: int) -> dict[int, 
     return out
 
 
-def spawn_local_worker(port: int, token: str, device: str, experiments_dir: str, slowdown: float,
-                       log_format: str) -> subprocess.Popen:
-    env = dict(os.environ, HETERO_PS_TOKEN=token)   # never on the command line, where ps shows it
-    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(port),
-           "--rank", "0", "--device", device, "--experiments-dir", experiments_dir, "--log-format", log_format,
-           "--simulate-slowdown", str(slowdown)]
-    return subprocess.Popen(cmd, env=env)
-
-
 async def run(a: argparse.Namespace) -> dict:
     from hetero_ps.observe.experiment import Experiment
     from hetero_ps.server.server import ParameterServer, ServerConfig
@@ -201,7 +191,8 @@ async def run(a: argparse.Namespace) -> dict:
     exp.write_config({"job": job.to_wire(), "world_size": a.world_size, "local_worker": local,
                       "host": a.host, "port": a.port, "argv": sys.argv})
     await ps.start()
-    print(f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", flush=True)
+    say(a, f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", event="listening",
+        host=a.host, port=ps.port, experiment=exp.path)
     if hub is not None:
         from hetero_ps.observe.dashboard import start_dashboard
 
@@ -209,19 +200,20 @@ async def run(a: argparse.Namespace) -> dict:
                      "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.numel})
         dashboard = await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)
         shown = "127.0.0.1" if (a.dashboard_host or a.host) in ("0.0.0.0", "") else (a.dashboard_host or a.host)
-        print(f"dashboard: http://{shown}:{dashboard.port}/", flush=True)
+        say(a, f"dashboard: http://{shown}:{dashboard.port}/", event="dashboard",
+            url=f"http://{shown}:{dashboard.port}/")
     if a.port_file:
         tmp = a.port_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(f"{ps.port}\n")
         os.replace(tmp, a.port_file)   # readers never see a half-written file
-    local_proc = None
+    local_worker = None
     try:
         if local:
-            local_proc = spawn_local_worker(ps.port, a.token, a.local_device, a.experiments_dir,
-                                            a.local_slowdown, a.log_format)
+            local_worker = LocalWorker(ps.port, a.token, a.local_device, a.experiments_dir, a.local_slowdown,
+                                       a.log_format)
         with ps.progress.redirect_logging():
-            summary = await ps.train()
+            summary = await _train_watching(ps, local_worker)
         exp.save_checkpoint(ps.model.state_dict(), job)
         exp.write_summary(summary)
         if hub is not None:
@@ -235,20 +227,33 @@ async def run(a: argparse.Namespace) -> dict:
         for sink in sinks:
             if hasattr(sink, "close"):
                 sink.close()
-        if local_proc is not None:
-            _stop(local_proc)
+        if local_worker is not None:
+            local_worker.stop()
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+async def _train_watching(ps, local_worker: LocalWorker | None) -> dict:
+    """``ps.train()``, stopped at once (with the reason) if the local worker dies on the way."""
+    if local_worker is None:
+        return await ps.train()
+    train = asyncio.ensure_future(ps.train())
+    watch = asyncio.ensure_future(local_worker.watch())
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        await asyncio.wait({train, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            watch.result()   # raises: the local worker died
+        return train.result()
+    finally:
+        for task in (train, watch):
+            task.cancel()
+        await asyncio.gather(train, watch, return_exceptions=True)
+
+
+def say(a: argparse.Namespace, text: str, **fields) -> None:
+    """A line on stdout for people (plain) or one JSON object for machines (``--log-format json``)."""
+    if a.log_format == "json":
+        print(json.dumps({"t": round(time.time(), 3), "msg": text, **fields}), flush=True)
+    else:
+        print(text, flush=True)
 
 
 def _raise_interrupt(*_):
@@ -267,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     except HeteroPSError as exc:
         log.error("%s", exc)
         return 1
-    print(json.dumps(summary, indent=2, default=str), flush=True)
+    if a.log_format == "json":   # every stdout line is one JSON object
+        print(json.dumps({"t": round(time.time(), 3), "event": "summary", "summary": summary}, default=str), flush=True)
+    else:
+        print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0
 
 
