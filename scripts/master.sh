@@ -25,6 +25,10 @@ echo "Network Interface: $IFACE"
 echo "Master IP: ${MASTER_IP:-unknown}"
 echo "Device: $DEVICE"
 echo "Waiting for $((WORLD_SIZE - 1)) workers to connect..."
-echo "On each worker: RANK=<n> WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=${MASTER_IP:-<this ip>} scripts/start_worker.sh"
+TOKEN_HINT=""
+if [ -n "${HETERO_PS_TOKEN:-}" ]; then
+  TOKEN_HINT="HETERO_PS_TOKEN=$HETERO_PS_TOKEN "   # the workers need the same secret
+fi
+echo "On each worker: ${TOKEN_HINT}RANK=<n> WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=${MASTER_IP:-<this ip>} MASTER_PORT=$MASTER_PORT scripts/start_worker.sh"
 echo "=========================================="
 exec "$PYTHON" -m hetero_ps.server --world-size "$WORLD_SIZE" --port "$MASTER_PORT" --local-device "$DEVICE" "$@"

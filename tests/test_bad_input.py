@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -100,3 +101,28 @@ def test_with_log_format_json_every_stdout_line_is_one_json_object(tmp_path):
     assert all(isinstance(p, dict) for p in parsed)
     assert {"listening", "summary"} <= {p.get("event") for p in parsed}
     assert next(p for p in parsed if p.get("event") == "summary")["summary"]["steps"] == 3
+
+
+def _no_experiment_left(tmp_path) -> bool:
+    root = tmp_path / "experiments"
+    return not root.exists() or not os.listdir(root)
+
+
+def test_a_taken_port_is_one_line_that_says_what_to_do_and_leaves_no_folder(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", str(port),
+                            "--no-dashboard", "--experiments-dir", str(tmp_path / "experiments")],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "pick another --port" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert _no_experiment_left(tmp_path)
+
+
+def test_a_missing_data_set_stops_the_start_and_leaves_no_folder(tmp_path):
+    r = _master(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"))
+    assert r.returncode == 1 and "CIFAR-10 is not where hetero_ps looks for it" in r.stderr and "Traceback" not in r.stderr
+    assert _no_experiment_left(tmp_path)

@@ -44,3 +44,11 @@ def add_file_log(path: str, role: str, fmt: str = "plain") -> None:
     h = logging.FileHandler(path)
     h.setFormatter(_formatter(fmt, role))
     logging.getLogger().addHandler(h)
+
+
+def remove_file_logs() -> None:
+    """Close and detach the handlers ``add_file_log`` added (before their folder is removed)."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(h)
+        h.close()

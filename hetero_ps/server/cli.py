@@ -14,13 +14,14 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 
 from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, env_int
 from hetero_ps.errors import ConfigError, HeteroPSError
-from hetero_ps.observe.logs import add_file_log, setup_logging
+from hetero_ps.observe.logs import add_file_log, remove_file_logs, setup_logging
 from hetero_ps.training.plugins import parse_kv
 from hetero_ps.observe.progress import Progress
 from hetero_ps.server.local_worker import LocalWorker
@@ -175,40 +176,36 @@ async def run(a: argparse.Namespace) -> dict:
                        worker_batch_sizes=fixed_sizes, experiment=exp.name)
     if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
-    sinks = []
-    hub = dashboard = None
-    if not a.no_dashboard:
-        from hetero_ps.observe.dashboard import MetricsHub
-
-        hub = MetricsHub()
-        sinks.append(hub)
-    if a.tensorboard:
-        from hetero_ps.observe.tensorboard import TensorBoardSink
-
-        sinks.append(TensorBoardSink(os.path.join(exp.path, "tb")))
-    ps = ParameterServer(job, cfg, exp, sinks=sinks)
-    ps.progress = Progress(ps.total_steps, "master", a.log_format, epochs=job.epochs)
-    exp.write_config({"job": job.to_wire(), "world_size": a.world_size, "local_worker": local,
-                      "host": a.host, "port": a.port, "argv": sys.argv})
-    await ps.start()
-    say(a, f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", event="listening",
-        host=a.host, port=ps.port, experiment=exp.path)
-    if hub is not None:
-        from hetero_ps.observe.dashboard import start_dashboard
-
-        hub.set_job({**job.to_wire(), "experiment": exp.name, "total_steps": ps.total_steps,
-                     "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.numel})
-        dashboard = await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)
-        shown = "127.0.0.1" if (a.dashboard_host or a.host) in ("0.0.0.0", "") else (a.dashboard_host or a.host)
-        say(a, f"dashboard: http://{shown}:{dashboard.port}/", event="dashboard",
-            url=f"http://{shown}:{dashboard.port}/")
-    if a.port_file:
-        tmp = a.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{ps.port}\n")
-        os.replace(tmp, a.port_file)   # readers never see a half-written file
-    local_worker = None
+    sinks: list = []
+    ps = hub = dashboard = local_worker = None
+    started = False
     try:
+        if not a.no_dashboard:
+            from hetero_ps.observe.dashboard import MetricsHub
+
+            hub = MetricsHub()
+            sinks.append(hub)
+        if a.tensorboard:
+            from hetero_ps.observe.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(os.path.join(exp.path, "tb")))
+        ps = ParameterServer(job, cfg, exp, sinks=sinks)
+        ps.progress = Progress(ps.total_steps, "master", a.log_format, epochs=job.epochs)
+        await ps.start()
+        if hub is not None:
+            dashboard = await _start_dashboard(a, hub, ps, exp.name)
+        exp.write_config({"job": job.to_wire(), "world_size": a.world_size, "local_worker": local,
+                          "host": a.host, "port": a.port, "argv": sys.argv})
+        started = True
+        say(a, f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", event="listening",
+            host=a.host, port=ps.port, experiment=exp.path)
+        if dashboard is not None:
+            say(a, f"dashboard: {dashboard.url}", event="dashboard", url=dashboard.url)
+        if a.port_file:
+            tmp = a.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{ps.port}\n")
+            os.replace(tmp, a.port_file)   # readers never see a half-written file
         if local:
             local_worker = LocalWorker(ps.port, a.token, a.local_device, a.experiments_dir, a.local_slowdown,
                                        a.log_format)
@@ -220,8 +217,9 @@ async def run(a: argparse.Namespace) -> dict:
             hub.finish(summary)
         return summary
     finally:
-        ps.progress.close()
-        await ps.close()
+        if ps is not None:
+            ps.progress.close()
+            await ps.close()
         if dashboard is not None:
             await dashboard.close()
         for sink in sinks:
@@ -229,6 +227,17 @@ async def run(a: argparse.Namespace) -> dict:
                 sink.close()
         if local_worker is not None:
             local_worker.stop()
+        if not started:   # it never ran: leave no half-made experiment folder behind (the error is on stderr)
+            remove_file_logs()
+            shutil.rmtree(exp.path, ignore_errors=True)
+
+
+async def _start_dashboard(a: argparse.Namespace, hub, ps, experiment: str):
+    from hetero_ps.observe.dashboard import start_dashboard
+
+    hub.set_job({**ps.job.to_wire(), "experiment": experiment, "total_steps": ps.total_steps,
+                 "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.numel})
+    return await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)   # a taken port: ConfigError
 
 
 async def _train_watching(ps, local_worker: LocalWorker | None) -> dict:
@@ -271,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except HeteroPSError as exc:
         log.error("%s", exc)
+        return 1
+    except OSError as exc:   # a port taken, an address not ours: the message says which and what to do
+        log.debug("start failed", exc_info=True)
+        log.error("%s", exc.strerror or exc)
         return 1
     if a.log_format == "json":   # every stdout line is one JSON object
         print(json.dumps({"t": round(time.time(), 3), "event": "summary", "summary": summary}, default=str), flush=True)

@@ -323,8 +323,8 @@ class ParameterServer:
         loss, acc, eval_s = await self.evaluator.score(self.state.model)
         self.records.add_epoch(EpochRecord(epoch=epoch, step=step, eval_loss=loss, eval_accuracy=acc,
                                            eval_s=eval_s, elapsed_s=time.time() - self.records.started))
-        log.info("epoch %d done: eval loss %.4f, accuracy %s", epoch, loss,
-                 "n/a" if acc is None else f"{100 * acc:.2f} %")
+        log.info("epoch %d/%d done: eval loss %.4f, accuracy %s", epoch + 1, self.job.epochs, loss,
+                 "n/a" if acc is None else f"{100 * acc:.2f} %")   # counted from 1, as the progress line does
 
     def _record_decision(self, d: Decision) -> None:
         sizes = {str(self.rank_of(w)): b for w, b in d.sizes.items()}
