@@ -8,6 +8,12 @@ _hash() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
 
 ensure_venv() {
   local py="${PYTHON:-python3}"
+  # The pinned numpy, torch and transformers need Python 3.11 or newer: say so before pip fails.
+  if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "[setup] hetero_ps needs Python 3.11 or newer; $py is $("$py" -V 2>&1 || echo 'not found')." \
+         "Install python3.11 and run again with PYTHON=python3.11" >&2
+    return 1
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating virtual environment $VENV"
     "$py" -m venv "$VENV" || { echo "[setup] python3 -m venv failed: install python3-venv (apt-get install python3-venv)" >&2; return 1; }

@@ -126,3 +126,16 @@ def test_a_missing_data_set_stops_the_start_and_leaves_no_folder(tmp_path):
     r = _master(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"))
     assert r.returncode == 1 and "CIFAR-10 is not where hetero_ps looks for it" in r.stderr and "Traceback" not in r.stderr
     assert _no_experiment_left(tmp_path)
+
+
+def test_the_scripts_name_the_python_they_need_before_installing_anything(tmp_path):
+    fake = tmp_path / "python3.9"
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *version_info*) exit 1;; -V) echo 'Python 3.9.18';; esac\n")
+    fake.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", "-c", f"source {root}/scripts/_env.sh && ensure_venv"], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PYTHON=str(fake),
+                                                       HETERO_PS_VENV=str(tmp_path / "venv")))
+    assert r.returncode == 1
+    assert "needs Python 3.11 or newer" in r.stderr and "Python 3.9.18" in r.stderr
+    assert not (tmp_path / "venv").exists()
