@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import find, metrics_path, read_jsonl, still_running, wait_until
 
 from hetero_ps.testing import LocalCluster
 
@@ -34,12 +35,12 @@ def _closed_port() -> int:
 
 def test_master_not_reachable_names_address_and_firewall():
     port = _closed_port()
-    t0 = time.monotonic()
     r = _run(["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(port),
               "--connect-timeout", "2"])
     assert r.returncode == 1
     assert f"127.0.0.1:{port}" in r.stderr and "ufw" in r.stderr, r.stderr
-    assert "attempts" in r.stderr and time.monotonic() - t0 < 30
+    # It gave up because its own --connect-timeout ran out, and says how often it tried.
+    assert re.search(r"after [1-9]\d* attempts in 2 s", r.stderr), r.stderr
 
 
 def test_worker_without_master_address_is_told_how():
@@ -93,18 +94,15 @@ def test_worker_vanishing_mid_run_does_not_stop_training(tmp_path, codec):
             "--global-batch-size", "32", "--epochs", "3", "--experiment", "vanish", "--worker-timeout", "20",
             "--compression", codec]
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2", "--simulate-slowdown", "3"]]) as c:
-        deadline = time.monotonic() + 60
-        steps = os.path.join(tmp_path, "experiments", "vanish", "metrics", "steps.jsonl")
-        while time.monotonic() < deadline:
-            if os.path.exists(steps) and sum(1 for _ in open(steps)) >= 5:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("training did not start:\n" + c.output("server"))
+        steps = metrics_path(tmp_path, "vanish", "steps")
+        wait_until(lambda: still_running(c.server, lambda: c.output("server"))
+                   and len(read_jsonl(steps, missing_ok=True)) >= 5, timeout=120, what="5 steps of training")
         os.killpg(c.workers[1].pid, signal.SIGKILL)
-        assert c.wait(timeout=180) == 0, c.output("server")
+        assert c.wait(timeout=240) == 0, c.output("server")
         summary = c.summary()
         out = c.output("server")
-    assert "worker lost: rank 2" in out
+        events = read_jsonl(metrics_path(tmp_path, "vanish", "events"))
+    assert "worker lost: rank 2" in out, out[-4000:]
+    assert find(events, event="worker_lost", rank=2), events
     # Every sample of every epoch was used exactly once, the redone step included.
     assert summary["samples"] == 3 * 1438 and summary["final_eval_accuracy"] > 0.8, summary

@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import struct
-import time
 import tracemalloc
 
 import crc32c
@@ -336,8 +335,16 @@ BAD_PEERS = {
 
 @pytest.mark.parametrize("kind", list(BAD_PEERS))
 @async_test()
-async def test_bad_peer_is_cut_off_and_others_are_unaffected(kind):
+async def test_bad_peer_is_cut_off_and_others_are_unaffected(kind, caplog):
     data, keep_open, code = BAD_PEERS[kind]
+    with caplog.at_level(logging.INFO, logger="hetero_ps.wire.transport"):
+        await _bad_peer_is_cut_off(data, keep_open, code)
+    if code is None and keep_open:
+        # slow loris: cut off by the frame timeout (the handshake timeout would have sent an ERROR)
+        assert "sent only part of a frame" in caplog.text, caplog.text
+
+
+async def _bad_peer_is_cut_off(data: bytes, keep_open: bool, code: str | None) -> None:
     async with await serve() as srv:
         s = await raw_socket(srv.port)
         loop = asyncio.get_running_loop()
@@ -345,14 +352,13 @@ async def test_bad_peer_is_cut_off_and_others_are_unaffected(kind):
         if not keep_open:
             s.close()   # the peer vanishes in the middle of a frame
         # a good client does a whole handshake and a 4 MiB round trip meanwhile
-        t0 = time.monotonic()
         good = asyncio.create_task(good_round_trip(srv.port))
         if keep_open:
             reply = await read_to_eof(s)
             s.close()
             got = messages(reply)
-            if code is None:   # slow loris: closed once frame_timeout ran out, long before the handshake timeout
-                assert got == [] and time.monotonic() - t0 < FAST.handshake_timeout - 1
+            if code is None:   # slow loris: closed without a word once its frame ran past frame_timeout
+                assert got == []
             else:
                 assert [m.header["code"] for m in got] == [code], got
                 assert got[0].header["message"]
