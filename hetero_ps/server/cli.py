@@ -27,6 +27,8 @@ from hetero_ps.observe.progress import Progress
 from hetero_ps.server.local_worker import LocalWorker
 
 log = logging.getLogger("hetero_ps.server")
+_RUNNING: list = []   # the master of this process, once built: an interrupt says what it stopped
+_INTERRUPTED_WHILE: list[str] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dashboard-host", default="", help="dashboard address (default: the same as --host)")
     g.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to experiments/NAME/tb")
+    g.add_argument("--eval-samples", type=int, default=0, metavar="N",
+                   help="evaluate on at most N samples of the eval split (default 0: all of it)")
     g = p.add_argument_group("experiment and output")
     g.add_argument("--experiment", default="", help="experiment name (default: timestamp-model-dataset)")
     g.add_argument("--experiments-dir", default="experiments", help="where experiments/NAME goes")
@@ -118,6 +122,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     from hetero_ps.wire.codecs import parse_codec
 
     global_batch = a.global_batch_size or a.batch_size * trainers
+    if a.eval_samples < 0:
+        raise ConfigError(f"--eval-samples must be >= 0 (0 = the whole eval split), got {a.eval_samples}")
     if a.staleness < 0:
         raise ConfigError(f"--staleness must be >= 0, got {a.staleness}")
     if global_batch < trainers:
@@ -173,7 +179,7 @@ async def run(a: argparse.Namespace) -> dict:
     add_file_log(exp.log_path("server"), "master", a.log_format)
     cfg = ServerConfig(host=a.host, port=a.port, token=a.token, expected_workers=trainers,
                        join_timeout=a.join_timeout, worker_timeout=a.worker_timeout,
-                       worker_batch_sizes=fixed_sizes, experiment=exp.name)
+                       worker_batch_sizes=fixed_sizes, experiment=exp.name, eval_samples=a.eval_samples)
     if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
     sinks: list = []
@@ -190,6 +196,7 @@ async def run(a: argparse.Namespace) -> dict:
 
             sinks.append(TensorBoardSink(os.path.join(exp.path, "tb")))
         ps = ParameterServer(job, cfg, exp, sinks=sinks)
+        _RUNNING.append(ps)
         ps.progress = Progress(ps.total_steps, "master", a.log_format, epochs=job.epochs)
         await ps.start()
         if hub is not None:
@@ -266,17 +273,23 @@ def say(a: argparse.Namespace, text: str, **fields) -> None:
 
 
 def _raise_interrupt(*_):
+    # What was running is known now; once the interrupt unwinds the run, it no longer is.
+    _INTERRUPTED_WHILE.append(_RUNNING[-1].phase if _RUNNING else "starting")
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_logging("master", a.log_level, a.log_format)
-    signal.signal(signal.SIGTERM, _raise_interrupt)   # a clean shutdown (local worker reaped) on kill
+    for sig in (signal.SIGTERM, signal.SIGINT):   # a clean shutdown (local worker reaped) that says what it stopped
+        signal.signal(sig, _raise_interrupt)
     try:
         summary = asyncio.run(run(a))
     except KeyboardInterrupt:
-        log.info("interrupted")
+        if not _INTERRUPTED_WHILE:   # Ctrl-C: Python raised it, not our handler
+            _INTERRUPTED_WHILE.append(_RUNNING[-1].phase if _RUNNING else "starting")
+        where = f" while {_INTERRUPTED_WHILE[0]}"
+        log.warning("stopped%s (Ctrl-C or SIGTERM); the experiment folder keeps what was written", where)
         return 130
     except HeteroPSError as exc:
         log.error("%s", exc)

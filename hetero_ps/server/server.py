@@ -59,6 +59,7 @@ class ServerConfig:
     straggler_warn_s: float = 10.0     # log who we are waiting for after this long in a step
     worker_batch_sizes: dict[int, int] = field(default_factory=dict)   # rank -> fixed batch size
     experiment: str = ""               # experiment name (for the welcome and logs)
+    eval_samples: int = 0              # evaluate on at most this many samples (0: the whole eval split)
 
 
 class ParameterServer:
@@ -72,7 +73,8 @@ class ParameterServer:
         if job.max_steps:
             self.total_steps = min(self.total_steps, job.max_steps)
         self.state = ModelState(job, self.info, self.total_steps)
-        self.evaluator = Evaluator(job, self.state.model, self.eval_set, self.train_set)
+        self.evaluator = Evaluator(job, self.state.model, self.eval_set, self.train_set, cfg.eval_samples)
+        self.training = False
         policy = job.policy if job.load_balancing else "uniform"
         self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval,
                                    fixed_sizes=cfg.worker_batch_sizes)
@@ -108,8 +110,18 @@ class ParameterServer:
                  self.total_steps, self.job.sync.upper())
 
     async def close(self) -> None:
+        self.evaluator.stop()
         if self._server:
             await self._server.close()
+
+    @property
+    def phase(self) -> str:
+        """What the master is doing, in words (for "stopped while ...")."""
+        if self.evaluator.running:
+            return f"evaluating after step {self.step}"
+        if self.training:
+            return f"training (step {self.step} of {self.total_steps})"
+        return f"waiting for workers ({len(self.ready_workers())} of {self.cfg.expected_workers} ready)"
 
     async def _on_hello(self, conn: Any, hello: dict[str, Any]) -> dict[str, Any]:
         self.admission.check_version(hello)
@@ -320,6 +332,8 @@ class ParameterServer:
         if not self.job.eval_every_epoch:
             return
         step = self.step
+        log.info("epoch %d/%d: evaluating on %s eval samples", epoch + 1, self.job.epochs,
+                 min(self.cfg.eval_samples, len(self.eval_set)) if self.cfg.eval_samples else len(self.eval_set))
         loss, acc, eval_s = await self.evaluator.score(self.state.model)
         self.records.add_epoch(EpochRecord(epoch=epoch, step=step, eval_loss=loss, eval_accuracy=acc,
                                            eval_s=eval_s, elapsed_s=time.time() - self.records.started))
@@ -337,6 +351,7 @@ class ParameterServer:
     async def train(self) -> dict[str, Any]:
         """Run the whole job; returns the summary (``summary.json``)."""
         await self.wait_for_workers(self.cfg.expected_workers)
+        self.training = True
         t0 = time.perf_counter()
         loop = BSPLoop(self) if self.job.sync == "bsp" else AsyncLoop(self)
         epochs = await loop.run()

@@ -24,6 +24,7 @@ a NaN is reported and never silently applied.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -152,8 +153,17 @@ def _accuracy_counts(task: str, out, x, y) -> tuple[int, int] | None:
     return None
 
 
+class EvaluationStopped(Exception):
+    """``stop`` was set while evaluating (the master is shutting down); the result is not known."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise EvaluationStopped()
+
+
 def recalibrate_batchnorm(model: torch.nn.Module, data, batches: int = 20, batch_size: int = 256,
-                          device=None, seed: int = 0) -> bool:
+                          device=None, seed: int = 0, stop: threading.Event | None = None) -> bool:
     """Re-estimate BatchNorm running statistics with the current weights ("precise BN").
 
     Resets every BatchNorm's running mean/var, then averages the batch statistics of up to
@@ -176,6 +186,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, data, batches: int = 20, batch
         model.train()
         with torch.no_grad():
             for s in range(0, len(order), batch_size):
+                _check(stop)   # between batches: a shutdown never waits for the whole pass
                 x, y = collate(data, order[s:s + batch_size])
                 _forward(model, task, to_device(x, device), to_device(y, device))
     finally:
@@ -186,21 +197,23 @@ def recalibrate_batchnorm(model: torch.nn.Module, data, batches: int = 20, batch
 
 
 def evaluate(model: torch.nn.Module, eval_set, batch_size: int = 256, job=None, *, device=None,
-             calib_set=None, max_samples: int = 0) -> tuple[float, float | None]:
+             calib_set=None, max_samples: int = 0, stop: threading.Event | None = None) -> tuple[float, float | None]:
     """``(mean loss, accuracy)`` of ``model`` on ``eval_set`` (accuracy None when not meaningful).
 
     Accuracy is top-1 for classification and next-token accuracy for language models. With
     ``calib_set`` (the training set) BatchNorm statistics are first re-estimated on it
     (``recalibrate_batchnorm``); without it the model's own running statistics are used.
-    ``max_samples`` > 0 evaluates only the first that many samples. The model's train/eval mode is
-    restored afterwards; gradients are untouched.
+    ``max_samples`` > 0 evaluates only the first that many samples (and re-estimates BatchNorm on
+    about as many). Setting ``stop`` makes it raise :class:`EvaluationStopped` before the next batch.
+    The model's train/eval mode is restored afterwards; gradients are untouched.
     """
     device = device or next(model.parameters()).device
     task = getattr(model, "hetero_ps_task", "plain")
     loss_fn = resolve_loss(job) if job is not None else None
     if calib_set is not None:
-        recalibrate_batchnorm(model, calib_set, batch_size=batch_size, device=device,
-                              seed=getattr(job, "seed", 0))
+        batches = 20 if max_samples <= 0 else max(1, math.ceil(max_samples / batch_size))
+        recalibrate_batchnorm(model, calib_set, batches=batches, batch_size=batch_size, device=device,
+                              seed=getattr(job, "seed", 0), stop=stop)
     n = len(eval_set) if max_samples <= 0 else min(max_samples, len(eval_set))
     if n == 0:
         raise ValueError("cannot evaluate on an empty data set")
@@ -210,6 +223,7 @@ def evaluate(model: torch.nn.Module, eval_set, batch_size: int = 256, job=None, 
     try:
         with torch.no_grad():
             for s in range(0, n, batch_size):
+                _check(stop)
                 idx = np.arange(s, min(n, s + batch_size))
                 x, y = collate(eval_set, idx)
                 x, y = to_device(x, device), to_device(y, device)
