@@ -7,6 +7,7 @@ functions too: a lazy import still ties two modules together.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,29 @@ def test_reach_in_finder_flags_a_reach_in(tmp_path):
     src.write_text("import torch\nclass A:\n    def f(self, ps):\n        self._ok = torch._C\n        return ps._event\n")
     found = _reach_ins(src)
     assert len(found) == 1 and found[0].endswith("ps._event")
+
+
+DOC = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+
+
+def _doc_section(name: str) -> str:
+    begin, end = f"<!-- {name}: begin", f"<!-- {name}: end -->"
+    return DOC[DOC.index(begin):DOC.index(end)]
+
+
+def test_the_layers_table_in_the_docs_is_the_contract_enforced_here():
+    rows = [line.split("|")[1:3] for line in _doc_section("layers").splitlines() if line.startswith("| `")]
+    documented = {room.strip().strip("`"): {d.strip().strip("`") for d in deps.split(",") if d.strip() != "—"}
+                  for room, deps in rows}
+    assert documented == ALLOWED
+
+
+def test_every_module_is_in_the_docs_and_every_file_the_docs_name_exists():
+    section = _doc_section("modules")
+    named = set(re.findall(r"`(hetero_ps/[\w/.]+)`", section))
+    files = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+             if p.name != "__init__.py" or len(p.read_text(encoding="utf-8").strip().splitlines()) > 1}
+    assert files - named == set(), "add these to docs/ARCHITECTURE.md's module table"
+    missing = sorted(p for p in set(re.findall(r"`((?:hetero_ps|tests|csrc|scripts)/[\w/.]+\.\w+)`", DOC))
+                     if not (PACKAGE.parent / p).exists())
+    assert missing == [], "docs/ARCHITECTURE.md names files that do not exist"
