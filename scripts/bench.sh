@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark for real (the issues' sizes, several repeats) and writes benchmarks/RESULTS.md
-# with this machine's description. Extra arguments go to pytest (e.g. scripts/bench.sh -k transport).
+# with this machine's description. Extra arguments go to pytest (e.g. scripts/bench.sh -k transport);
+# such a partial run writes benchmarks/RESULTS.partial.md instead.
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 ensure_venv
@@ -9,5 +10,9 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 HETERO_PS_BENCH_FULL=1 HETERO_PS_BENCH_OUT="$out" "$PYTHON" -m pytest -p no:cacheprovider -s \
   --benchmark-disable benchmarks "$@"
-"$PYTHON" -m benchmarks.render_results "$out" benchmarks/RESULTS.md
-echo "[bench] wrote benchmarks/RESULTS.md"
+# A run of selected benchmarks (any pytest argument) must not replace the tracked table with its
+# few rows: it goes beside it, untracked.
+dest=benchmarks/RESULTS.md
+if [ $# -gt 0 ]; then dest=benchmarks/RESULTS.partial.md; fi
+"$PYTHON" -m benchmarks.render_results "$out" "$dest"
+echo "[bench] wrote $dest"
