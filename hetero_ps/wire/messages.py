@@ -24,7 +24,7 @@ from hetero_ps.wire.protocol import PROTOCOL_VERSION, MsgType
 __all__ = [
     "NONCE_BYTES", "MAC_BYTES", "CODEC_PARAM_KEYS", "MESSAGES", "WireMessage",
     "Hello", "Challenge", "Auth", "Welcome", "ControlWelcome", "Schedule", "Push", "Params", "Pull",
-    "Metrics", "Heartbeat", "Error", "Bye", "Control", "parse",
+    "Metrics", "Heartbeat", "Error", "Bye", "Control", "parse", "push_from_codec", "params_from_codec",
 ]
 
 NONCE_BYTES = 32
