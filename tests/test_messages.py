@@ -193,3 +193,37 @@ def test_protocol_doc_lists_exactly_the_fields_of_each_message():
     assert set(by_class) >= set(MESSAGES.values())
     for cls, keys in by_class.items():
         assert keys == set(cls.wire_fields()), f"{cls.__name__}: PROTOCOL.md lists {sorted(keys)}"
+
+
+def test_a_worker_names_the_malformed_field_to_its_master_and_stops():
+    """A WELCOME without ``numel``: the worker raises the named error and tells the master why."""
+    import asyncio
+
+    from hetero_ps.wire.transport import start_server
+    from hetero_ps.worker.worker import Worker, WorkerConfig
+
+    seen = []
+    received = asyncio.Event()
+
+    async def on_hello(conn, hello):
+        seen.append(Hello.from_fields(hello))
+        return {k: v for k, v in SAMPLES["WELCOME"][1].items() if k != "numel"}
+
+    async def on_connection(conn):
+        seen.append(await conn.recv(timeout=10))
+        received.set()
+
+    async def scenario():
+        async with await start_server("127.0.0.1", 0, token="t", on_hello=on_hello,
+                                      on_connection=on_connection) as srv:
+            worker = Worker(WorkerConfig(master_port=srv.port, token="t", device="cpu", calibrate=False,
+                                         connect_timeout=10))
+            with pytest.raises(RemoteProtocolError, match=r"^WELCOME\.numel: required field is missing"):
+                await worker.run()
+            await asyncio.wait_for(received.wait(), 10)   # the master's handler got the ERROR frame
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    hello, error = seen
+    assert hello.rank == -1 and hello.device == "cpu" and hello.profile
+    assert error.type == MsgType.ERROR
+    assert Error.from_header(error.header) == Error("protocol_error", "rank -1: WELCOME.numel: required field is missing")
