@@ -226,4 +226,5 @@ def test_a_worker_names_the_malformed_field_to_its_master_and_stops():
     hello, error = seen
     assert hello.rank == -1 and hello.device == "cpu" and hello.profile
     assert error.type == MsgType.ERROR
-    assert Error.from_header(error.header) == Error("protocol_error", "rank -1: WELCOME.numel: required field is missing")
+    expected = Error("protocol_error", "rank -1: WELCOME.numel: required field is missing")
+    assert Error.from_header(error.header) == expected

@@ -15,8 +15,8 @@ import math
 import os
 import sys
 
-from hetero_ps.wire import transport
 from hetero_ps.errors import HeteroPSError, RemoteProtocolError
+from hetero_ps.wire import transport
 from hetero_ps.wire.messages import Bye, Control, ControlWelcome, Hello
 from hetero_ps.wire.protocol import MsgType, raise_if_error
 

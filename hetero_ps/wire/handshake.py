@@ -29,8 +29,16 @@ from hetero_ps.wire.protocol import PROTOCOL_VERSION, Message, MsgType, raise_if
 if TYPE_CHECKING:
     from hetero_ps.wire.transport import Connection
 
-__all__ = ["NONCE_BYTES", "CLIENT_LABEL", "SERVER_LABEL", "client_mac", "server_mac", "token_bytes",
-           "client_handshake", "ServerSide"]
+__all__ = [
+    "CLIENT_LABEL",
+    "NONCE_BYTES",
+    "SERVER_LABEL",
+    "ServerSide",
+    "client_handshake",
+    "client_mac",
+    "server_mac",
+    "token_bytes",
+]
 
 log = logging.getLogger(__name__)
 

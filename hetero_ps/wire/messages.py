@@ -15,24 +15,41 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import hetero_ps
 from hetero_ps.errors import RemoteProtocolError
 from hetero_ps.wire.protocol import PROTOCOL_VERSION, MsgType
 
 __all__ = [
-    "NONCE_BYTES", "MAC_BYTES", "CODEC_PARAM_KEYS", "MESSAGES", "WireMessage",
-    "Hello", "Challenge", "Auth", "Welcome", "ControlWelcome", "Schedule", "Push", "Params", "Pull",
-    "Metrics", "Heartbeat", "Error", "Bye", "Control", "parse", "push_from_codec", "params_from_codec",
+    "CODEC_PARAM_KEYS",
+    "MAC_BYTES",
+    "MESSAGES",
+    "NONCE_BYTES",
+    "Auth",
+    "Bye",
+    "Challenge",
+    "Control",
+    "ControlWelcome",
+    "Error",
+    "Heartbeat",
+    "Hello",
+    "Metrics",
+    "Params",
+    "Pull",
+    "Push",
+    "Schedule",
+    "Welcome",
+    "WireMessage",
+    "params_from_codec",
+    "parse",
+    "push_from_codec",
 ]
 
 NONCE_BYTES = 32
 MAC_BYTES = 32                      # HMAC-SHA256
 CODEC_PARAM_KEYS = ("block", "k")   # a codec's own parameters in PUSH/PARAMS (int8's block, topk's k)
 _U64 = 2**64 - 1
-
-M = TypeVar("M", bound="WireMessage")
 
 
 # -- field readers: each names MSG.field in its error ------------------------------------------------
@@ -138,7 +155,7 @@ class WireMessage:
     TYPE: ClassVar[MsgType]
 
     @classmethod
-    def from_header(cls: type[M], header: Mapping[str, Any]) -> M:
+    def from_header(cls, header: Mapping[str, Any]) -> Self:
         raise NotImplementedError
 
     def to_header(self) -> dict[str, Any]:

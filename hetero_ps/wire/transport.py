@@ -40,7 +40,14 @@ from hetero_ps.errors import (
     UnknownMessage,
     VersionMismatch,
 )
-from hetero_ps.wire.handshake import NONCE_BYTES, ServerSide, client_handshake, client_mac, server_mac, token_bytes
+from hetero_ps.wire.handshake import (
+    NONCE_BYTES,
+    ServerSide,
+    client_handshake,
+    client_mac,
+    server_mac,
+    token_bytes,
+)
 from hetero_ps.wire.messages import ControlWelcome, Error, Hello, Welcome
 from hetero_ps.wire.protocol import (
     DEFAULT_LIMITS,
@@ -54,8 +61,19 @@ from hetero_ps.wire.protocol import (
     raise_if_error,
 )
 
-__all__ = ["Connection", "Server", "connect", "start_server", "raise_if_error", "client_mac", "server_mac",
-           "configure_socket", "default_payload_checksum", "SOCKET_BUFFER_BYTES", "NONCE_BYTES"]
+__all__ = [
+    "NONCE_BYTES",
+    "SOCKET_BUFFER_BYTES",
+    "Connection",
+    "Server",
+    "client_mac",
+    "configure_socket",
+    "connect",
+    "default_payload_checksum",
+    "raise_if_error",
+    "server_mac",
+    "start_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -612,10 +630,10 @@ async def start_server(host: str, port: int, *, token: str | bytes, on_hello: On
     """Listen on ``host:port`` (port 0 picks a free one: see ``Server.port``).
 
     For each client: the handshake (bounded by ``limits.handshake_timeout``), then
-    ``await on_hello(conn, hello_fields)`` returns the WELCOME fields, a dict or a ``messages.Welcome`` /
-    ``ControlWelcome`` (``hello_fields`` is HELLO without its nonce: ``Hello.from_fields`` reads it; raise ``RemoteError`` to refuse
-    with an ERROR frame; the client reads WELCOME before authenticating it, so it must fit in
-    ``limits.max_unauth_header_bytes``), then ``on_connection(conn)`` runs in that connection's task.
+    ``await on_hello(conn, hello_fields)`` returns the WELCOME fields: a dict, a ``messages.Welcome``
+    or a ``messages.ControlWelcome``. ``hello_fields`` is HELLO without its nonce (``Hello.from_fields``
+    reads it). Raise ``RemoteError`` to refuse with an ERROR frame. The client reads WELCOME before
+    authenticating it, so it must fit in ``limits.max_unauth_header_bytes``. Then ``on_connection(conn)`` runs in that connection's task.
     Once ``on_hello`` has returned, ``on_connection`` always runs, even if the WELCOME could not be
     delivered (it then finds the connection closed), so clean-up in it is reliable. An exception in
     it is logged and closes that connection only.

@@ -23,16 +23,37 @@ import numpy as np
 import psutil
 import torch
 
-from hetero_ps.wire import codecs, transport
 from hetero_ps.config import JobConfig
-from hetero_ps.errors import ConfigError, ConnectionClosed, HeteroPSError, RemoteProtocolError, TransportError
-from hetero_ps.worker.pacing import BandwidthPacer
+from hetero_ps.errors import (
+    ConfigError,
+    ConnectionClosed,
+    HeteroPSError,
+    RemoteProtocolError,
+    TransportError,
+)
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
 from hetero_ps.training.flat import chunk_layout
-from hetero_ps.wire.messages import Bye, Control, Heartbeat, Hello, Metrics, Params, Schedule, Welcome, push_from_codec
+from hetero_ps.wire import codecs, transport
+from hetero_ps.wire.messages import (
+    Bye,
+    Control,
+    Heartbeat,
+    Hello,
+    Metrics,
+    Params,
+    Schedule,
+    Welcome,
+    push_from_codec,
+)
 from hetero_ps.wire.protocol import MsgType, raise_if_error
-from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_profile, resolve_device
+from hetero_ps.worker.pacing import BandwidthPacer
+from hetero_ps.worker.profile import (
+    calibrate,
+    estimate_max_batch,
+    hardware_profile,
+    resolve_device,
+)
 
 log = logging.getLogger("hetero_ps.worker")
 
