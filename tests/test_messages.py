@@ -26,6 +26,7 @@ from hetero_ps.wire.messages import (
     Pull,
     Push,
     Schedule,
+    StepReport,
     Welcome,
     params_from_codec,
     push_from_codec,
@@ -33,6 +34,11 @@ from hetero_ps.wire.messages import (
 from hetero_ps.wire.protocol import MsgType
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
+
+REPORT = {"loss": 0.5, "samples": 64, "compute_s": 0.25, "encode_s": 0.01, "push_s": 0.02, "bytes_out": 4096,
+          "nonfinite": False, "version": 6, "wait_s": 0.1, "pull_s": 0.03, "bytes_in": 4096,
+          "util": {"cpu_util": 90.0, "mem_bytes": 1 << 30, "gpu_util": None, "gpu_mem_bytes": None}}
+REPORT_HEADING = "METRICS `report`"
 
 # One header per docs/PROTOCOL.md section 5.2 heading, as hetero_ps sends it, with every key set.
 SAMPLES = {
@@ -51,7 +57,7 @@ SAMPLES = {
                         "codec_id": 4, "block": 64, "k": 10}),
     "PULL": (Pull, {}),
     "METRICS (ready)": (Metrics, {"ready": True, "probe": {"probe_samples_per_s": 900.0, "max_batch": 0}}),
-    "METRICS (report)": (Metrics, {"step": 7, "attempt": 1, "report": {"loss": 0.5, "samples": 64}}),
+    "METRICS (report)": (Metrics, {"step": 7, "attempt": 1, "report": REPORT}),
     "HEARTBEAT": (Heartbeat, {"t": 1.7e9}),
     "ERROR": (Error, {"code": "auth_failed", "message": "wrong token"}),
     "BYE": (Bye, {"reason": "training finished"}),
@@ -111,6 +117,7 @@ def test_a_field_of_the_wrong_type_is_named(cls, header):
 
 def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():
     tables = _doc_tables()
+    tables.pop(REPORT_HEADING)
     for heading, (cls, header) in SAMPLES.items():
         name = cls.TYPE.name
         required = {k for k, _, req in tables[heading] if req}
@@ -180,8 +187,23 @@ def test_a_codec_field_the_messages_do_not_declare_is_refused_when_sending():
                         numel=4, codec="int8")
 
 
+def test_a_step_report_names_its_bad_field():
+    assert StepReport.from_map(REPORT).to_map() == REPORT
+    assert list(StepReport.from_map(REPORT).to_map()) == list(REPORT)
+    assert StepReport.from_map({**REPORT, "loss": float("nan"), "nonfinite": True}).nonfinite
+    with pytest.raises(RemoteProtocolError, match=r"^METRICS\.report\.compute_s: expected a finite number >= 0"):
+        Metrics.from_header({"step": 1, "attempt": 0, "report": {**REPORT, "compute_s": -1.0}})
+    with pytest.raises(RemoteProtocolError, match=r"^METRICS\.report\.bytes_in: required field is missing"):
+        StepReport.from_map({k: v for k, v in REPORT.items() if k != "bytes_in"})
+    with pytest.raises(RemoteProtocolError, match=r"^METRICS\.report\.util: expected a map"):
+        StepReport.from_map({**REPORT, "util": 3})
+
+
 def test_protocol_doc_lists_exactly_the_fields_of_each_message():
     tables = _doc_tables()
+    report_rows = tables.pop(REPORT_HEADING)
+    assert [k for k, _, _ in report_rows] == [f for f in StepReport.__dataclass_fields__]
+    assert all(required for _, _, required in report_rows)
     assert set(tables) == set(SAMPLES), "every 5.2 heading has a sample here, and the other way round"
     by_class: dict[type, set[str]] = {}
     for heading, rows in tables.items():

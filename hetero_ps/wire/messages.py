@@ -39,6 +39,7 @@ __all__ = [
     "Pull",
     "Push",
     "Schedule",
+    "StepReport",
     "Welcome",
     "WireMessage",
     "params_from_codec",
@@ -78,11 +79,13 @@ def _opt_int(h: Mapping[str, Any], msg: str, key: str, lo: int = 0, hi: int = _U
     return None if h.get(key) is None else _int(h, msg, key, lo, hi)
 
 
-def _float(h: Mapping[str, Any], msg: str, key: str, lo: float = -math.inf) -> float:
+def _float(h: Mapping[str, Any], msg: str, key: str, lo: float = -math.inf, *, finite: bool = True) -> float:
     if key not in h:
         raise _missing(msg, key)
     v = h[key]
-    if type(v) not in (int, float) or not math.isfinite(v) or v < lo:
+    if type(v) not in (int, float):
+        raise _fail(msg, key, "expected a number", v)
+    if finite and (not math.isfinite(v) or v < lo):
         raise _fail(msg, key, f"expected a finite number >= {lo}", v)
     return float(v)
 
@@ -427,6 +430,38 @@ class Pull(WireMessage):
 
 
 @dataclass(frozen=True)
+class StepReport:
+    """METRICS' ``report``: what a worker measured for one assignment. ``wait_s``, ``pull_s`` and
+    ``bytes_in`` are about the interval before it (from its previous push until this SCHEDULE)."""
+
+    loss: float                # mean loss over the slice; NaN or Inf when it was
+    samples: int
+    compute_s: float
+    encode_s: float
+    push_s: float
+    bytes_out: int
+    nonfinite: bool            # the loss or the gradient held a NaN or Inf
+    version: int               # the parameter version computed on
+    wait_s: float
+    pull_s: float
+    bytes_in: int
+    util: dict[str, Any]       # cpu_util, mem_bytes, gpu_util, gpu_mem_bytes (None when unknown)
+
+    def to_map(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_map(cls, report: Mapping[str, Any], where: str = "METRICS.report") -> StepReport:
+        r = _as_map(report, where)
+        return cls(loss=_float(r, where, "loss", finite=False), samples=_int(r, where, "samples"),
+                   compute_s=_float(r, where, "compute_s", 0.0), encode_s=_float(r, where, "encode_s", 0.0),
+                   push_s=_float(r, where, "push_s", 0.0), bytes_out=_int(r, where, "bytes_out"),
+                   nonfinite=_bool(r, where, "nonfinite"), version=_int(r, where, "version"),
+                   wait_s=_float(r, where, "wait_s"), pull_s=_float(r, where, "pull_s", 0.0),
+                   bytes_in=_int(r, where, "bytes_in"), util=_map(r, where, "util"))
+
+
+@dataclass(frozen=True)
 class Metrics(WireMessage):
     """Worker -> server, two forms: ``ready`` + ``probe`` once after joining, then ``step`` +
     ``attempt`` + ``report`` after the last PUSH of every assignment."""
@@ -436,15 +471,16 @@ class Metrics(WireMessage):
     probe: dict[str, Any] | None = None     # calibration: probe_samples_per_s, probe_c_s, probe_r, max_batch
     step: int | None = None
     attempt: int | None = None
-    report: dict[str, Any] | None = None    # loss, samples, compute_s, ... (docs/PROTOCOL.md)
+    report: StepReport | None = None
 
     @property
     def is_ready(self) -> bool:
         return self.ready is not None
 
     def to_header(self) -> dict[str, Any]:
+        report = None if self.report is None else self.report.to_map()
         return _without_none([("ready", self.ready), ("probe", self.probe), ("step", self.step),
-                              ("attempt", self.attempt), ("report", self.report)])
+                              ("attempt", self.attempt), ("report", report)])
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Metrics:
@@ -452,7 +488,7 @@ class Metrics(WireMessage):
         if h.get("ready") is not None:
             return cls(ready=_bool(h, "METRICS", "ready"), probe=_opt_map(h, "METRICS", "probe") or {})
         return cls(step=_int(h, "METRICS", "step"), attempt=_int(h, "METRICS", "attempt"),
-                   report=_map(h, "METRICS", "report"))
+                   report=StepReport.from_map(_map(h, "METRICS", "report")))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from hetero_ps.wire.messages import (
     Metrics,
     Params,
     Schedule,
+    StepReport,
     Welcome,
     push_from_codec,
 )
@@ -308,10 +309,10 @@ class Worker:
             push_s += time.perf_counter() - tp
             nbytes += sent
         # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
-        report = {"loss": stats.loss, "samples": stats.count, "compute_s": compute_s, "encode_s": encode_s,
-                  "push_s": push_s, "bytes_out": nbytes, "nonfinite": bool(stats.nonfinite),
-                  "version": getattr(self, "version", 0), "wait_s": prev["wait_s"], "pull_s": prev["pull_s"],
-                  "bytes_in": prev["bytes_in"], "util": self._utilisation()}
+        report = StepReport(loss=float(stats.loss), samples=stats.count, compute_s=compute_s, encode_s=encode_s,
+                            push_s=push_s, bytes_out=nbytes, nonfinite=bool(stats.nonfinite),
+                            version=getattr(self, "version", 0), wait_s=prev["wait_s"], pull_s=prev["pull_s"],
+                            bytes_in=prev["bytes_in"], util=self._utilisation())
         await self.conn.send(MsgType.METRICS, Metrics(step=step, attempt=attempt, report=report).to_header())
         self._push_done_at = time.perf_counter()
         self.steps_done += 1
