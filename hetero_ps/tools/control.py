@@ -11,24 +11,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 
+from hetero_ps.errors import HeteroPSError, RemoteProtocolError
 from hetero_ps.wire import transport
-from hetero_ps.errors import HeteroPSError, RemoteError
-from hetero_ps.wire.protocol import MsgType
+from hetero_ps.wire.messages import Bye, Control, ControlWelcome, Hello
+from hetero_ps.wire.protocol import MsgType, raise_if_error
 
 
-async def send_control(host: str, port: int, token: str, rank: int, knobs: dict, timeout: float = 10.0) -> dict:
-    """Forward ``knobs`` to the worker of ``rank``; returns the master's acknowledgement header."""
-    conn, _ = await transport.connect(host, port, token=token, hello={"role": "control"}, timeout=timeout)
+async def send_control(host: str, port: int, token: str, rank: int, knobs: dict, timeout: float = 10.0) -> Control:
+    """Forward ``knobs`` (``Control.KNOBS``) to the worker of ``rank``; returns the master's acknowledgement."""
+    request = Control(rank=rank, **knobs)
+    conn, welcome = await transport.connect(host, port, token=token, hello=Hello(role="control"), timeout=timeout)
     try:
-        await conn.send(MsgType.CONTROL, {"rank": rank, **knobs})
-        reply = await conn.recv(timeout=timeout)
-        if reply.type == MsgType.ERROR:
-            raise RemoteError(reply.header.get("code", "error"), reply.header.get("message", ""))
-        await conn.send(MsgType.BYE, {"reason": "control done"})
-        return reply.header
+        ControlWelcome.from_header(welcome.header)
+        await conn.send(MsgType.CONTROL, request.to_header())
+        reply = raise_if_error(await conn.recv(timeout=timeout))
+        if reply.type != MsgType.CONTROL:
+            raise RemoteProtocolError(f"the master answered CONTROL with {reply.type.name}")
+        ack = Control.from_header(reply.header)
+        await conn.send(MsgType.BYE, Bye("control done").to_header())
+        return ack
     finally:
         await conn.close()
 
@@ -47,12 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                                ("simulate_bandwidth", a.simulate_bandwidth)) if v is not None}
     if not knobs:
         p.error("give at least one of --simulate-slowdown, --simulate-bandwidth")
+    # the worker refuses anything else (messages.Control), so say it here, before anything is sent
+    if not all(math.isfinite(v) for v in knobs.values()) or knobs.get("simulate_slowdown", 1.0) < 1.0 \
+            or knobs.get("simulate_bandwidth", 0.0) < 0.0:
+        p.error("--simulate-slowdown must be a number >= 1 and --simulate-bandwidth a number >= 0")
     try:
         ack = asyncio.run(send_control(a.master_addr, a.master_port, a.token, a.rank, knobs))
     except HeteroPSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"rank {ack.get('rank')}: {', '.join(f'{k}={v}' for k, v in knobs.items())} applied")
+    print(f"rank {ack.rank}: {', '.join(f'{k}={v}' for k, v in knobs.items())} applied")
     return 0
 
 

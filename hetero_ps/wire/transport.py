@@ -9,15 +9,8 @@ the caller's preallocated buffer), and sent with ``sendmsg`` of the frame's buff
 ``send`` returns only when the kernel holds the last byte, which is the back-pressure (a slow reader
 makes ``send`` wait, it never makes us buffer).
 
-Handshake (docs/PROTOCOL.md has the bytes)::
-
-    client                                   server
-    HELLO{protocol, software, client_nonce, ...}  ->
-                                             <-  CHALLENGE{server_nonce}
-    AUTH{mac = HMAC(token, "hetero_ps/v1/client" | server_nonce | client_nonce)}  ->
-                                             <-  WELCOME{server_mac = HMAC(token, "hetero_ps/v1/server"
-                                                          | client_nonce | server_nonce), ...}
-                                                 or ERROR{code, message} and close
+The handshake's exchange is in ``handshake.py``; here it is bounded in time and wired to the
+application's ``on_hello``.
 
 Timeouts: ``recv(timeout=...)`` bounds the idle wait for a frame's first byte; once it has started,
 the rest must arrive within ``Limits.frame_deadline(frame size)`` or the connection is closed (a
@@ -27,17 +20,13 @@ stalled or slow-loris peer). The handshake as a whole is bounded by ``Limits.han
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 
-import hetero_ps
 from hetero_ps.errors import (
-    AuthenticationError,
     ChecksumError,
     ConfigError,
     ConnectionClosed,
@@ -51,9 +40,17 @@ from hetero_ps.errors import (
     UnknownMessage,
     VersionMismatch,
 )
+from hetero_ps.wire.handshake import (
+    NONCE_BYTES,
+    ServerSide,
+    client_handshake,
+    client_mac,
+    server_mac,
+    token_bytes,
+)
+from hetero_ps.wire.messages import ControlWelcome, Error, Hello, Welcome
 from hetero_ps.wire.protocol import (
     DEFAULT_LIMITS,
-    PROTOCOL_VERSION,
     Frame,
     FrameDecoder,
     Limits,
@@ -64,15 +61,21 @@ from hetero_ps.wire.protocol import (
     raise_if_error,
 )
 
-__all__ = ["Connection", "Server", "connect", "start_server", "raise_if_error", "client_mac", "server_mac",
-           "configure_socket", "default_payload_checksum", "SOCKET_BUFFER_BYTES"]
+__all__ = [
+    "NONCE_BYTES",
+    "SOCKET_BUFFER_BYTES",
+    "Connection",
+    "Server",
+    "client_mac",
+    "configure_socket",
+    "connect",
+    "default_payload_checksum",
+    "raise_if_error",
+    "server_mac",
+    "start_server",
+]
 
 log = logging.getLogger(__name__)
-
-NONCE_BYTES = 32
-CLIENT_LABEL = b"hetero_ps/v1/client"
-SERVER_LABEL = b"hetero_ps/v1/server"
-
 
 def _socket_buffer_bytes() -> int:
     """SO_SNDBUF/SO_RCVBUF asked for every connection (Linux doubles it): ``HETERO_PS_SOCKET_BUFFER``,
@@ -101,24 +104,6 @@ _ERROR_CODES = (
     (UnknownMessage, "unknown_message"),
     (RemoteProtocolError, "protocol_error"),
 )
-
-
-def _token_bytes(token: str | bytes) -> bytes:
-    if isinstance(token, str):
-        return token.encode("utf-8")
-    if isinstance(token, (bytes, bytearray)):
-        return bytes(token)
-    raise TypeError(f"token must be a str or bytes, got {type(token).__name__}")
-
-
-def client_mac(token: str | bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    """HMAC-SHA256(token, b"hetero_ps/v1/client" + server_nonce + client_nonce): the AUTH proof."""
-    return hmac.new(_token_bytes(token), CLIENT_LABEL + server_nonce + client_nonce, hashlib.sha256).digest()
-
-
-def server_mac(token: str | bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """HMAC-SHA256(token, b"hetero_ps/v1/server" + client_nonce + server_nonce): the WELCOME proof."""
-    return hmac.new(_token_bytes(token), SERVER_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
 
 
 def configure_socket(sock: socket.socket, buffer_bytes: int | None = None) -> None:
@@ -206,7 +191,8 @@ class Connection:
     def authenticated(self) -> bool:
         return self._dec.authenticated
 
-    def _authenticate(self) -> None:
+    def mark_authenticated(self) -> None:
+        """The handshake succeeded: from now on the full (authenticated) limits apply."""
         self._dec.authenticated = True
 
     def set_payload_allocator(self, fn: PayloadAllocator | None) -> None:
@@ -292,7 +278,7 @@ class Connection:
         """Send ERROR{code, message} (best effort, bounded in time) and close the connection."""
         if not self._closed:
             try:
-                await self.send(MsgType.ERROR, {"code": str(code), "message": str(message)},
+                await self.send(MsgType.ERROR, Error(str(code), str(message)).to_header(),
                                 timeout=_ERROR_SEND_TIMEOUT)
                 await self._linger()
             except (TransportError, ProtocolError) as exc:
@@ -474,30 +460,18 @@ async def _open_socket(host: str, port: int) -> socket.socket:
     raise ConnectionClosed(f"cannot connect to {host}:{port}: {last}")
 
 
-def _expect(msg: Message, mtype: MsgType, peer: str) -> Message:
-    raise_if_error(msg)
-    if msg.type != mtype:
-        raise RemoteProtocolError(f"{peer} sent {msg.type.name} during the handshake where {mtype.name} was due")
-    return msg
-
-
-def _nonce(header: dict, key: str, what: str) -> bytes:
-    v = header.get(key)
-    if not isinstance(v, bytes) or len(v) != NONCE_BYTES:
-        raise RemoteProtocolError(f"{what} must carry {key!r}: {NONCE_BYTES} bytes (msgpack bin)")
-    return v
-
-
-async def connect(host: str, port: int, *, token: str | bytes, hello: dict, limits: Limits = DEFAULT_LIMITS,
+async def connect(host: str, port: int, *, token: str | bytes, hello: Hello | dict, limits: Limits = DEFAULT_LIMITS,
                   timeout: float = 10.0) -> tuple[Connection, Message]:
     """Connect, authenticate both ways and return ``(connection, WELCOME message)``.
 
-    ``hello`` adds the caller's fields to HELLO (rank, host, profile...). Raises ``RemoteError`` if
+    ``hello`` adds the caller's fields to HELLO: a ``messages.Hello`` (its ``caller_fields()``), or a
+    dict of them (rank, host, profile...; keys it does not declare travel too). Raises ``RemoteError`` if
     the server refuses (``code`` ``auth_failed`` for a wrong token, ``version_mismatch``, or what its
     ``on_hello`` raised), ``AuthenticationError`` if the server cannot prove it knows the token,
     ``TransportTimeout`` after ``timeout`` seconds, ``ConnectionClosed`` if it cannot connect.
     """
-    reserved = {"protocol", "software", "client_nonce"} & set(hello)
+    caller = hello.caller_fields() if isinstance(hello, Hello) else dict(hello)
+    reserved = {"protocol", "software", "client_nonce"} & set(caller)
     if reserved:
         raise LocalProtocolError(f"HELLO fields {sorted(reserved)} are set by the transport")
     conn: Connection | None = None
@@ -506,22 +480,10 @@ async def connect(host: str, port: int, *, token: str | bytes, hello: dict, limi
         async with asyncio.timeout(timeout) as cm:
             sock = await _open_socket(host, port)
             conn = Connection(sock, peer=f"{host}:{port}", limits=limits, authenticated=False)
-            cn = os.urandom(NONCE_BYTES)
-            await conn.send(MsgType.HELLO, {**hello, "protocol": PROTOCOL_VERSION,
-                                            "software": hetero_ps.__version__, "client_nonce": cn})
-            ch = _expect(await conn.recv(), MsgType.CHALLENGE, conn.peer)
-            sn = _nonce(ch.header, "server_nonce", "CHALLENGE")
-            await conn.send(MsgType.AUTH, {"mac": client_mac(token, sn, cn)})
-            w = _expect(await conn.recv(), MsgType.WELCOME, conn.peer)
-            header = dict(w.header)
-            proof = header.pop("server_mac", None)
-            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, server_mac(token, cn, sn)):
-                raise AuthenticationError(
-                    f"the server at {host}:{port} accepted us but could not prove it knows the token: it is not "
-                    "the hetero_ps master you meant, or it was started with a different token")
-            conn._authenticate()
+            welcome = await client_handshake(conn, token, caller)
+            conn.mark_authenticated()
             ok = True
-            return conn, Message(MsgType.WELCOME, header, w.segments)
+            return conn, Message(MsgType.WELCOME, welcome)
     except TimeoutError:
         if not cm.expired():
             raise
@@ -534,7 +496,7 @@ async def connect(host: str, port: int, *, token: str | bytes, hello: dict, limi
 
 # -- server ----------------------------------------------------------------------------------------
 
-OnHello = Callable[[Connection, dict], Awaitable[dict]]
+OnHello = Callable[[Connection, dict], Awaitable["dict | Welcome | ControlWelcome"]]
 OnConnection = Callable[[Connection], Awaitable[None]]
 
 
@@ -544,7 +506,7 @@ class Server:
     def __init__(self, lsock: socket.socket, *, token: str | bytes, on_hello: OnHello,
                  on_connection: OnConnection, limits: Limits):
         self._lsock = lsock
-        self._token = _token_bytes(token)
+        self._token = token_bytes(token)
         self._on_hello = on_hello
         self._on_connection = on_connection
         self.limits = limits
@@ -638,43 +600,22 @@ class Server:
         lim = self.limits
         try:
             async with asyncio.timeout(lim.handshake_timeout):
-                hello = await conn.recv()
-                if hello.type != MsgType.HELLO:
-                    await conn.send_error("protocol_error", f"expected HELLO, got {hello.type.name}")
-                    return False
-                h = hello.header
-                if h.get("protocol") != PROTOCOL_VERSION:
-                    await conn.send_error("version_mismatch", f"the peer announces protocol version "
-                                          f"{h.get('protocol')!r}, this server speaks version {PROTOCOL_VERSION}")
-                    return False
-                cn = h.get("client_nonce")
-                if not isinstance(cn, bytes) or len(cn) != NONCE_BYTES:
-                    await conn.send_error("protocol_error", f"HELLO must carry client_nonce: {NONCE_BYTES} bytes")
-                    return False
-                sn = os.urandom(NONCE_BYTES)
-                await conn.send(MsgType.CHALLENGE, {"server_nonce": sn})
-                auth = await conn.recv()
-                if auth.type != MsgType.AUTH:
-                    await conn.send_error("protocol_error", f"expected AUTH, got {auth.type.name}")
-                    return False
-                mac = auth.header.get("mac")
-                if not isinstance(mac, bytes) or not hmac.compare_digest(mac, client_mac(self._token, sn, cn)):
-                    log.warning("rejected %s (host %r): wrong token", conn.peer, h.get("host"))
-                    await conn.send_error("auth_failed", "wrong token: the master rejected this node's HMAC proof; "
-                                          "set HETERO_PS_TOKEN (or --token) to the master's token")
+                side = ServerSide(conn, self._token)
+                if not await side.exchange():
                     return False
         except TimeoutError:
             log.warning("no complete handshake from %s within %s s; closing", conn.peer, lim.handshake_timeout)
             await conn.send_error("handshake_timeout", f"no complete handshake within {lim.handshake_timeout} s")
             return False
-        conn._authenticate()
-        fields = {k: v for k, v in h.items() if k != "client_nonce"}
-        welcome = await self._on_hello(conn, fields)
+        conn.mark_authenticated()
+        welcome = await self._on_hello(conn, side.hello_fields)
         welcome = {} if welcome is None else welcome
+        if isinstance(welcome, (Welcome, ControlWelcome)):
+            welcome = welcome.to_header()
         if not isinstance(welcome, dict) or "server_mac" in welcome:
             raise LocalProtocolError("on_hello must return a dict without the key 'server_mac'")
         try:
-            await conn.send(MsgType.WELCOME, {**welcome, "server_mac": server_mac(self._token, cn, sn)},
+            await conn.send(MsgType.WELCOME, side.welcome_header(welcome),
                             timeout=lim.handshake_timeout)
         except TransportError as exc:
             # on_hello has admitted the peer: on_connection still runs, finds the connection closed
@@ -689,9 +630,10 @@ async def start_server(host: str, port: int, *, token: str | bytes, on_hello: On
     """Listen on ``host:port`` (port 0 picks a free one: see ``Server.port``).
 
     For each client: the handshake (bounded by ``limits.handshake_timeout``), then
-    ``await on_hello(conn, hello_fields)`` returns the WELCOME fields (raise ``RemoteError`` to refuse
-    with an ERROR frame; the client reads WELCOME before authenticating it, so it must fit in
-    ``limits.max_unauth_header_bytes``), then ``on_connection(conn)`` runs in that connection's task.
+    ``await on_hello(conn, hello_fields)`` returns the WELCOME fields: a dict, a ``messages.Welcome``
+    or a ``messages.ControlWelcome``. ``hello_fields`` is HELLO without its nonce (``Hello.from_fields``
+    reads it). Raise ``RemoteError`` to refuse with an ERROR frame. The client reads WELCOME before
+    authenticating it, so it must fit in ``limits.max_unauth_header_bytes``. Then ``on_connection(conn)`` runs in that connection's task.
     Once ``on_hello`` has returned, ``on_connection`` always runs, even if the WELCOME could not be
     delivered (it then finds the connection closed), so clean-up in it is reliable. An exception in
     it is logged and closes that connection only.

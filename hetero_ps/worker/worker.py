@@ -23,15 +23,38 @@ import numpy as np
 import psutil
 import torch
 
-from hetero_ps.wire import codecs, transport
 from hetero_ps.config import JobConfig
-from hetero_ps.errors import ConfigError, ConnectionClosed, HeteroPSError, RemoteError, TransportError
-from hetero_ps.worker.pacing import BandwidthPacer
+from hetero_ps.errors import (
+    ConfigError,
+    ConnectionClosed,
+    HeteroPSError,
+    RemoteProtocolError,
+    TransportError,
+)
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
 from hetero_ps.training.flat import chunk_layout
-from hetero_ps.wire.protocol import MsgType
-from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_profile, resolve_device
+from hetero_ps.wire import codecs, transport
+from hetero_ps.wire.messages import (
+    Bye,
+    Control,
+    Heartbeat,
+    Hello,
+    Metrics,
+    Params,
+    Schedule,
+    StepReport,
+    Welcome,
+    push_from_codec,
+)
+from hetero_ps.wire.protocol import MsgType, raise_if_error
+from hetero_ps.worker.pacing import BandwidthPacer
+from hetero_ps.worker.profile import (
+    calibrate,
+    estimate_max_batch,
+    hardware_profile,
+    resolve_device,
+)
 
 log = logging.getLogger("hetero_ps.worker")
 
@@ -55,7 +78,7 @@ class WorkerConfig:
     log_format: str = "plain"          # plain | json (progress output)
 
 
-async def connect_with_retry(cfg: WorkerConfig, hello: dict) -> tuple[transport.Connection, object]:
+async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport.Connection, object]:
     """Connect to the master, retrying with exponential backoff until ``connect_timeout``.
 
     Refused or unreachable addresses are retried (the master may still be starting); a wrong
@@ -107,45 +130,54 @@ class Worker:
         from hetero_ps.training.flat import FlatParams
         from hetero_ps.training.trainer import LocalTrainer
 
-        hello = {"rank": self.cfg.rank, "host": socket.gethostname(), "device": self.device,
-                 "profile": hardware_profile(self.device)}
+        hello = Hello(rank=self.cfg.rank, host=socket.gethostname(), device=self.device,
+                      profile=hardware_profile(self.device))
         self.conn, welcome = await connect_with_retry(self.cfg, hello)
-        w = welcome.header
-        self.wid, self.rank = w["worker_id"], w["rank"]
-        self.job = JobConfig.from_wire(w["job"])
+        w = await self._parse(Welcome, welcome.header)
+        self.wid, self.rank = w.worker_id, w.rank
+        self.job = JobConfig.from_wire(w.job)
         if self.on_welcome:
-            self.on_welcome(w.get("experiment", "default"), self.rank)
+            self.on_welcome(w.experiment, self.rank)
         log.info("joined master %s:%d as rank %d (worker id %d) on %s; experiment %s",
-                 self.cfg.master_addr, self.cfg.master_port, self.rank, self.wid, self.device, w.get("experiment"))
+                 self.cfg.master_addr, self.cfg.master_port, self.rank, self.wid, self.device, w.experiment)
         try:
             train_set, _, info = data.load_datasets(self.job)
             model = models.build_model(self.job, info).to(self.device)
             self.flat = FlatParams(model)
-            if self.flat.numel != w["numel"]:
+            if self.flat.numel != w.numel:
                 raise ConfigError(
                     f"this node builds {self.job.model} with {self.flat.numel} parameters but the master's has "
-                    f"{w['numel']}: the two nodes run different code or library versions")
+                    f"{w.numel}: the two nodes run different code or library versions")
             self.trainer = LocalTrainer(self.job, model, self.flat, train_set, info, self.device)
         except (HeteroPSError, ImportError, RuntimeError) as exc:
             await self.conn.send_error("job_setup_failed", f"rank {self.rank}: {exc}")
             raise HeteroPSError(f"cannot set up the job: {exc}") from exc
         self.sampler = data_sampler(self.job, len(train_set))
-        self.progress = Progress(w.get("total_steps"), f"worker[{self.rank}]", self.cfg.log_format,
+        self.progress = Progress(w.total_steps, f"worker[{self.rank}]", self.cfg.log_format,
                                  epochs=self.job.epochs)
         self.profiler = None
         if self.cfg.profile_steps:
             self.profiler = StepProfiler(
-                os.path.join(self.cfg.experiments_dir, w.get("experiment", "default"), "profiles"),
+                os.path.join(self.cfg.experiments_dir, w.experiment or "default", "profiles"),
                 steps=self.cfg.profile_steps, rank=self.rank, skip=1, device=self.device)
         self._setup_codecs()
         self.conn.set_payload_allocator(self._allocate)
-        await self.conn.send(MsgType.METRICS, {"ready": True, "probe": await self._calibrate(len(train_set))})
+        ready = Metrics(ready=True, probe=await self._calibrate(len(train_set)))
+        await self.conn.send(MsgType.METRICS, ready.to_header())
         try:
             with self.progress.redirect_logging():
                 return await self._loop()
         finally:
             self.progress.close()
             await self.conn.close()
+
+    async def _parse(self, cls, header: dict):
+        """The typed message, or tell the master what was malformed and stop."""
+        try:
+            return cls.from_header(header)
+        except RemoteProtocolError as exc:
+            await self.conn.send_error("protocol_error", f"rank {getattr(self, 'rank', -1)}: {exc}")
+            raise
 
     async def _calibrate(self, n_samples: int) -> dict:
         """A short probe of the real model so the master's first split already fits this node."""
@@ -185,49 +217,47 @@ class Worker:
             msg = await self.conn.recv(timeout=None)
             t = msg.type
             if t == MsgType.PARAMS:
-                self._on_params(msg)
+                self._on_params(await self._parse(Params, msg.header), msg.segments)
                 if self.pacer is not None:   # a simulated slow link: the pull takes its time
                     self._prev["pull_s"] += await self.pacer.pace(sum(memoryview(seg).nbytes for seg in msg.segments))
             elif t == MsgType.SCHEDULE:
-                await self._on_schedule(msg.header)
+                await self._on_schedule(await self._parse(Schedule, msg.header))
             elif t == MsgType.CONTROL:
-                self._on_control(msg.header)
+                self._on_control(await self._parse(Control, msg.header))
             elif t == MsgType.HEARTBEAT:
-                await self.conn.send(MsgType.HEARTBEAT, {"t": time.time()})
+                await self.conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
             elif t == MsgType.BYE:
-                log.info("master says bye (%s) after %d steps, %d samples",
-                         msg.header.get("reason", ""), self.steps_done, self.samples_done)
-                return {"steps": self.steps_done, "samples": self.samples_done, "rank": self.rank,
-                        "reason": msg.header.get("reason", "")}
+                reason = (await self._parse(Bye, msg.header)).reason or ""
+                log.info("master says bye (%s) after %d steps, %d samples", reason, self.steps_done, self.samples_done)
+                return {"steps": self.steps_done, "samples": self.samples_done, "rank": self.rank, "reason": reason}
             elif t == MsgType.ERROR:
-                raise RemoteError(msg.header.get("code", "error"), msg.header.get("message", ""))
+                raise_if_error(msg)
             else:
                 log.warning("ignoring unexpected %s from master", t.name)
 
-    def _on_params(self, msg) -> None:
-        h = msg.header
+    def _on_params(self, p: Params, segments: tuple) -> None:
         t0 = time.perf_counter()
-        off, numel = h["offset"], h["numel"]
-        if h["chunk"] >= len(self.chunks) or self.chunks[h["chunk"]] != (off, numel):
-            raise ConfigError(f"master sent a parameter chunk {h['chunk']} ({off}+{numel}) this node does not have")
-        if h.get("codec") != "none":
-            self.pull_codecs[h["chunk"]].decode_into(self.params_cpu[off:off + numel].numpy(), h, msg.segments)
-        elif not _same_buffer(msg.segments[0], self.params_np, off):
-            self.params_np[off:off + numel] = np.frombuffer(msg.segments[0], dtype=np.float32)
-        if h["chunk"] == len(self.chunks) - 1:
+        off, numel = p.offset, p.numel
+        if p.chunk >= len(self.chunks) or self.chunks[p.chunk] != (off, numel):
+            raise ConfigError(f"master sent a parameter chunk {p.chunk} ({off}+{numel}) this node does not have")
+        if p.codec != "none":
+            self.pull_codecs[p.chunk].decode_into(self.params_cpu[off:off + numel].numpy(), p.codec_header(), segments)
+        elif not _same_buffer(segments[0], self.params_np, off):
+            self.params_np[off:off + numel] = np.frombuffer(segments[0], dtype=np.float32)
+        if p.chunk == len(self.chunks) - 1:
             if self.device != "cpu":
                 self.flat.params.copy_(self.params_cpu, non_blocking=False)
-            self.version = h["version"]
+            self.version = p.version
         self._prev["pull_s"] += time.perf_counter() - t0
-        self._prev["bytes_in"] += sum(len(s) for s in msg.segments)
+        self._prev["bytes_in"] += sum(len(s) for s in segments)
 
-    def _on_control(self, h: dict) -> None:
-        if "simulate_slowdown" in h:
-            self.slowdown = max(1.0, float(h["simulate_slowdown"]))
+    def _on_control(self, c: Control) -> None:
+        if c.simulate_slowdown is not None:
+            self.slowdown = max(1.0, c.simulate_slowdown)
             log.info("simulate_slowdown set to %.2f by the master", self.slowdown)
-        if "simulate_bandwidth" in h:
-            self._set_bandwidth(float(h["simulate_bandwidth"]))
-            log.info("simulate_bandwidth set to %s Mbit/s by the master", h["simulate_bandwidth"] or "unlimited")
+        if c.simulate_bandwidth is not None:
+            self._set_bandwidth(c.simulate_bandwidth)
+            log.info("simulate_bandwidth set to %s Mbit/s by the master", c.simulate_bandwidth or "unlimited")
 
     def _set_bandwidth(self, mbit: float) -> None:
         if mbit and mbit > 0:
@@ -238,10 +268,10 @@ class Worker:
         else:
             self.pacer = None
 
-    async def _on_schedule(self, h: dict) -> None:
-        step, attempt, count = h["step"], h["attempt"], h["count"]
+    async def _on_schedule(self, s: Schedule) -> None:
+        step, attempt, count = s.step, s.attempt, s.count
         try:
-            indices = self.sampler.indices(h["epoch"], h["offset"], count)
+            indices = self.sampler.indices(s.epoch, s.offset, count)
         except ValueError as exc:
             await self.conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
             raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
@@ -269,9 +299,9 @@ class Worker:
             te = time.perf_counter()
             fields, segments = self.push_codecs[i].encode(grads[off:off + numel])
             tp = time.perf_counter()
-            header = {"step": step, "attempt": attempt, "chunk": i, "offset": off, "numel": numel,
-                      "codec": self.job.compression, **fields}
-            await self.conn.send(MsgType.PUSH, header, segments)
+            push = push_from_codec(fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel,
+                                   codec=self.job.compression)
+            await self.conn.send(MsgType.PUSH, push.to_header(), segments)
             sent = sum(memoryview(s).nbytes for s in segments)
             if self.pacer is not None:
                 await self.pacer.pace(sent)
@@ -279,15 +309,15 @@ class Worker:
             push_s += time.perf_counter() - tp
             nbytes += sent
         # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
-        report = {"loss": stats.loss, "samples": stats.count, "compute_s": compute_s, "encode_s": encode_s,
-                  "push_s": push_s, "bytes_out": nbytes, "nonfinite": bool(stats.nonfinite),
-                  "version": getattr(self, "version", 0), "wait_s": prev["wait_s"], "pull_s": prev["pull_s"],
-                  "bytes_in": prev["bytes_in"], "util": self._utilisation()}
-        await self.conn.send(MsgType.METRICS, {"step": step, "attempt": attempt, "report": report})
+        report = StepReport(loss=float(stats.loss), samples=stats.count, compute_s=compute_s, encode_s=encode_s,
+                            push_s=push_s, bytes_out=nbytes, nonfinite=bool(stats.nonfinite),
+                            version=getattr(self, "version", 0), wait_s=prev["wait_s"], pull_s=prev["pull_s"],
+                            bytes_in=prev["bytes_in"], util=self._utilisation())
+        await self.conn.send(MsgType.METRICS, Metrics(step=step, attempt=attempt, report=report).to_header())
         self._push_done_at = time.perf_counter()
         self.steps_done += 1
         self.samples_done += count
-        self.progress.update(step, h["epoch"], stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
+        self.progress.update(step, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
 
     def _keep_feedback_exact(self, step: int, attempt: int) -> None:
         """Top-k's residual must not count an aborted attempt's values as sent.
