@@ -19,6 +19,7 @@ import hetero_ps
 from hetero_ps.errors import HeteroPSError, RemoteError
 from hetero_ps.server.registry import Registry, WorkerHandle
 from hetero_ps.server.scheduler import Scheduler
+from hetero_ps.wire.messages import Hello
 
 log = logging.getLogger("hetero_ps.server")
 
@@ -35,16 +36,16 @@ class Admission:
         self._changed = asyncio.Event()
 
     @staticmethod
-    def check_version(hello: dict[str, Any]) -> None:
-        sw = hello.get("software")
+    def check_version(hello: Hello) -> None:
+        sw = hello.software
         if sw != hetero_ps.__version__:
             raise RemoteError("version_mismatch",
                               f"this worker runs hetero_ps {sw} but the master runs {hetero_ps.__version__}; "
                               "install the same version on every node")
 
-    def admit(self, hello: dict[str, Any], conn: Any) -> WorkerHandle:
-        h = self.registry.admit(int(hello.get("rank", -1)), str(hello.get("host", "?")),
-                                str(hello.get("device", "?")), hello.get("profile") or {}, conn)
+    def admit(self, hello: Hello, conn: Any) -> WorkerHandle:
+        h = self.registry.admit(-1 if hello.rank is None else hello.rank, hello.host or "?", hello.device or "?",
+                                hello.profile or {}, conn)
         log.info("worker joined: %s; preparing the job", h.name)
         self._event("worker_joined", rank=h.rank, host=h.host, device=h.device, profile=h.profile)
         self._changed.set()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hetero_ps.errors import RemoteError
+from hetero_ps.wire.messages import StepReport
 
 
 class WorkerLost(Exception):
@@ -32,7 +33,7 @@ class Assignment:
     acc: torch.Tensor               # where the weighted gradients accumulate
     version: int = 0                # parameter version the work was computed on
     slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)   # wid -> (epoch, offset, count)
-    reports: dict[int, dict[str, Any]] = field(default_factory=dict)       # wid -> the worker's report
+    reports: dict[int, StepReport] = field(default_factory=dict)          # wid -> the worker's report
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)
@@ -64,7 +65,7 @@ class Assignment:
                               "or was already received")
         self.pending[wid].discard(chunk)
 
-    def add_report(self, wid: int, report: dict[str, Any]) -> None:
+    def add_report(self, wid: int, report: StepReport) -> None:
         self.reports[wid] = report
 
     def worker_finished(self, wid: int) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from hetero_ps.errors import HeteroPSError, RemoteError, TransportError
 from hetero_ps.server.registry import Registry
+from hetero_ps.wire.messages import Control, Error
 from hetero_ps.wire.protocol import MsgType
 
 log = logging.getLogger("hetero_ps.server")
@@ -22,6 +23,7 @@ log = logging.getLogger("hetero_ps.server")
 # Each knob and the smallest value it takes: a slowdown stretches compute (1 = none), a bandwidth
 # paces the link in Mbit/s (0 = the real link).
 CONTROL_KNOBS: dict[str, float] = {"simulate_slowdown": 1.0, "simulate_bandwidth": 0.0}
+assert set(CONTROL_KNOBS) == set(Control.KNOBS), "wire/messages.py and this table must name the same knobs"
 
 
 def check_control(header: dict[str, Any]) -> tuple[int, dict[str, float]]:
@@ -38,6 +40,11 @@ def check_control(header: dict[str, Any]) -> tuple[int, dict[str, float]]:
             raise RemoteError("bad_control", f"{k} must be a number >= {CONTROL_KNOBS[k]:g}, got {v!r}")
         values[k] = float(v)
     return rank, values
+
+
+def _control(knobs: dict[str, float], ok: bool | None = None, rank: int | None = None) -> Control:
+    return Control(ok=ok, rank=rank, simulate_slowdown=knobs.get("simulate_slowdown"),
+                   simulate_bandwidth=knobs.get("simulate_bandwidth"))
 
 
 class ControlDesk:
@@ -59,9 +66,9 @@ class ControlDesk:
                     rank, knobs = check_control(msg.header)
                     await self.send(rank, **knobs)
                 except RemoteError as exc:
-                    await conn.send(MsgType.ERROR, {"code": exc.code, "message": exc.message})
+                    await conn.send(MsgType.ERROR, Error(exc.code, exc.message).to_header())
                     continue
-                await conn.send(MsgType.CONTROL, {"ok": True, "rank": rank, **knobs})
+                await conn.send(MsgType.CONTROL, _control(knobs, ok=True, rank=rank).to_header())
         except RemoteError as exc:
             await conn.send_error(exc.code, exc.message)
         except (TransportError, HeteroPSError):
@@ -72,6 +79,6 @@ class ControlDesk:
         h = next((w for w in self.registry.live() if w.rank == rank), None)
         if h is None:
             raise RemoteError("no_such_worker", f"no live worker has rank {rank}")
-        await h.conn.send(MsgType.CONTROL, knobs)
+        await h.conn.send(MsgType.CONTROL, _control(knobs).to_header())
         log.info("control: %s -> %s", h.name, knobs)
         self._event("control", rank=rank, **knobs)

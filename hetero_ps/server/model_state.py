@@ -18,6 +18,7 @@ from hetero_ps.errors import RemoteError
 from hetero_ps.training import models, optim
 from hetero_ps.training.flat import FlatParams, chunk_layout
 from hetero_ps.wire import codecs, protocol
+from hetero_ps.wire.messages import Push, params_from_codec
 from hetero_ps.wire.protocol import MsgType
 
 
@@ -46,15 +47,16 @@ class ModelState:
         """The largest payload one pushed chunk may have."""
         return max(d.max_encoded_bytes() for d in self.decoders)
 
-    def accumulate(self, chunk: int, header: dict[str, Any], segments: Any, acc: np.ndarray, weight: float) -> None:
+    def accumulate(self, push: Push, segments: Any, acc: np.ndarray, weight: float) -> None:
         """``acc[chunk] += weight · decode(pushed chunk)``, after checking the push matches our chunking."""
-        if (header.get("offset"), header.get("numel")) != self.chunks[chunk]:
-            raise RemoteError("bad_chunk", f"chunk {chunk} ({header.get('offset')}+{header.get('numel')}) does "
+        chunk = push.chunk
+        if (push.offset, push.numel) != self.chunks[chunk]:
+            raise RemoteError("bad_chunk", f"chunk {chunk} ({push.offset}+{push.numel}) does "
                               f"not match this model's chunking {self.chunks[chunk]}")
-        if header.get("codec") != self.job.compression:
-            raise RemoteError("bad_codec", f"expected codec {self.job.compression}, got {header.get('codec')!r}")
+        if push.codec != self.job.compression:
+            raise RemoteError("bad_codec", f"expected codec {self.job.compression}, got {push.codec!r}")
         off, n = self.chunks[chunk]
-        self.decoders[chunk].decode_accumulate(acc[off:off + n], header, segments, weight)
+        self.decoders[chunk].decode_accumulate(acc[off:off + n], push.codec_header(), segments, weight)
 
     def apply(self, grad: torch.Tensor) -> bool:
         """One optimizer update with ``grad``; skipped (False) if it holds NaN/Inf."""
@@ -84,8 +86,8 @@ class ModelState:
             fields, segments = self.encoders[i].encode(params[off:off + n])
             if snapshot:
                 segments = [bytes(memoryview(s).cast("B")) for s in segments]
-            header = {"version": self.version, "chunk": i, "offset": off, "numel": n,
-                      "codec": self.job.pull_compression, **fields}
-            frames.append(protocol.encode_frame(MsgType.PARAMS, header, segments))
+            header = params_from_codec(fields, version=self.version, chunk=i, offset=off, numel=n,
+                                       codec=self.job.pull_compression)
+            frames.append(protocol.encode_frame(MsgType.PARAMS, header.to_header(), segments))
         self._params_frames = (self.version, frames)
         return frames

@@ -30,7 +30,6 @@ class WorkerHandle:
     batch: int = 0                 # its batch size in the current step
     samples: int = 0               # samples it has computed so far
     steps: int = 0
-    last_report: dict = field(default_factory=dict)
     ready: bool = False            # built the job and reported its calibration probe
     params_version: int = -1       # the parameter version it last received
     assignment: Assignment | None = None   # the work in flight for it, if any

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.errors import HeteroPSError, RemoteError, TransportError
+from hetero_ps.errors import HeteroPSError, RemoteError, RemoteProtocolError, TransportError
 from hetero_ps.observe.records import EpochRecord, RunSummary, StepRecord
 from hetero_ps.server.admission import Admission
 from hetero_ps.server.assignment import Assignment
@@ -41,6 +41,7 @@ from hetero_ps.server.run_records import RunRecords
 from hetero_ps.server.scheduler import Decision, Scheduler
 from hetero_ps.training import data
 from hetero_ps.wire import transport
+from hetero_ps.wire.messages import Bye, ControlWelcome, Hello, Metrics, Push, Schedule, Welcome
 from hetero_ps.wire.protocol import MsgType
 
 log = logging.getLogger("hetero_ps.server")
@@ -123,16 +124,17 @@ class ParameterServer:
             return f"training (step {self.step} of {self.total_steps})"
         return f"waiting for workers ({len(self.ready_workers())} of {self.cfg.expected_workers} ready)"
 
-    async def _on_hello(self, conn: Any, hello: dict[str, Any]) -> dict[str, Any]:
+    async def _on_hello(self, conn: Any, fields: dict[str, Any]) -> Welcome | ControlWelcome:
+        hello = Hello.from_fields(fields)
         self.admission.check_version(hello)
-        if hello.get("role") == "control":
+        if hello.role == "control":
             conn.worker = None
-            return {"role": "control", "workers": [h.rank for h in self.admission.registry.live()]}
+            return ControlWelcome(workers=[h.rank for h in self.admission.registry.live()])
         h = self.admission.admit(hello, conn)
         conn.worker = h
         conn.set_payload_allocator(self._push_allocator())
-        return {"worker_id": h.wid, "rank": h.rank, "job": self.job.to_wire(), "numel": self.numel,
-                "experiment": self.cfg.experiment, "total_steps": self.total_steps}
+        return Welcome(worker_id=h.wid, rank=h.rank, job=self.job.to_wire(), numel=self.numel,
+                       experiment=self.cfg.experiment, total_steps=self.total_steps)
 
     def _push_allocator(self) -> Any:
         """Each worker's chunks land in one receive buffer that lives as long as the connection."""
@@ -163,13 +165,13 @@ class ParameterServer:
                 msg = await conn.recv(timeout=self.cfg.worker_timeout)
                 h.last_seen = time.monotonic()
                 if msg.type == MsgType.PUSH:
-                    self._on_push(h, msg)
+                    self._on_push(h, Push.from_header(msg.header), msg.segments)
                 elif msg.type == MsgType.METRICS:
-                    self._on_metrics(h, msg.header)
+                    self._on_metrics(h, Metrics.from_header(msg.header))
                 elif msg.type == MsgType.HEARTBEAT:
                     pass
                 elif msg.type == MsgType.BYE:
-                    reason = f"left ({msg.header.get('reason', 'bye')})"
+                    reason = f"left ({Bye.from_header(msg.header).reason or 'bye'})"
                     break
                 elif msg.type == MsgType.ERROR:
                     reason = f"reported an error: {msg.header.get('code')}: {msg.header.get('message')}"
@@ -179,35 +181,35 @@ class ParameterServer:
         except RemoteError as exc:
             reason = str(exc)
             await conn.send_error(exc.code, exc.message)
+        except RemoteProtocolError as exc:   # a malformed header: tell the worker which field, then drop it
+            reason = f"protocol error: {exc}"
+            await conn.send_error("protocol_error", str(exc))
         except (TransportError, HeteroPSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
             self.admission.lose(h, reason)
 
     # -- pushes and reports -------------------------------------------------------------------
-    def _on_push(self, h: WorkerHandle, msg: Any) -> None:
-        hd, a = msg.header, h.assignment
-        if a is None or not a.is_current(hd.get("step"), hd.get("attempt")):
+    def _on_push(self, h: WorkerHandle, push: Push, segments: Any) -> None:
+        a = h.assignment
+        if a is None or not a.is_current(push.step, push.attempt):
             return   # a push for an aborted attempt: its samples are being redone
-        i = hd.get("chunk")
-        a.take_chunk(h.wid, i, h.name)
-        h.set_activity(f"pushing step {a.step} (chunk {i + 1}/{self.n_chunks})")
-        self.state.accumulate(i, hd, msg.segments, a.acc_np, a.weight(h.wid))
+        a.take_chunk(h.wid, push.chunk, h.name)
+        h.set_activity(f"pushing step {a.step} (chunk {push.chunk + 1}/{self.n_chunks})")
+        self.state.accumulate(push, segments, a.acc_np, a.weight(h.wid))
         self._maybe_done(h, a)
 
-    def _on_metrics(self, h: WorkerHandle, hd: dict[str, Any]) -> None:
-        if "ready" in hd:
-            self.admission.mark_ready(h, hd.get("probe") or {})
+    def _on_metrics(self, h: WorkerHandle, m: Metrics) -> None:
+        if m.is_ready:
+            self.admission.mark_ready(h, m.probe or {})
             return
         a = h.assignment
-        if a is None or not a.is_current(hd.get("step"), hd.get("attempt")) or h.wid not in a.sizes:
+        if a is None or m.report is None or not a.is_current(m.step, m.attempt) or h.wid not in a.sizes:
             return
-        report = hd.get("report") or {}
-        a.add_report(h.wid, report)
-        util = report.get("util")
-        if isinstance(util, dict):
-            self.records.worker_utilisation(
-                h.rank, **{k: util.get(k) for k in ("cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")})
+        a.add_report(h.wid, m.report)
+        util = m.report.util
+        self.records.worker_utilisation(
+            h.rank, **{k: util.get(k) for k in ("cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")})
         self._maybe_done(h, a)
 
     def _maybe_done(self, h: WorkerHandle, a: Assignment) -> None:
@@ -279,8 +281,8 @@ class ParameterServer:
 
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]
-        header = {"step": a.step, "attempt": a.attempt, "epoch": epoch, "offset": offset, "count": count,
-                  "version": self.version, "total": a.total}
+        header = Schedule(step=a.step, attempt=a.attempt, epoch=epoch, offset=offset, count=count,
+                          version=self.version, total=a.total).to_header()
         h.batch = count
         h.assignment = a
         h.set_activity(f"computing step {a.step} ({count} samples)")
@@ -318,9 +320,7 @@ class ParameterServer:
                 continue
             h.samples += a.sizes[wid]
             h.steps += 1
-            h.last_report = r
-            self.scheduler.observe(wid, a.sizes[wid], r.get("compute_s", 0.0) + r.get("encode_s", 0.0)
-                                   + r.get("push_s", 0.0) + r.get("pull_s", 0.0))
+            self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
 
     def record_step(self, rec: StepRecord) -> None:
         self.records.add_step(rec)
@@ -362,7 +362,7 @@ class ParameterServer:
         live = self.admission.registry.live()
         for h in live:
             try:
-                await h.conn.send(MsgType.BYE, {"reason": "training finished"})
+                await h.conn.send(MsgType.BYE, Bye("training finished").to_header())
             except (TransportError, OSError):
                 pass
         probes = [float(h.profile.get("probe_samples_per_s") or 0) for h in live]

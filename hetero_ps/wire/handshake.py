@@ -20,14 +20,22 @@ import hashlib
 import hmac
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hetero_ps.errors import AuthenticationError, RemoteProtocolError
 from hetero_ps.wire.messages import NONCE_BYTES, Auth, Challenge, Hello
 from hetero_ps.wire.protocol import PROTOCOL_VERSION, Message, MsgType, raise_if_error
 
-if TYPE_CHECKING:
-    from hetero_ps.wire.transport import Connection
+
+
+class Connection(Protocol):
+    """What the handshake needs of a connection (``transport.Connection`` is one)."""
+
+    peer: str
+
+    async def send(self, msg_type: MsgType, header: dict[str, Any]) -> None: ...
+    async def recv(self) -> Message: ...
+    async def send_error(self, code: str, message: str) -> None: ...
 
 __all__ = [
     "CLIENT_LABEL",

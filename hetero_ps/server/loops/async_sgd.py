@@ -205,12 +205,12 @@ class AsyncLoop:
         self.recent.append((now, count))
         span = now - self.recent[0][0]
         rate = sum(c for _, c in list(self.recent)[1:]) / span if span > 0 else count / (now - t0)
-        r = a.reports.get(h.wid, {})
+        r = a.reports[h.wid]   # the assignment is done: its one report is in
         ps.record_step(StepRecord(
-            step=ps.step, epoch=epoch, attempts=1, loss=float(r.get("loss", 0.0)), lr=lr, version=ps.version,
+            step=ps.step, epoch=epoch, attempts=1, loss=r.loss, lr=lr, version=ps.version,
             samples=count, step_s=now - t0, samples_per_s=rate, applied=applied, staleness=lead,
             server=ServerTiming(aggregate_s=t_opt - t0, optimizer_s=now - t_opt, broadcast_s=0.0),
-            workers={str(h.rank): WorkerTiming.from_report(count, r)},
+            workers={str(h.rank): WorkerTiming.from_report(count, r.to_map())},
             asynchronous=AsyncStep(worker=h.rank, tau=tau, scale=scale, clock=h.clock)))
 
     async def _maybe_eval(self) -> None:

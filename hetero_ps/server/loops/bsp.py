@@ -92,7 +92,7 @@ class BSPLoop:
         applied = ps.apply_update(self.acc)
         if not applied:
             names = {h.wid: h.name for h in ps.ready_workers()}
-            flagged = [names[w] for w, r in a.reports.items() if r.get("nonfinite") and w in names]
+            flagged = [names[w] for w, r in a.reports.items() if r.nonfinite and w in names]
             log.error("step %d: non-finite gradient (from %s); step skipped, parameters unchanged",
                       a.step, ", ".join(flagged) or "the aggregate")
             ps.emit_event("nonfinite_gradient", workers=flagged)
@@ -102,9 +102,10 @@ class BSPLoop:
         t_end = time.perf_counter()
         ps.feed_scheduler(a)
         step_s = t_end - t0
-        loss = sum(r.get("loss", 0.0) * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
+        loss = sum(r.loss * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
         ps.record_step(StepRecord(
             step=a.step, epoch=epoch, attempts=a.attempt + 1, loss=loss, lr=lr, version=ps.version,
             samples=a.total, step_s=step_s, samples_per_s=a.total / step_s, applied=applied, staleness=0,
             server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=t_bcast - t_agg, broadcast_s=t_end - t_bcast),
-            workers={str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r) for w, r in a.reports.items()}))
+            workers={str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r.to_map())
+                     for w, r in a.reports.items()}))
