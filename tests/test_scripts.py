@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
+from conftest import still_running, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,15 +65,14 @@ def test_master_and_worker_scripts_train_on_loopback(tmp_path):
         cwd=ROOT, env=env, stdout=master_log, stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert master.poll() is None and time.monotonic() < deadline, (tmp_path / "master.log").read_text()
-            time.sleep(0.1)
+        # The master writes the port file whole (write, then rename) once it listens.
+        wait_until(lambda: still_running(master, (tmp_path / "master.log").read_text) and port_file.exists(),
+                   timeout=120, what=f"the master's port file {port_file}")
         wenv = dict(env, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port_file.read_text().strip())
         worker = subprocess.run(["bash", os.path.join(ROOT, "scripts/start_worker.sh"),
                                  "--experiments-dir", str(tmp_path / "exp")], cwd=ROOT, env=wenv,
                                 capture_output=True, text=True, timeout=180)
-        assert master.wait(timeout=60) == 0
+        assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()[-4000:]
     finally:
         for p in (master,):
             if p.poll() is None:

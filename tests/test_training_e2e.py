@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import find_all, read_jsonl
 
 from hetero_ps.config import JobConfig
 from hetero_ps.testing import LocalCluster
 
 pytestmark = pytest.mark.slow
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def test_union_batch_invariant_end_to_end(tmp_path):
@@ -35,8 +30,8 @@ def test_union_batch_invariant_end_to_end(tmp_path):
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2"], ["--rank", "3"]]) as c:
         assert c.wait(timeout=120) == 0, c.output("server")
         exp = c.experiment_dir()
-    steps = _read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
-    assert [w["batch"] for _, w in sorted(steps[0]["workers"].items())] == [5, 17, 42]
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    assert [w["batch"] for _, w in sorted(steps[0]["workers"].items())] == [5, 17, 42]   # the run's only step
 
     job = JobConfig(model="simple_cnn", dataset="digits", global_batch=64, optimizer="sgd", lr=0.5,
                     lr_schedule="constant", momentum=0.0)
@@ -69,14 +64,15 @@ def test_digits_converges_with_two_workers_and_writes_experiment(tmp_path):
         assert os.path.exists(os.path.join(exp, rel)), rel
     logs = os.listdir(os.path.join(exp, "logs"))
     assert any(n.startswith("worker-0-") for n in logs) and any(n.startswith("worker-1-") for n in logs), logs
-    steps = _read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
-    w = steps[-1]["workers"]
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    w = find_all(steps, samples=64)[-1]["workers"]   # a full step: both workers have a share
     assert set(w) == {"0", "1"}
     for k in ("compute_s", "encode_s", "push_s", "wait_s", "pull_s", "bytes_out", "batch"):
         assert k in w["0"], k
     assert all(sum(x["batch"] for x in r["workers"].values()) == r["samples"] for r in steps)
-    assert steps[0]["samples"] == 64 and steps[-1]["samples"] == 1438 % 64   # the epoch's remainder
-    epochs = _read_jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))
+    # A finished run's first and last steps: a whole batch, then the last epoch's remainder.
+    assert steps[0]["samples"] == 64 and steps[-1]["samples"] == 1438 % 64
+    epochs = read_jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))
     assert len(epochs) == 4 and all("eval_accuracy" in e for e in epochs)
 
 
@@ -148,7 +144,7 @@ def test_gpt2_tiny_reports_time_breakdown(tmp_path):
         assert c.wait(timeout=300) == 0, c.output("server")
         exp = c.experiment_dir()
         summary = c.summary()
-    steps = _read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
     assert len(steps) == 4
     for rec in steps:
         assert rec["step_s"] > 0 and rec["server"]["aggregate_s"] >= 0
