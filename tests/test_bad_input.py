@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import wait_until
 
 from hetero_ps.errors import RemoteError
 from hetero_ps.server.control import check_control
@@ -152,3 +154,22 @@ def test_the_scripts_name_the_python_they_need_before_installing_anything(tmp_pa
     assert r.returncode == 1
     assert "needs Python 3.11 or newer" in r.stderr and "Python 3.9.18" in r.stderr
     assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_pointed_at_the_dashboard_says_so_and_a_worker_without_rank_logs_the_one_it_got(tmp_path):
+    args = ["--world-size", "2", "--no-local-worker", "--max-steps", "2", "--experiment", "dash"]
+    with LocalCluster(tmp_path, args) as c:
+        url = wait_until(lambda: re.search(r"dashboard: (http://\S+)", c.output("server")), timeout=60,
+                         what="the dashboard's address").group(1)
+        dash_port = url.rstrip("/").rsplit(":", 1)[1]
+        r = subprocess.run([sys.executable, "-m", "hetero_ps.worker", "--master-addr", "127.0.0.1",
+                            "--master-port", dash_port, "--connect-timeout", "20"],
+                           capture_output=True, text=True, timeout=120, env=c.env)
+        assert r.returncode == 1
+        assert "speaks HTTP" in r.stderr and "MASTER_PORT" in r.stderr, r.stderr
+        c.add_worker([])   # no --rank: the master picks one
+        assert c.wait(timeout=180) == 0, c.output("server")
+        worker_log = c.output("worker0")
+    after_welcome = worker_log[worker_log.index("worker[1]"):]
+    assert "worker[?]" not in after_welcome

@@ -38,6 +38,12 @@ def setup_logging(role: str, level: str = "INFO", fmt: str = "plain") -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
+def set_role(role: str, fmt: str = "plain") -> None:
+    """Rename this process in every log line from now on (a worker learns its rank from the master)."""
+    for h in logging.getLogger().handlers:
+        h.setFormatter(_formatter(fmt, role))
+
+
 def add_file_log(path: str, role: str, fmt: str = "plain") -> None:
     """Also write every log record to ``path`` (the experiment's ``logs/`` folder)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

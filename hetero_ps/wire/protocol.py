@@ -267,6 +267,17 @@ _PREFIX, _HEADER, _PAYLOAD = 0, 1, 2
 PayloadAllocator = Callable[[MsgType, dict, int], "memoryview | None"]
 
 
+def _not_hetero_ps(start: bytes) -> RemoteProtocolError:
+    """The peer does not speak this protocol; an HTTP peer is most likely the dashboard's port."""
+    if start.startswith(b"HTTP") or start.startswith(b"GET ") or start.startswith(b"POST"):
+        return RemoteProtocolError(
+            f"the peer speaks HTTP ({start!r}), not the hetero_ps protocol: this is a web port (the master's "
+            "dashboard is on --dashboard-port, 3000 by default); point workers at the master's port "
+            "(MASTER_PORT, --port, 29500 by default), which the master prints as 'listening on HOST:PORT'")
+    return RemoteProtocolError(f"not a hetero_ps frame: starts with {start!r} instead of {MAGIC!r} "
+                               "(is another program talking to this port?)")
+
+
 class FrameDecoder:
     """Turns a byte stream into ``Message``s; one per connection and direction.
 
@@ -420,13 +431,11 @@ class FrameDecoder:
             # fail fast on a peer that is not speaking this protocol at all
             k = min(avail, len(MAGIC))
             if st[self._r:self._r + k] != MAGIC[:k]:
-                raise RemoteProtocolError(
-                    f"not a hetero_ps frame: starts with {bytes(st[self._r:self._r + k])!r} instead of {MAGIC!r} "
-                    "(is another program talking to this port?)")
+                raise _not_hetero_ps(bytes(st[self._r:self._r + k]))
             return False
         magic, version, mtype, flags, hlen, plen, pcrc, hcrc = PREFIX.unpack_from(st, self._r)
         if magic != MAGIC:
-            raise RemoteProtocolError(f"not a hetero_ps frame: bad magic {magic!r}")
+            raise _not_hetero_ps(bytes(magic))
         if version != PROTOCOL_VERSION:
             raise VersionMismatch(f"the peer speaks hetero_ps protocol version {version}, this side speaks "
                                   f"version {PROTOCOL_VERSION}; install the same hetero_ps version on every node")

@@ -16,7 +16,7 @@ import sys
 
 from hetero_ps.config import env_int
 from hetero_ps.errors import HeteroPSError
-from hetero_ps.observe.logs import add_file_log, setup_logging
+from hetero_ps.observe.logs import add_file_log, set_role, setup_logging
 from hetero_ps.worker.worker import Worker, WorkerConfig
 
 log = logging.getLogger("hetero_ps.worker")
@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                        log_format=args.log_format)
     try:
         worker = Worker(cfg)
-        worker.on_welcome = lambda exp, rank: add_file_log(
-            os.path.join(args.experiments_dir, exp, "logs", f"worker-{rank}-{socket.gethostname()}.log"),
-            f"worker[{rank}]", args.log_format)
+        def on_welcome(exp: str, rank: int) -> None:   # the master may have chosen our rank
+            set_role(f"worker[{rank}]", args.log_format)
+            add_file_log(os.path.join(args.experiments_dir, exp, "logs", f"worker-{rank}-{socket.gethostname()}.log"),
+                         f"worker[{rank}]", args.log_format)
+
+        worker.on_welcome = on_welcome
         summary = asyncio.run(worker.run())
     except KeyboardInterrupt:
         log.info("interrupted")
