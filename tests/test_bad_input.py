@@ -173,3 +173,30 @@ def test_a_worker_pointed_at_the_dashboard_says_so_and_a_worker_without_rank_log
         worker_log = c.output("worker0")
     after_welcome = worker_log[worker_log.index("worker[1]"):]
     assert "worker[?]" not in after_welcome
+
+
+def _env_vars_read() -> set[str]:
+    """Names the package, benchmarks, tests and scripts read from the environment."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    patterns = [r"environ(?:\.get)?\(\s*\"([A-Z][A-Z0-9_]+)\"", r"environ\[\"([A-Z][A-Z0-9_]+)\"\]",
+                r"env_int\(\"([A-Z][A-Z0-9_]+)\"", r"ENV_VAR = \"([A-Z][A-Z0-9_]+)\"",
+                r"\$\{([A-Z][A-Z0-9_]+):-"]
+    names: set[str] = set()
+    for folder in ("hetero_ps", "benchmarks", "tests", "scripts"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for name in files:
+                if name.endswith((".py", ".sh")):
+                    with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                        text = f.read()
+                    for pattern in patterns:
+                        names.update(re.findall(pattern, text))
+    return names - {"TERM", "MASTER_IP", "PATH", "HOME", "CI", "PYTHONPATH"}
+
+
+def test_every_environment_variable_that_is_read_is_in_the_readme():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    read = _env_vars_read()
+    assert {"HETERO_PS_TOKEN", "MASTER_PORT", "HETERO_PS_KERNELS"} <= read   # the scan finds them
+    assert sorted(v for v in read if f"`{v}`" not in readme) == []

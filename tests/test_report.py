@@ -106,3 +106,10 @@ def test_command_line(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "hetero_ps.report", "--compare", path, path + "2"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not an experiment folder" in r.stderr
+
+
+def test_a_split_without_a_model_shows_its_predicted_step_time_as_unknown():
+    assert report._prediction(32.0, 0.0) == "—"         # the uniform split predicts nothing
+    assert report._prediction(0.0, 0.25) == "250.0 ms"    # the first measured split: no "0 ms →"
+    assert report._prediction(2.0, 0.5) == "2.00 s → 500.0 ms"
+    assert report._prediction(None, float("nan")) == "—"

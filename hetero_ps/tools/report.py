@@ -398,6 +398,17 @@ def _worker_rows(exp: Experiment) -> list:
     return rows
 
 
+def _prediction(before, after) -> str:
+    """A decision's predicted step time, "before → after"; 0 means the policy had no model (uniform,
+    or nothing measured yet), which is shown as unknown rather than as a 0 ms step."""
+    def known(v) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+    if known(before) and known(after):
+        return f"{_fmt(before, 's')} → {_fmt(after, 's')}"
+    return _fmt(after, "s") if known(after) else "—"
+
+
 def _event_lines(exp: Experiment, limit: int = 25) -> list:
     n_sched = sum(1 for e in exp.events if e.get("event") == "schedule")
     folded = decisions(exp)
@@ -408,9 +419,7 @@ def _event_lines(exp: Experiment, limit: int = 25) -> list:
         rows = []
         for e, n, last in shown:
             sizes = ", ".join(f"r{r}={b}" for r, b in sorted((e.get("sizes") or {}).items(), key=lambda kv: int(kv[0])))
-            pred = _fmt(e.get("predicted_step_s"), "s")
-            if e.get("previous_predicted_s") is not None:
-                pred = f"{_fmt(e['previous_predicted_s'], 's')} → {pred}"
+            pred = _prediction(e.get("previous_predicted_s"), e.get("predicted_step_s"))
             when = f"{e.get('step')}" if n == 1 else f"{e.get('step')}–{last} ({n}×)"
             rows.append([when, _fmt(e.get("policy")), sizes, pred, _fmt(e.get("reason"))])
         if len(folded) > limit:
