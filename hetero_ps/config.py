@@ -10,6 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from hetero_ps.errors import ConfigError
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
 SYNC_MODES = ("bsp", "ssp", "asp")
@@ -58,6 +60,12 @@ class JobConfig:
     def from_wire(cls, d: dict) -> "JobConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_port(port: int, flag: str, allow_any: bool = True) -> None:
+    """A TCP port from a flag or the environment: 1..65535 (0 = any free one, where ``allow_any``)."""
+    if not (0 if allow_any else 1) <= port <= 65535:
+        raise ConfigError(f"{flag} {port} is not a TCP port: use 1..65535" + (" (0 = any free one)" if allow_any else ""))
 
 
 def env_int(name: str, default: int) -> int:

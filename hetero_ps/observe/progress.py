@@ -25,6 +25,8 @@ import sys
 import time
 from collections import deque
 
+from hetero_ps.errors import ConfigError
+
 FORMATS = ("plain", "json")
 ETA_WINDOW = 50          # updates behind the step rate used for the ETA
 DEFAULT_INTERVAL_S = 10.0
@@ -67,7 +69,7 @@ class Progress:
             try:
                 interval_s = float(raw) if raw.strip() else DEFAULT_INTERVAL_S
             except ValueError:
-                raise ValueError(f"HETERO_PS_PROGRESS_INTERVAL={raw!r} is not a number of seconds") from None
+                raise ConfigError(f"HETERO_PS_PROGRESS_INTERVAL={raw!r} is not a number of seconds") from None
         if interval_s < 0:
             raise ValueError(f"interval_s must be >= 0, got {interval_s}")
         self.total = total_steps or None

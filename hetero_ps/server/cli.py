@@ -19,7 +19,8 @@ import signal
 import sys
 import time
 
-from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, env_int
+from hetero_ps.config import (LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, check_port,
+                              env_int)
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.observe.logs import add_file_log, remove_file_logs, setup_logging
 from hetero_ps.training.plugins import parse_kv
@@ -171,6 +172,8 @@ async def run(a: argparse.Namespace) -> dict:
 
     local = not a.no_local_worker
     trainers = a.world_size if local else a.world_size - 1
+    check_port(a.port, "--port (MASTER_PORT)")
+    check_port(a.dashboard_port, "--dashboard-port")
     if trainers < 1:
         raise ConfigError(f"WORLD_SIZE={a.world_size} with --no-local-worker leaves nobody to train")
     job = job_from_args(a, trainers)
@@ -184,7 +187,7 @@ async def run(a: argparse.Namespace) -> dict:
         log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
     sinks: list = []
     ps = hub = dashboard = local_worker = None
-    started = False
+    finished = False
     try:
         if not a.no_dashboard:
             from hetero_ps.observe.dashboard import MetricsHub
@@ -203,7 +206,6 @@ async def run(a: argparse.Namespace) -> dict:
             dashboard = await _start_dashboard(a, hub, ps, exp.name)
         exp.write_config({"job": job.to_wire(), "world_size": a.world_size, "local_worker": local,
                           "host": a.host, "port": a.port, "argv": sys.argv})
-        started = True
         say(a, f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", event="listening",
             host=a.host, port=ps.port, experiment=exp.path)
         if dashboard is not None:
@@ -222,10 +224,12 @@ async def run(a: argparse.Namespace) -> dict:
         exp.write_summary(summary)
         if hub is not None:
             hub.finish(summary)
+        finished = True
         return summary
     finally:
-        if ps is not None:
+        if ps is not None and ps.progress is not None:
             ps.progress.close()
+        if ps is not None:
             await ps.close()
         if dashboard is not None:
             await dashboard.close()
@@ -234,7 +238,8 @@ async def run(a: argparse.Namespace) -> dict:
                 sink.close()
         if local_worker is not None:
             local_worker.stop()
-        if not started:   # it never ran: leave no half-made experiment folder behind (the error is on stderr)
+        if not finished and (ps is None or not ps.records.history):
+            # It failed before its first step: leave no folder of bare logs behind (the error is on stderr).
             remove_file_logs()
             shutil.rmtree(exp.path, ignore_errors=True)
 

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.master_addr:
         log.error("no master address: pass --master-addr HOST or set MASTER_ADDR")
         return 2
+    if not 1 <= args.master_port <= 65535:
+        log.error("--master-port (MASTER_PORT) %d is not a TCP port: use the port the master prints, 1..65535",
+                  args.master_port)
+        return 2
     if args.simulate_slowdown < 1.0:
         log.error("--simulate-slowdown must be >= 1, got %s", args.simulate_slowdown)
         return 2
