@@ -13,14 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetero_ps.wire import codecs
 from hetero_ps.config import JobConfig
+from hetero_ps.server.scheduler import Scheduler
 from hetero_ps.training.data import load_datasets
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.training.models import build_model
 from hetero_ps.training.optim import build_optimizer
-from hetero_ps.training.sampler import EpochSampler, epoch_steps, scale_sizes, steps_per_epoch, worker_slices
+from hetero_ps.training.sampler import EpochSampler, epoch_steps, steps_per_epoch, worker_slices
 from hetero_ps.training.trainer import LocalTrainer
+from hetero_ps.wire import codecs
 
 # -- sampler ---------------------------------------------------------------------------------------
 
@@ -29,7 +30,7 @@ from hetero_ps.training.trainer import LocalTrainer
 def _jobs(draw):
     n = draw(st.integers(1, 400))
     b = draw(st.integers(1, 80))
-    workers = draw(st.integers(1, 5))
+    workers = draw(st.integers(1, min(5, b)))   # the scheduler refuses more workers than samples
     cuts = sorted(draw(st.lists(st.integers(0, b), min_size=workers - 1, max_size=workers - 1)))
     sizes = [hi - lo for lo, hi in zip([0, *cuts], [*cuts, b])]   # >= 0 each, sum B
     return n, b, sizes, draw(st.integers(0, 2**31))
@@ -41,12 +42,19 @@ def test_every_sample_exactly_once_per_epoch_for_any_split(job):
     n, b, sizes, seed = job
     master = EpochSampler(n, seed)
     workers = [EpochSampler(n, seed) for _ in sizes]   # each node computes the permutation itself
+    # The split the master uses: the scheduler, here with the user's fixed sizes (rank = worker id).
+    scheduler = Scheduler(b, "uniform", fixed_sizes=dict(enumerate(sizes)))
+    for w in range(len(sizes)):
+        scheduler.add_worker(w)
+    ranks = {w: w for w in range(len(sizes))}
     assert len(epoch_steps(n, b)) == steps_per_epoch(n, b)
+    step = 0
     for epoch in range(2):
         seen = []
         for offset, total in epoch_steps(n, b):
             assert 0 < total <= b
-            share = scale_sizes(dict(enumerate(sizes)), total)
+            share, _ = scheduler.assign(step, list(ranks), total, ranks=ranks)
+            step += 1
             assert sum(share.values()) == total and all(v >= 0 for v in share.values())
             if total == b:
                 assert list(share.values()) == sizes   # full steps keep the split as given
@@ -57,9 +65,9 @@ def test_every_sample_exactly_once_per_epoch_for_any_split(job):
         assert np.array_equal(seen, master.permutation(epoch))   # slices tile the epoch in order
 
 
-def test_permutations_differ_by_epoch_and_seed_and_are_fingerprinted():
+def test_permutations_differ_by_epoch_and_seed():
     a, b = EpochSampler(1000, 1), EpochSampler(1000, 1)
-    assert np.array_equal(a.permutation(3), b.permutation(3)) and a.fingerprint(3) == b.fingerprint(3)
+    assert np.array_equal(a.permutation(3), b.permutation(3))
     assert not np.array_equal(a.permutation(0), a.permutation(1))
     assert not np.array_equal(a.permutation(0), EpochSampler(1000, 2).permutation(0))
 
@@ -71,8 +79,15 @@ def test_slices_outside_the_epoch_are_refused():
             s.indices(0, off, count)
     with pytest.raises(ValueError, match="integer"):
         s.indices(0, 1.5, 2)
-    assert scale_sizes([5, 17, 42], 10) == [1, 3, 6]
-    assert scale_sizes([0, 3], 2) == [0, 2]
+
+
+def test_a_partial_step_keeps_the_proportions_and_its_exact_total():
+    scheduler = Scheduler(64, "uniform", fixed_sizes={1: 5, 2: 17, 3: 42})
+    for w in (1, 2, 3):
+        scheduler.add_worker(w)
+    ranks = {1: 1, 2: 2, 3: 3}
+    assert scheduler.assign(0, [1, 2, 3], ranks=ranks)[0] == {1: 5, 2: 17, 3: 42}
+    assert scheduler.assign(1, [1, 2, 3], 10, ranks=ranks)[0] == {1: 1, 2: 3, 3: 6}   # largest remainders
 
 
 # -- gradients -------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from hetero_ps.errors import ConfigError, DataError
-from hetero_ps.training.plugins import call_factory, is_plugin_name, load_callable
+from hetero_ps.training.plugins import builtin, call_factory, is_plugin_name, load_callable, with_defaults
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,7 @@ def to_device(obj, device):
 # -- built-ins -------------------------------------------------------------------------------------
 
 def _args(job, defaults: dict) -> dict:
-    extra = set(job.dataset_args) - set(defaults)
-    if extra:
-        raise ConfigError(f"data set {job.dataset!r} does not take {sorted(extra)}; it takes "
-                          f"{', '.join(f'{k} (default {v})' for k, v in defaults.items()) or 'no arguments'}")
-    return {**defaults, **job.dataset_args}
+    return with_defaults("data set", job.dataset, job.dataset_args, defaults)
 
 
 def _positive(a: dict, *keys) -> None:
@@ -375,9 +371,4 @@ def load_datasets(job) -> tuple:
     """``(train, eval, DatasetInfo)`` for ``job.dataset`` (a built-in name or ``module:factory``)."""
     if is_plugin_name(job.dataset):
         return _plugin(job)
-    try:
-        make = DATASETS[job.dataset]
-    except KeyError:
-        raise ConfigError(f"unknown data set {job.dataset!r}; choose one of {', '.join(DATASETS)} "
-                          f"or give package.module:factory") from None
-    return make(job)
+    return builtin(DATASETS, "data set", job.dataset)(job)

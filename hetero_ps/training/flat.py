@@ -126,13 +126,6 @@ class FlatParams:
         with torch.no_grad():
             self.params.copy_(src)
 
-    def load_buffers_(self, flat) -> None:
-        src = torch.as_tensor(flat)
-        if src.dim() != 1 or src.numel() != self.buffer_numel:
-            raise ValueError(f"expected {self.buffer_numel} buffer values, got shape {tuple(src.shape)}")
-        with torch.no_grad():
-            self.buffers.copy_(src)
-
     def zero_grad_(self) -> None:
         """Zero the flat gradient in place (re-binding any ``.grad`` someone replaced or cleared)."""
         self.grads.zero_()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hetero_ps.errors import ConfigError
-from hetero_ps.training.plugins import call_factory, is_plugin_name, load_callable
+from hetero_ps.training.plugins import builtin, call_factory, is_plugin_name, load_callable, with_defaults
 
 MODEL_SIZES = ("default", "tiny")
 
@@ -58,12 +58,8 @@ class SimpleCNN(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
-def _model_args(job, allowed: dict) -> dict:
-    extra = set(job.model_args) - set(allowed)
-    if extra:
-        raise ConfigError(f"model {job.model!r} does not take {sorted(extra)}; it takes "
-                          f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'no arguments'}")
-    return {**allowed, **job.model_args}
+def _model_args(job, defaults: dict) -> dict:
+    return with_defaults("model", job.model, job.model_args, defaults)
 
 
 def _need(info, model: str, kind: str | None = None):
@@ -164,14 +160,7 @@ def build_model(job, info=None) -> nn.Module:
     """The job's model on the CPU, initialised from ``job.seed``; ``info`` is the data set's DatasetInfo."""
     if job.model_size not in MODEL_SIZES:
         raise ConfigError(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {job.model_size!r}")
-    if is_plugin_name(job.model):
-        make = _plugin
-    else:
-        try:
-            make = MODELS[job.model]
-        except KeyError:
-            raise ConfigError(f"unknown model {job.model!r}; choose one of {', '.join(MODELS)} "
-                              f"or give package.module:factory") from None
+    make = _plugin if is_plugin_name(job.model) else builtin(MODELS, "model", job.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed)
         model, task = make(job, info)

@@ -92,6 +92,27 @@ def parse_kv(items, flag: str = "--model-arg") -> dict:
     return out
 
 
+def with_defaults(what: str, name: str, given: dict, defaults: dict) -> dict:
+    """A built-in's arguments: ``defaults`` overridden by ``given``; a key it does not take is a ConfigError.
+
+    ``what`` and ``name`` make the message: ``data set 'digits' does not take ['x']; it takes ...``.
+    """
+    extra = set(given) - set(defaults)
+    if extra:
+        raise ConfigError(f"{what} {name!r} does not take {sorted(extra)}; it takes "
+                          f"{', '.join(f'{k} (default {v})' for k, v in defaults.items()) or 'no arguments'}")
+    return {**defaults, **given}
+
+
+def builtin(registry: dict, what: str, name: str):
+    """``registry[name]``, or a ConfigError that lists the built-ins and the plugin form."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ConfigError(f"unknown {what} {name!r}; choose one of {', '.join(registry)} "
+                          f"or give package.module:factory") from None
+
+
 def call_factory(fn, kwargs: dict, spec: str, what: str):
     """Call a user's factory with keyword arguments, turning a bad signature into a ConfigError."""
     try:
