@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh machine it creates .venv, installs the pinned packages and
 # builds the extension, then runs every test and every benchmark in quick mode (once, never timed).
-# Extra arguments go to pytest (e.g. scripts/test.sh -k kernels).
+# Without arguments it runs the linters first (scripts/lint.sh), and any finding fails the run.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k kernels) and skip the linters.
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 ensure_venv
@@ -14,6 +15,11 @@ if ! command -v chromium >/dev/null 2>&1 && [ -z "${HETERO_PS_CHROMIUM:-}" ] && 
   apt-get install -y -q chromium >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
     || echo "[setup] could not install chromium; the browser test will say why it skips" >&2
+fi
+
+if [ $# -eq 0 ]; then
+  echo "[test] linters (scripts/lint.sh)"
+  bash "$ROOT/scripts/lint.sh"
 fi
 
 run_pytest() {
