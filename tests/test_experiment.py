@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.training.data import DatasetInfo
 from hetero_ps.errors import ConfigError
 from hetero_ps.observe.experiment import Experiment
+from hetero_ps.training.data import DatasetInfo
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.training.models import build_model
 
@@ -90,3 +90,20 @@ def test_checkpoint_loads_with_plain_torch(tmp_path):
     got = torch.cat([p.detach().reshape(-1) for p in fresh.parameters()])
     assert torch.equal(got, flat.params)
     exp.close()
+
+
+def test_records_with_numpy_and_torch_values_become_strict_json(tmp_path):
+    import numpy as np
+
+    from hetero_ps.observe.jsonsafe import sanitize
+
+    rec = {"loss": float("nan"), "lr": np.float32(0.5), "n": np.int64(3), "hist": np.array([1, 2]),
+           "grad": torch.tensor([1.0, float("inf")]), "acc": torch.tensor(0.25), 7: (1, None), "x": object}
+    clean = sanitize(rec)
+    assert clean == {"loss": None, "lr": 0.5, "n": 3, "hist": [1, 2], "grad": [1.0, None], "acc": 0.25,
+                     "7": [1, None], "x": str(object)}
+    json.dumps(clean, allow_nan=False)
+    with Experiment(str(tmp_path), "run") as exp:   # the experiment files and the dashboard share it
+        exp.metrics.log_step(rec)
+        path = exp.metrics.path("steps")
+    assert json.loads(open(path).read()) == clean

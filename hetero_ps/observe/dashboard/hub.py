@@ -34,30 +34,13 @@ import math
 import time
 from collections import deque
 
+from hetero_ps.observe.jsonsafe import sanitize
+
 #: Worker table columns, in the order the page shows them.
 WORKER_FIELDS = ("rank", "host", "device", "status", "batch", "share", "samples_per_s", "staleness",
                  "cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")
 WORKER_STATUSES = ("joined", "training", "lost")
 RECENT_STEPS = 20   # window for "current" throughput and the ETA
-
-
-def clean(x):
-    """A JSON-safe deep copy of ``x``: non-finite floats → ``None``, numpy scalars → Python, keys → str."""
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    item = getattr(x, "item", None)   # numpy / torch scalars
-    if callable(item):
-        try:
-            return clean(item())
-        except (TypeError, ValueError):
-            pass
-    return str(x)
 
 
 class Subscription(asyncio.Queue):
@@ -115,7 +98,7 @@ class MetricsHub:
     def set_job(self, job: dict) -> None:
         """The job as the master runs it (``JobConfig.to_wire()`` plus, when known, ``experiment``,
         ``total_steps``, ``steps_per_epoch``, ``parameters``); shown on the page and used for progress."""
-        self.job = clean(dict(job))
+        self.job = sanitize(dict(job))
         self._publish("status", self.status())
 
     def set_ideal(self, samples_per_s: float | None) -> None:
@@ -132,13 +115,13 @@ class MetricsHub:
             raise ValueError(f"unknown worker field(s) {sorted(unknown)}; known: {', '.join(WORKER_FIELDS)}")
         if "status" in fields and fields["status"] not in WORKER_STATUSES:
             raise ValueError(f"worker status must be one of {WORKER_STATUSES}, got {fields['status']!r}")
-        self._row(int(rank)).update(clean(fields))
+        self._row(int(rank)).update(sanitize(fields))
         self._workers_changed()
 
     def add_step(self, rec: dict) -> None:
         """One finished step (the ``steps.jsonl`` record). Also refreshes each worker's batch, share and
         samples/s: a worker's samples/s is its contribution ``batch / step_s``, so they sum to the total."""
-        rec = clean(rec)
+        rec = sanitize(rec)
         step_s = rec.get("step_s") or 0.0
         samples = rec.get("samples") or 0
         workers = rec.get("workers") or {}
@@ -168,13 +151,13 @@ class MetricsHub:
 
     def add_epoch(self, rec: dict) -> None:
         """One evaluated epoch (the ``epochs.jsonl`` record)."""
-        rec = clean(rec)
+        rec = sanitize(rec)
         self._epochs.append(rec)
         self._publish("epoch", rec)
 
     def add_event(self, rec: dict) -> None:
         """One event (the ``events.jsonl`` record). ``worker_joined``/``worker_lost`` update the table."""
-        rec = clean(rec)
+        rec = sanitize(rec)
         rec["seq"] = self._event_seq
         self._event_seq += 1
         self._events.append(rec)
@@ -190,7 +173,7 @@ class MetricsHub:
 
     def finish(self, summary: dict) -> None:
         """The run is over; ``summary`` is what ``summary.json`` holds."""
-        self.summary = clean(summary)
+        self.summary = sanitize(summary)
         self._publish("status", self.status())
 
     # -- reading ----------------------------------------------------------------------------------
