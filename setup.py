@@ -42,7 +42,11 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            cmake, "-S", str(ext.source_dir), "-B", str(build_dir),
+            cmake,
+            "-S",
+            str(ext.source_dir),
+            "-B",
+            str(build_dir),
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DHETERO_PS_OUTPUT_DIR={out_dir}",
             f"-DCMAKE_BUILD_TYPE={build_type}",

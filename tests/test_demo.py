@@ -14,8 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _demo(tmp_path, *args: str, min_accuracy: str = "0") -> subprocess.CompletedProcess:
     # A few steps only: this checks the script's plumbing, not the model (DEMO_MIN_ACCURACY=0).
     env = dict(os.environ, DEMO_EPOCHS="1", DEMO_MIN_ACCURACY=min_accuracy, PYTHONUNBUFFERED="1")
-    cmd = ["bash", os.path.join(ROOT, "scripts/demo.sh"), "--max-steps", "4", "--no-dashboard",
-           "--experiments-dir", str(tmp_path / "exp"), *args]
+    cmd = [
+        "bash",
+        os.path.join(ROOT, "scripts/demo.sh"),
+        "--max-steps",
+        "4",
+        "--no-dashboard",
+        "--experiments-dir",
+        str(tmp_path / "exp"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 

@@ -49,7 +49,7 @@ def _write_json_atomic(path: str, obj) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)   # readers never see half a file
+    os.replace(tmp, path)  # readers never see half a file
 
 
 class MetricsWriter:
@@ -60,8 +60,9 @@ class MetricsWriter:
         self.dir = metrics_dir
         self._lock = threading.Lock()
         # buffering=1: line-buffered text files, each record reaches the OS when its newline does.
-        self._files = {s: open(os.path.join(metrics_dir, f"{s}.jsonl"), "a", buffering=1, encoding="utf-8")
-                       for s in METRIC_STREAMS}
+        self._files = {
+            s: open(os.path.join(metrics_dir, f"{s}.jsonl"), "a", buffering=1, encoding="utf-8") for s in METRIC_STREAMS
+        }
 
     def path(self, stream: str) -> str:
         return os.path.join(self.dir, f"{stream}.jsonl")

@@ -9,7 +9,8 @@ it recognises them by their ``item``/``tolist`` methods.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 JSON = None | bool | int | float | str | list["JSON"] | dict[str, "JSON"]
 
@@ -24,11 +25,16 @@ def sanitize(obj: object) -> JSON:
         return {str(k): sanitize(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [sanitize(v) for v in obj]
-    for method in ("item", "tolist"):   # a one-element numpy/torch value first, then a whole array
+    for method in ("item", "tolist"):  # a one-element numpy/torch value first, then a whole array
         fn: Callable[[], object] | None = getattr(obj, method, None)
         if callable(fn):
             try:
                 return sanitize(fn())
-            except (TypeError, ValueError, RuntimeError):   # torch raises RuntimeError for numel > 1
+            except (TypeError, ValueError, RuntimeError):  # torch raises RuntimeError for numel > 1
                 pass
     return str(obj)
+
+
+def sanitize_record(rec: Mapping[Any, Any]) -> dict[str, Any]:
+    """``sanitize`` for a record (a mapping); its values typed ``Any`` for code that reads them back."""
+    return {str(k): sanitize(v) for k, v in rec.items()}

@@ -72,10 +72,10 @@ class FlatParams:
         with torch.no_grad():
             for name, p in entries:
                 n = p.numel()
-                view = self.params[off:off + n].view(p.shape)
+                view = self.params[off : off + n].view(p.shape)
                 view.copy_(p.detach())
                 p.data = view
-                p.grad = self.grads[off:off + n].view(p.shape)
+                p.grad = self.grads[off : off + n].view(p.shape)
                 self._layout.append((name, tuple(p.shape), off, n))
                 self._params.append(p)
                 off += n
@@ -96,9 +96,9 @@ class FlatParams:
         with torch.no_grad():
             for name, b in entries:
                 n = b.numel()
-                view = self.buffers[off:off + n].view(b.shape)
+                view = self.buffers[off : off + n].view(b.shape)
                 view.copy_(b)
-                b.data = view   # same tensor object (modules keep their reference), new storage
+                b.data = view  # same tensor object (modules keep their reference), new storage
                 self._buffer_layout.append((name, tuple(b.shape), off, n))
                 off += n
 
@@ -141,15 +141,19 @@ class FlatParams:
         pbase, gbase = self.params.data_ptr(), self.grads.data_ptr()
         for (name, _, off, _), p in zip(self._layout, self._params):
             if p.data_ptr() != pbase + 4 * off or p.dtype != torch.float32:
-                raise RuntimeError(f"parameter {name} no longer lives in the flat buffer (was the model moved "
-                                   "with .to() after FlatParams was built?)")
+                raise RuntimeError(
+                    f"parameter {name} no longer lives in the flat buffer (was the model moved "
+                    "with .to() after FlatParams was built?)"
+                )
             g = p.grad
             if g is None or g.data_ptr() != gbase + 4 * off:
                 ok = False
                 if repair:
-                    p.grad = self.grads[off:off + p.numel()].view(p.shape)
+                    p.grad = self.grads[off : off + p.numel()].view(p.shape)
         return ok
 
     def __repr__(self) -> str:
-        return (f"FlatParams({len(self._layout)} tensors, {self.numel} params, "
-                f"{self.buffer_numel} buffer values, {self.device})")
+        return (
+            f"FlatParams({len(self._layout)} tensors, {self.numel} params, "
+            f"{self.buffer_numel} buffer values, {self.device})"
+        )

@@ -46,17 +46,19 @@ def load_object(spec: str, what: str = "object"):
             ) from exc
         raise ConfigError(f"{what} {spec!r}: importing module {mod_name!r} failed: {exc}") from exc
     except Exception as exc:  # the user's module raised while being imported
-        raise ConfigError(f"{what} {spec!r}: importing module {mod_name!r} failed: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"{what} {spec!r}: importing module {mod_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     obj = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             public = sorted(n for n in dir(module) if not n.startswith("_"))
-            raise ConfigError(f"{what} {spec!r}: module {mod_name!r} ({getattr(module, '__file__', '?')}) "
-                              f"has no attribute {attr!r}; it has: {', '.join(public) or 'nothing public'}"
-                              ) from None
+            raise ConfigError(
+                f"{what} {spec!r}: module {mod_name!r} ({getattr(module, '__file__', '?')}) "
+                f"has no attribute {attr!r}; it has: {', '.join(public) or 'nothing public'}"
+            ) from None
     return obj
 
 
@@ -99,8 +101,10 @@ def with_defaults(what: str, name: str, given: dict, defaults: dict) -> dict:
     """
     extra = set(given) - set(defaults)
     if extra:
-        raise ConfigError(f"{what} {name!r} does not take {sorted(extra)}; it takes "
-                          f"{', '.join(f'{k} (default {v})' for k, v in defaults.items()) or 'no arguments'}")
+        raise ConfigError(
+            f"{what} {name!r} does not take {sorted(extra)}; it takes "
+            f"{', '.join(f'{k} (default {v})' for k, v in defaults.items()) or 'no arguments'}"
+        )
     return {**defaults, **given}
 
 
@@ -109,8 +113,9 @@ def builtin(registry: dict, what: str, name: str):
     try:
         return registry[name]
     except KeyError:
-        raise ConfigError(f"unknown {what} {name!r}; choose one of {', '.join(registry)} "
-                          f"or give package.module:factory") from None
+        raise ConfigError(
+            f"unknown {what} {name!r}; choose one of {', '.join(registry)} or give package.module:factory"
+        ) from None
 
 
 def call_factory(fn, kwargs: dict, spec: str, what: str):

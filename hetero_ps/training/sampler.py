@@ -48,7 +48,7 @@ class EpochSampler:
         """The order of epoch ``epoch`` (int64, read-only)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._perm is None:
             perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n).astype(np.int64)
             perm.setflags(write=False)
             self._perm, self._epoch = perm, int(epoch)
@@ -65,7 +65,7 @@ class EpochSampler:
                 raise ValueError(f"{name} must be an integer, got {v!r}")
         if count <= 0 or offset < 0 or offset + count > self.n:
             raise ValueError(f"slice offset={offset} count={count} is outside this epoch of {self.n} samples")
-        return self.permutation(epoch)[offset:offset + count]
+        return self.permutation(epoch)[offset : offset + count]
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:
@@ -77,7 +77,7 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
 
 def epoch_steps(n: int, global_batch: int) -> list[tuple[int, int]]:
     """``[(offset, total), ...]`` of every step of an epoch; totals sum to ``n``, all but the last are B."""
-    steps_per_epoch(n, global_batch)   # validates B
+    steps_per_epoch(n, global_batch)  # validates B
     return [(o, min(global_batch, n - o)) for o in range(0, n, global_batch)]
 
 
