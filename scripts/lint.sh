@@ -12,12 +12,12 @@ rc=0
 paths=("$@")
 [ ${#paths[@]} -gt 0 ] || paths=(.)
 echo "[lint] ruff check"
-"$VENV/bin/ruff" check "${paths[@]}" || rc=1
+ruff check "${paths[@]}" || rc=1
 echo "[lint] ruff format --check"
-"$VENV/bin/ruff" format --check "${paths[@]}" || rc=1
+ruff format --check --output-format concise "${paths[@]}" || rc=1
 echo "[lint] mypy hetero_ps"
 "$PYTHON" -m mypy || rc=1
 echo "[lint] clang-format csrc/"
-"$VENV/bin/clang-format" --dry-run -Werror csrc/*.cpp csrc/*.h || rc=1
+clang-format --dry-run -Werror csrc/*.cpp csrc/*.h || rc=1
 [ "$rc" -eq 0 ] && echo "[lint] clean" || echo "[lint] findings above: fix them (ruff format FILE, clang-format -i FILE)" >&2
 exit "$rc"
