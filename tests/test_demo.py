@@ -29,7 +29,7 @@ def _demo(tmp_path, *args: str, min_accuracy: str = "0") -> subprocess.Completed
 
 @pytest.mark.slow
 def test_demo_with_a_chosen_experiment_name_finds_its_summary(tmp_path):
-    r = _demo(tmp_path, "--experiment", "mine", "--compression", "int8")
+    r = _demo(tmp_path, "--experiment", "mine", "--epochs", "3", "--compression", "int8")  # the README's example
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((tmp_path / "exp" / "mine" / "summary.json").read_text())
     assert summary["steps"] == 4
