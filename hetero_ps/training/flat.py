@@ -33,6 +33,7 @@ BatchNorm the gradient of a worker's share depends on how the batch was split (a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -107,18 +108,18 @@ class FlatParams:
     def nbytes(self) -> int:
         return 4 * self.numel
 
-    def layout(self) -> list[tuple[str, tuple, int, int]]:
+    def layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         """``[(name, shape, offset, numel), ...]`` in flat order (for checks and debugging)."""
         return list(self._layout)
 
-    def buffer_layout(self) -> list[tuple[str, tuple, int, int]]:
+    def buffer_layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         return list(self._buffer_layout)
 
     def flat_buffers(self) -> torch.Tensor:
         """The float buffers (BatchNorm running stats) as one 1-D fp32 tensor (may be empty)."""
         return self.buffers
 
-    def load_(self, flat) -> None:
+    def load_(self, flat: torch.Tensor | np.ndarray) -> None:
         """Copy a 1-D float32 tensor or numpy array of ``numel`` values into the parameters."""
         src = torch.as_tensor(flat)
         if src.dim() != 1 or src.numel() != self.numel:

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping
+from typing import TypeVar
 
 import numpy as np
+
+K = TypeVar("K", bound=Hashable)
 
 
 class EpochSampler:
@@ -81,9 +84,10 @@ def epoch_steps(n: int, global_batch: int) -> list[tuple[int, int]]:
     return [(o, min(global_batch, n - o)) for o in range(0, n, global_batch)]
 
 
-def worker_slices(offset: int, sizes: Mapping[Hashable, int]) -> dict:
+def worker_slices(offset: int, sizes: Mapping[K, int]) -> dict[K, tuple[int, int]]:
     """Consecutive ``(offset, count)`` per worker, in the mapping's order; zero-size workers get none."""
-    out, cursor = {}, offset
+    out: dict[K, tuple[int, int]] = {}
+    cursor = offset
     for k, b in sizes.items():
         if b < 0:
             raise ValueError(f"negative batch size {b} for {k!r}")
