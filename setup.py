@@ -1,5 +1,6 @@
-"""Packaging for hetero_ps. The C++ kernels are built by CMake (CMakeLists.txt); this file only
-drives that build so that ``pip install [-e] .`` produces ``hetero_ps/_C*.so``.
+"""Packaging for hetero_ps. The metadata (name, version, dependencies) is in pyproject.toml. The C++
+kernels are built by CMake (CMakeLists.txt); this file only drives that build so that
+``pip install [-e] .`` produces ``hetero_ps/_C*.so``.
 
 Environment knobs: ``CMAKE_BUILD_PARALLEL_LEVEL`` (jobs), ``HETERO_PS_CMAKE_ARGS`` (extra
 ``-D...`` arguments, space separated).
@@ -8,7 +9,6 @@ Environment knobs: ``CMAKE_BUILD_PARALLEL_LEVEL`` (jobs), ``HETERO_PS_CMAKE_ARGS
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -19,14 +19,6 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _version() -> str:
-    text = (ROOT / "hetero_ps" / "__init__.py").read_text(encoding="utf-8")
-    m = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
-    if not m:
-        raise RuntimeError("hetero_ps/__init__.py has no __version__")
-    return m.group(1)
 
 
 class CMakeExtension(Extension):
@@ -50,7 +42,11 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            cmake, "-S", str(ext.source_dir), "-B", str(build_dir),
+            cmake,
+            "-S",
+            str(ext.source_dir),
+            "-B",
+            str(build_dir),
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DHETERO_PS_OUTPUT_DIR={out_dir}",
             f"-DCMAKE_BUILD_TYPE={build_type}",
@@ -68,21 +64,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="hetero_ps",
-    version=_version(),
-    description="A parameter server for training one PyTorch model on unequal machines",
-    python_requires=">=3.11",
     packages=find_packages(include=["hetero_ps*"]),
     package_data={"hetero_ps": ["observe/dashboard/static/*"]},
     ext_modules=[CMakeExtension("hetero_ps._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch>=2.1",
-        "numpy>=1.24",
-        "msgpack>=1.0",
-        "psutil>=5.9",
-        "nvidia-ml-py>=12",
-        "crc32c>=2.3",
-    ],
     zip_safe=False,
 )

@@ -34,8 +34,7 @@ const char* dt_name(DT d) {
 
 const py::dtype& dtype_of(DT d) {
     static const py::dtype f32 = py::dtype::of<float>(), f16("float16"), u16 = py::dtype::of<uint16_t>(),
-                           i8 = py::dtype::of<int8_t>(), i32 = py::dtype::of<int32_t>(),
-                           i64 = py::dtype::of<int64_t>();
+                           i8 = py::dtype::of<int8_t>(), i32 = py::dtype::of<int32_t>(), i64 = py::dtype::of<int64_t>();
     switch (d) {
         case DT::f32: return f32;
         case DT::f16: return f16;
@@ -63,15 +62,13 @@ void check_layout(const py::array& a, const char* name, bool out, py::ssize_t ex
 
 // One accepted dtype.
 const void* check(const py::array& a, const char* name, DT d, bool out, py::ssize_t expected = -1) {
-    if (!has_dtype(a, d))
-        throw py::type_error(std::string(name) + " must be " + dt_name(d) + ", got " + dtype_str(a));
+    if (!has_dtype(a, d)) throw py::type_error(std::string(name) + " must be " + dt_name(d) + ", got " + dtype_str(a));
     check_layout(a, name, out, expected);
     return a.data();
 }
 
 // Two accepted dtypes; returns which one matched through *which.
-const void* check2(const py::array& a, const char* name, DT d1, DT d2, bool out, py::ssize_t expected,
-                   DT* which) {
+const void* check2(const py::array& a, const char* name, DT d1, DT d2, bool out, py::ssize_t expected, DT* which) {
     if (has_dtype(a, d1)) *which = d1;
     else if (has_dtype(a, d2)) *which = d2;
     else
@@ -84,8 +81,8 @@ const void* check2(const py::array& a, const char* name, DT d1, DT d2, bool out,
 void* mut(const void* p) { return const_cast<void*>(p); }
 
 size_t check_count(long long v, const char* name, long long min) {
-    if (v < min) throw py::value_error(std::string(name) + " must be >= " + std::to_string(min) + ", got " +
-                                       std::to_string(v));
+    if (v < min)
+        throw py::value_error(std::string(name) + " must be >= " + std::to_string(min) + ", got " + std::to_string(v));
     return static_cast<size_t>(v);
 }
 
@@ -256,26 +253,38 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "hetero_ps native kernels (use hetero_ps.kernels, not this module)";
     hps::active_isa();  // probe the CPU and read HETERO_PS_ISA now, so a bad value fails the import
 
-    m.def("weighted_accumulate", &weighted_accumulate, py::arg("acc"), py::arg("g"), py::arg("w"),
-          py::arg("g_dtype"), "acc += w * g for g float32/float16/bfloat16 ('f32'|'f16'|'bf16')");
+    m.def("weighted_accumulate", &weighted_accumulate, py::arg("acc"), py::arg("g"), py::arg("w"), py::arg("g_dtype"),
+          "acc += w * g for g float32/float16/bfloat16 ('f32'|'f16'|'bf16')");
 
-    m.def("f32_to_f16", [](const py::array& s, const py::array& o) {
-        convert<hps::f32_to_f16>(s, o, DT::f32, DT::f32, DT::u16, DT::f16);
-    }, py::arg("src"), py::arg("out"));
-    m.def("f16_to_f32", [](const py::array& s, const py::array& o) {
-        convert<hps::f16_to_f32>(s, o, DT::u16, DT::f16, DT::f32, DT::f32);
-    }, py::arg("src"), py::arg("out"));
-    m.def("f32_to_bf16", [](const py::array& s, const py::array& o) {
-        convert<hps::f32_to_bf16>(s, o, DT::f32, DT::f32, DT::u16, DT::u16);
-    }, py::arg("src"), py::arg("out"));
-    m.def("bf16_to_f32", [](const py::array& s, const py::array& o) {
-        convert<hps::bf16_to_f32>(s, o, DT::u16, DT::u16, DT::f32, DT::f32);
-    }, py::arg("src"), py::arg("out"));
+    m.def(
+        "f32_to_f16",
+        [](const py::array& s, const py::array& o) {
+            convert<hps::f32_to_f16>(s, o, DT::f32, DT::f32, DT::u16, DT::f16);
+        },
+        py::arg("src"), py::arg("out"));
+    m.def(
+        "f16_to_f32",
+        [](const py::array& s, const py::array& o) {
+            convert<hps::f16_to_f32>(s, o, DT::u16, DT::f16, DT::f32, DT::f32);
+        },
+        py::arg("src"), py::arg("out"));
+    m.def(
+        "f32_to_bf16",
+        [](const py::array& s, const py::array& o) {
+            convert<hps::f32_to_bf16>(s, o, DT::f32, DT::f32, DT::u16, DT::u16);
+        },
+        py::arg("src"), py::arg("out"));
+    m.def(
+        "bf16_to_f32",
+        [](const py::array& s, const py::array& o) {
+            convert<hps::bf16_to_f32>(s, o, DT::u16, DT::u16, DT::f32, DT::f32);
+        },
+        py::arg("src"), py::arg("out"));
 
     m.def("quantize_int8", &quantize_int8, py::arg("src"), py::arg("block"), py::arg("q"), py::arg("scales"));
     m.def("dequantize_int8", &dequantize_int8, py::arg("q"), py::arg("scales"), py::arg("block"), py::arg("out"));
-    m.def("dequantize_accumulate_int8", &dequantize_accumulate_int8, py::arg("acc"), py::arg("q"),
-          py::arg("scales"), py::arg("w"), py::arg("block"));
+    m.def("dequantize_accumulate_int8", &dequantize_accumulate_int8, py::arg("acc"), py::arg("q"), py::arg("scales"),
+          py::arg("w"), py::arg("block"));
     m.def("topk", &topk, py::arg("x"), py::arg("k"), py::arg("idx_out"), py::arg("val_out"));
     m.def("topk_error_feedback", &topk_error_feedback, py::arg("g"), py::arg("residual"), py::arg("k"),
           py::arg("idx_out"), py::arg("val_out"));
@@ -292,7 +301,9 @@ PYBIND11_MODULE(_C, m) {
         return out;
     });
     m.def("get_isa", [] { return std::string(hps::isa_name(hps::active_isa())); });
-    m.def("set_isa", [](const std::string& name) { return std::string(hps::isa_name(hps::set_isa(hps::parse_isa(name)))); },
-          py::arg("name"), "select a lower SIMD level (tests/benchmarks); returns the previous one");
+    m.def(
+        "set_isa",
+        [](const std::string& name) { return std::string(hps::isa_name(hps::set_isa(hps::parse_isa(name)))); },
+        py::arg("name"), "select a lower SIMD level (tests/benchmarks); returns the previous one");
     m.attr("PARALLEL_THRESHOLD") = hps::kParallelMinElems;
 }

@@ -63,8 +63,7 @@ const char* isa_name(Isa isa) {
 Isa parse_isa(const std::string& name) {
     for (Isa i : {Isa::scalar, Isa::sse42, Isa::avx2, Isa::avx512})
         if (name == isa_name(i)) return i;
-    throw std::invalid_argument("unknown ISA level '" + name +
-                                "' (expected scalar, sse4.2, avx2 or avx512)");
+    throw std::invalid_argument("unknown ISA level '" + name + "' (expected scalar, sse4.2, avx2 or avx512)");
 }
 
 const CpuFlags& cpu_flags() {

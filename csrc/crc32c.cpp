@@ -43,8 +43,8 @@ uint32_t multmodp(uint32_t a, uint32_t b) {
 }
 
 struct Tables {
-    uint32_t slice[8][256];   // slicing-by-8
-    uint32_t x2n[72];         // x^(2^i) mod P
+    uint32_t slice[8][256];     // slicing-by-8
+    uint32_t x2n[72];           // x^(2^i) mod P
     uint32_t long_op[4][256];   // register * x^(8 * kLong), one table per register byte
     uint32_t short_op[4][256];  // register * x^(8 * kShort)
 

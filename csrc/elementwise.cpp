@@ -55,8 +55,7 @@ void bf16_to_f32_scalar(const void* s, void* d, size_t b, size_t e) {
 // bfloat16 bits (zero-extended to 32-bit lanes) -> float32, NaNs made quiet.
 HPS_TARGET_AVX2 HPS_INLINE __m256 avx2_bf16_widen(__m128i h) {
     __m256i v = _mm256_cvtepu16_epi32(h);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7FFF)),
-                                           _mm256_set1_epi32(0x7F80));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7FFF)), _mm256_set1_epi32(0x7F80));
     v = _mm256_or_si256(v, _mm256_and_si256(nan, _mm256_set1_epi32(0x40)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
@@ -65,8 +64,8 @@ HPS_TARGET_AVX2 HPS_INLINE __m256 avx2_bf16_widen(__m128i h) {
 HPS_TARGET_AVX2 HPS_INLINE __m256i avx2_bf16_round(__m256i u) {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                           _mm256_set1_epi32(0x7F800000));
+    const __m256i nan =
+        _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
     const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
     return _mm256_blendv_epi8(r, qnan, nan);
 }
@@ -153,8 +152,8 @@ HPS_TARGET_AVX2 void bf16_to_f32_avx2(const void* s, void* d, size_t b, size_t e
 // ---------------------------------------------------------------- AVX-512 F/BW/VL
 HPS_TARGET_AVX512 HPS_INLINE __m512 avx512_bf16_widen(__m256i h) {
     __m512i v = _mm512_cvtepu16_epi32(h);
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(v, _mm512_set1_epi32(0x7FFF)),
-                                                  _mm512_set1_epi32(0x7F80));
+    const __mmask16 nan =
+        _mm512_cmpgt_epi32_mask(_mm512_and_si512(v, _mm512_set1_epi32(0x7FFF)), _mm512_set1_epi32(0x7F80));
     v = _mm512_mask_or_epi32(v, nan, v, _mm512_set1_epi32(0x40));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
@@ -162,8 +161,8 @@ HPS_TARGET_AVX512 HPS_INLINE __m512 avx512_bf16_widen(__m256i h) {
 HPS_TARGET_AVX512 HPS_INLINE __m256i avx512_bf16_round(__m512i u) {
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                  _mm512_set1_epi32(0x7F800000));
+    const __mmask16 nan =
+        _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
     const __m512i qnan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, qnan));  // truncating narrow
 }

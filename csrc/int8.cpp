@@ -53,8 +53,8 @@ HPS_INLINE int8_t quant_one(float x, float inv) {
 }
 
 using QuantFn = void (*)(const void* src, size_t n, size_t block, void* q, void* scales, size_t bb, size_t be);
-using DequantFn = void (*)(const void* q, const void* scales, size_t n, size_t block, float w, void* out,
-                           size_t bb, size_t be);
+using DequantFn = void (*)(const void* q, const void* scales, size_t n, size_t block, float w, void* out, size_t bb,
+                           size_t be);
 
 // ---------------------------------------------------------------- scalar
 HPS_INLINE uint32_t amax_scalar(const void* src, size_t b, size_t e, uint32_t m) {
@@ -86,8 +86,8 @@ HPS_INLINE void dequant_tail(const void* q, float s, void* out, size_t b, size_t
 }
 
 template <bool ACC>
-void dequant_scalar(const void* q, const void* scales, size_t n, size_t block, float w, void* out,
-                    size_t bb, size_t be) {
+void dequant_scalar(const void* q, const void* scales, size_t n, size_t block, float w, void* out, size_t bb,
+                    size_t be) {
     for (size_t blk = bb; blk < be; ++blk) {
         const size_t b = blk * block, e = std::min(n, b + block);
         const float s = ACC ? w * ld<float>(scales, blk) : ld<float>(scales, blk);
@@ -104,8 +104,7 @@ HPS_TARGET_AVX2 HPS_INLINE __m256i avx2_quant8(const void* src, size_t i, __m256
     return _mm256_cvtps_epi32(v);  // exact: v is already an integer
 }
 
-HPS_TARGET_AVX2 void quant_avx2(const void* src, size_t n, size_t block, void* q, void* scales, size_t bb,
-                                size_t be) {
+HPS_TARGET_AVX2 void quant_avx2(const void* src, size_t n, size_t block, void* q, void* scales, size_t bb, size_t be) {
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (size_t blk = bb; blk < be; ++blk) {
@@ -190,15 +189,16 @@ HPS_TARGET_AVX512 void quant_avx512(const void* src, size_t n, size_t block, voi
             __m512 v = _mm512_mul_ps(_mm512_loadu_ps(at<float>(src, i)), inv);
             v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(at<int8_t>(q, i)), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(at<int8_t>(q, i)),
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
         }
         quant_tail(src, q, s, i, e);
     }
 }
 
 template <bool ACC>
-HPS_TARGET_AVX512 void dequant_avx512(const void* q, const void* scales, size_t n, size_t block, float w,
-                                      void* out, size_t bb, size_t be) {
+HPS_TARGET_AVX512 void dequant_avx512(const void* q, const void* scales, size_t n, size_t block, float w, void* out,
+                                      size_t bb, size_t be) {
     for (size_t blk = bb; blk < be; ++blk) {
         const size_t b = blk * block, e = std::min(n, b + block);
         const float s = ACC ? w * ld<float>(scales, blk) : ld<float>(scales, blk);

@@ -26,15 +26,13 @@ void quantize_int8(const void* src, size_t n, size_t block, void* q, void* scale
 // out[i] = float(q[i]) * scales[i / block]
 void dequantize_int8(const void* q, const void* scales, size_t n, size_t block, void* out);
 // acc[i] = acc[i] + float(q[i]) * (w * scales[i / block])
-void dequantize_accumulate_int8(void* acc, const void* q, const void* scales, float w, size_t n,
-                                size_t block);
+void dequantize_accumulate_int8(void* acc, const void* q, const void* scales, float w, size_t n, size_t block);
 
 // Top-k by |x| (ties: lowest index; NaN ranks above inf). Writes k ascending int32 indices and
 // the values at them. n must fit in int32; k <= n.
 void topk(const void* x, size_t n, size_t k, void* idx_out, void* val_out);
 // residual += g, then topk(residual), then residual[idx] = 0.
-void topk_error_feedback(const void* g, void* residual, size_t n, size_t k, void* idx_out,
-                         void* val_out);
+void topk_error_feedback(const void* g, void* residual, size_t n, size_t k, void* idx_out, void* val_out);
 
 // acc[idx[j]] += w * values[j], j in order (duplicates add up). Every index is checked against n
 // first; IndexT is int32_t or int64_t.

@@ -38,9 +38,9 @@ constexpr uint32_t kAbs = 0x7FFFFFFFu;
 // 1024 bins x 4 interleaved copies = 16 KiB, half an L1 data cache.
 constexpr int kShift1 = 21;
 constexpr size_t kBins1 = size_t(1) << (31 - kShift1);
-constexpr int kShift2 = 10;                                  // refine 1: key bits 20..10
+constexpr int kShift2 = 10;  // refine 1: key bits 20..10
 constexpr size_t kBins2 = size_t(1) << (kShift1 - kShift2);
-constexpr size_t kBins3 = size_t(1) << kShift2;              // refine 2: key bits 9..0
+constexpr size_t kBins3 = size_t(1) << kShift2;  // refine 2: key bits 9..0
 
 // Pass 1 over [b, e): (ADD) x += g, and histogram of key >> kShift1 into hist (kBins1 counters).
 template <bool ADD>
@@ -89,10 +89,10 @@ size_t find_bin(const Count* hist, size_t bins, size_t need, size_t* above) {
 
 // Pass 2: where the indices (and candidate keys) go, and the bin b1 that splits them.
 struct Pass2 {
-    int32_t* above;       // indices of keys in bins above b1
-    int32_t* cand;        // indices of keys in bin b1 ...
-    uint32_t* cand_key;   // ... and their keys
-    uint32_t lo_key;      // smallest key in bin b1
+    int32_t* above;      // indices of keys in bins above b1
+    int32_t* cand;       // indices of keys in bin b1 ...
+    uint32_t* cand_key;  // ... and their keys
+    uint32_t lo_key;     // smallest key in bin b1
     size_t b1;
 };
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from hetero_ps.training import data
 from hetero_ps.config import JobConfig
-from hetero_ps.training.data import DatasetInfo, collate, load_datasets
 from hetero_ps.errors import ConfigError, DataError
+from hetero_ps.training import data
+from hetero_ps.training.data import DatasetInfo, collate, load_datasets
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.training.models import build_model
 from hetero_ps.training.trainer import LocalTrainer, evaluate, recalibrate_batchnorm
@@ -27,14 +27,18 @@ def _setup(**kw):
     return job, train, ev, info, model, flat
 
 
-@pytest.mark.parametrize("model,dataset,size,args", [
-    ("simple_cnn", "digits", "default", {}),
-    ("simple_cnn", "synthetic_image", "default", {"size": 64}),
-    ("simple_cnn", "synthetic_image", "tiny", {"size": 64}),
-    ("bert", "synthetic_text", "tiny", {"size": 32, "seq_len": 16}),
-    ("gpt2", "synthetic_text", "tiny", {"size": 32, "seq_len": 16}),
-    ("resnet50", "synthetic_image", "tiny", {"size": 8}),
-], ids=["cnn-digits", "cnn-image", "cnn-image-tiny", "bert-tiny", "gpt2-tiny", "resnet50-tiny"])
+@pytest.mark.parametrize(
+    "model,dataset,size,args",
+    [
+        ("simple_cnn", "digits", "default", {}),
+        ("simple_cnn", "synthetic_image", "default", {"size": 64}),
+        ("simple_cnn", "synthetic_image", "tiny", {"size": 64}),
+        ("bert", "synthetic_text", "tiny", {"size": 32, "seq_len": 16}),
+        ("gpt2", "synthetic_text", "tiny", {"size": 32, "seq_len": 16}),
+        ("resnet50", "synthetic_image", "tiny", {"size": 8}),
+    ],
+    ids=["cnn-digits", "cnn-image", "cnn-image-tiny", "bert-tiny", "gpt2-tiny", "resnet50-tiny"],
+)
 def test_builtin_model_trains_a_step_on_its_data(model, dataset, size, args):
     job, train, _, info, m, flat = _setup(model=model, dataset=dataset, model_size=size, dataset_args=args)
     trainer = LocalTrainer(job, m, flat, train, info, "cpu")
@@ -50,7 +54,7 @@ def test_resnet50_default_builds_with_real_size_and_runs_forward():
     info = DatasetInfo("synthetic_image", "image", (3, 32, 32), 10)
     m = build_model(job, info)
     n = sum(p.numel() for p in m.parameters())
-    assert 23_000_000 < n < 24_000_000   # ResNet-50 with a 10-class head
+    assert 23_000_000 < n < 24_000_000  # ResNet-50 with a 10-class head
     m.eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
@@ -97,7 +101,7 @@ def test_unknown_names_and_arguments_list_the_choices():
         build_model(JobConfig(model_size="huge"), DatasetInfo("d", "image", (1, 8, 8), 10))
 
 
-PLUGIN = textwrap.dedent('''
+PLUGIN = textwrap.dedent("""
     import torch
 
     def make_model(hidden=8, act="tanh"):
@@ -123,7 +127,7 @@ PLUGIN = textwrap.dedent('''
         return ((out - torch.nn.functional.one_hot(target, 3).float()) ** 2).mean()
 
     NOT_CALLABLE = 3
-''')
+""")
 
 
 @pytest.fixture
@@ -135,8 +139,9 @@ def plugin(tmp_path, monkeypatch):
 
 
 def test_plugin_model_and_dataset(plugin):
-    job = JobConfig(model=f"{plugin}:make_model", model_args={"hidden": 16}, dataset=f"{plugin}:make_data",
-                    loss=f"{plugin}:mse")
+    job = JobConfig(
+        model=f"{plugin}:make_model", model_args={"hidden": 16}, dataset=f"{plugin}:make_data", loss=f"{plugin}:mse"
+    )
     train, ev, info = load_datasets(job)
     assert info.num_classes == 3 and info.input_shape == (4,) and len(train) == 40 and len(ev) == 10
     m = build_model(job, info)
@@ -170,6 +175,7 @@ def test_plugin_errors_name_module_and_attribute(plugin):
 
 # -- data ----------------------------------------------------------------------------------------
 
+
 def test_digits_split_normalisation_and_determinism():
     train, ev, info = load_datasets(JobConfig())
     assert info == DatasetInfo("digits", "image", (1, 8, 8), 10)
@@ -177,7 +183,7 @@ def test_digits_split_normalisation_and_determinism():
     x = train.tensors[0]
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 8)
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-2
-    train2, ev2, _ = load_datasets(JobConfig(seed=9))   # the split does not follow the model seed
+    train2, ev2, _ = load_datasets(JobConfig(seed=9))  # the split does not follow the model seed
     assert torch.equal(ev.tensors[0], ev2.tensors[0])
     assert set(ev.tensors[1].tolist()) == set(range(10))
 
@@ -195,8 +201,7 @@ def test_synthetic_sets_are_seeded_and_learnable_structure():
     for cls in (0, 1):
         t = tok[label == cls]
         counts = torch.zeros(512, 512)
-        counts.index_put_((t[:, :-1].reshape(-1), t[:, 1:].reshape(-1)), torch.ones(t[:, 1:].numel()),
-                          accumulate=True)
+        counts.index_put_((t[:, :-1].reshape(-1), t[:, 1:].reshape(-1)), torch.ones(t[:, 1:].numel()), accumulate=True)
         assert float(counts.topk(4, dim=1).values.sum() / counts.sum()) > 0.8
     img = load_datasets(JobConfig(dataset="synthetic_image", dataset_args={"size": 100}))
     assert img[0].tensors[0].shape == (100, 3, 32, 32) and len(img[1]) == 20
@@ -228,22 +233,33 @@ def test_collate_fast_paths_agree_with_per_item_and_check_bounds():
 
 # -- CIFAR-10 ------------------------------------------------------------------------------------
 
+
 def _write_fake_cifar(d, n=6, seed=0):
     os.makedirs(d, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name in (*data.CIFAR_TRAIN_FILES, data.CIFAR_TEST_FILE):
-        batch = {b"batch_label": b"fake", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng.integers(0, 10, n)], b"filenames": [b"x.png"] * n}
+        batch = {
+            b"batch_label": b"fake",
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, n)],
+            b"filenames": [b"x.png"] * n,
+        }
         with open(os.path.join(d, name), "wb") as f:
-            pickle.dump(batch, f, protocol=2)   # like the real files (written by Python 2)
+            pickle.dump(batch, f, protocol=2)  # like the real files (written by Python 2)
 
 
 def test_cifar10_missing_directory_says_which_files_to_put_where(tmp_path):
     with pytest.raises(DataError) as e:
         load_datasets(JobConfig(dataset="cifar10", data_dir=str(tmp_path / "nowhere")))
     msg = str(e.value)
-    for needed in ("data_batch_1", "data_batch_5", "test_batch", "cifar-10-batches-py",
-                   "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "--data-dir"):
+    for needed in (
+        "data_batch_1",
+        "data_batch_5",
+        "test_batch",
+        "cifar-10-batches-py",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "--data-dir",
+    ):
         assert needed in msg, needed
 
 
@@ -262,7 +278,7 @@ def test_cifar10_loads_the_python_batches(tmp_path, sub):
     assert len(train) == 30 and len(ev) == 6 and info.input_shape == (3, 32, 32) and info.num_classes == 10
     with open((tmp_path / sub if sub else tmp_path) / "data_batch_2", "rb") as f:
         raw = pickle.load(f)
-    x, y = collate(train, [6, 7])   # the first two of data_batch_2
+    x, y = collate(train, [6, 7])  # the first two of data_batch_2
     assert y.tolist() == raw[b"labels"][:2]
     px = raw[b"data"][0].reshape(3, 32, 32).astype(np.float32) / 255.0
     want = (px - np.array(data.CIFAR_MEAN).reshape(3, 1, 1)) / np.array(data.CIFAR_STD).reshape(3, 1, 1)
@@ -305,6 +321,7 @@ def test_object_arrays_and_wrong_shapes_are_refused(tmp_path):
 
 # -- trainer -------------------------------------------------------------------------------------
 
+
 def test_micro_batches_give_the_same_mean_gradient():
     job, train, _, info, m, flat = _setup()
     idx = np.arange(10, 47)
@@ -335,8 +352,9 @@ def test_evaluate_reports_accuracy_and_token_accuracy_and_restores_mode():
         want = torch.nn.functional.cross_entropy(m(x), y)
         assert acc == pytest.approx(float((m(x).argmax(1) == y).float().mean()))
     assert loss == pytest.approx(float(want), rel=1e-5)
-    gjob, gtrain, gev, ginfo, gm, _ = _setup(model="gpt2", model_size="tiny", dataset="synthetic_text",
-                                              dataset_args={"size": 20, "seq_len": 16})
+    gjob, gtrain, gev, ginfo, gm, _ = _setup(
+        model="gpt2", model_size="tiny", dataset="synthetic_text", dataset_args={"size": 20, "seq_len": 16}
+    )
     gloss, gacc = evaluate(gm, gev, 8, gjob)
     assert gloss == pytest.approx(np.log(512), rel=0.1) and 0 <= gacc < 0.05
 
@@ -351,6 +369,8 @@ def test_batchnorm_recalibration_keeps_flat_buffer_views():
     assert recalibrate_batchnorm(m, train, batches=1, batch_size=8)
     assert not torch.equal(flat.buffers, before), "running stats must live in (and update) the flat buffer"
     bn = m.bn1
-    assert bn.running_mean.data_ptr() == flat.buffers.data_ptr() + 4 * [o for n, _, o, _ in flat.buffer_layout()
-                                                                          if n == "bn1.running_mean"][0]
+    assert (
+        bn.running_mean.data_ptr()
+        == flat.buffers.data_ptr() + 4 * [o for n, _, o, _ in flat.buffer_layout() if n == "bn1.running_mean"][0]
+    )
     assert not recalibrate_batchnorm(build_model(JobConfig(), DatasetInfo("d", "image", (1, 8, 8), 10)), train)

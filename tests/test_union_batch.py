@@ -13,14 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetero_ps.wire import codecs
 from hetero_ps.config import JobConfig
+from hetero_ps.server.scheduler import Scheduler
 from hetero_ps.training.data import load_datasets
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.training.models import build_model
 from hetero_ps.training.optim import build_optimizer
-from hetero_ps.training.sampler import EpochSampler, epoch_steps, scale_sizes, steps_per_epoch, worker_slices
+from hetero_ps.training.sampler import EpochSampler, epoch_steps, steps_per_epoch, worker_slices
 from hetero_ps.training.trainer import LocalTrainer
+from hetero_ps.wire import codecs
 
 # -- sampler ---------------------------------------------------------------------------------------
 
@@ -29,9 +30,9 @@ from hetero_ps.training.trainer import LocalTrainer
 def _jobs(draw):
     n = draw(st.integers(1, 400))
     b = draw(st.integers(1, 80))
-    workers = draw(st.integers(1, 5))
+    workers = draw(st.integers(1, min(5, b)))  # the scheduler refuses more workers than samples
     cuts = sorted(draw(st.lists(st.integers(0, b), min_size=workers - 1, max_size=workers - 1)))
-    sizes = [hi - lo for lo, hi in zip([0, *cuts], [*cuts, b])]   # >= 0 each, sum B
+    sizes = [hi - lo for lo, hi in zip([0, *cuts], [*cuts, b])]  # >= 0 each, sum B
     return n, b, sizes, draw(st.integers(0, 2**31))
 
 
@@ -40,26 +41,33 @@ def _jobs(draw):
 def test_every_sample_exactly_once_per_epoch_for_any_split(job):
     n, b, sizes, seed = job
     master = EpochSampler(n, seed)
-    workers = [EpochSampler(n, seed) for _ in sizes]   # each node computes the permutation itself
+    workers = [EpochSampler(n, seed) for _ in sizes]  # each node computes the permutation itself
+    # The split the master uses: the scheduler, here with the user's fixed sizes (rank = worker id).
+    scheduler = Scheduler(b, "uniform", fixed_sizes=dict(enumerate(sizes)))
+    for w in range(len(sizes)):
+        scheduler.add_worker(w)
+    ranks = {w: w for w in range(len(sizes))}
     assert len(epoch_steps(n, b)) == steps_per_epoch(n, b)
+    step = 0
     for epoch in range(2):
         seen = []
         for offset, total in epoch_steps(n, b):
             assert 0 < total <= b
-            share = scale_sizes(dict(enumerate(sizes)), total)
+            share, _ = scheduler.assign(step, list(ranks), total, ranks=ranks)
+            step += 1
             assert sum(share.values()) == total and all(v >= 0 for v in share.values())
             if total == b:
-                assert list(share.values()) == sizes   # full steps keep the split as given
+                assert list(share.values()) == sizes  # full steps keep the split as given
             for w, (off, count) in worker_slices(offset, share).items():
                 seen.append(workers[w].indices(epoch, off, count))
         seen = np.concatenate(seen)
         assert len(seen) == n and np.array_equal(np.sort(seen), np.arange(n))
-        assert np.array_equal(seen, master.permutation(epoch))   # slices tile the epoch in order
+        assert np.array_equal(seen, master.permutation(epoch))  # slices tile the epoch in order
 
 
-def test_permutations_differ_by_epoch_and_seed_and_are_fingerprinted():
+def test_permutations_differ_by_epoch_and_seed():
     a, b = EpochSampler(1000, 1), EpochSampler(1000, 1)
-    assert np.array_equal(a.permutation(3), b.permutation(3)) and a.fingerprint(3) == b.fingerprint(3)
+    assert np.array_equal(a.permutation(3), b.permutation(3))
     assert not np.array_equal(a.permutation(0), a.permutation(1))
     assert not np.array_equal(a.permutation(0), EpochSampler(1000, 2).permutation(0))
 
@@ -71,8 +79,15 @@ def test_slices_outside_the_epoch_are_refused():
             s.indices(0, off, count)
     with pytest.raises(ValueError, match="integer"):
         s.indices(0, 1.5, 2)
-    assert scale_sizes([5, 17, 42], 10) == [1, 3, 6]
-    assert scale_sizes([0, 3], 2) == [0, 2]
+
+
+def test_a_partial_step_keeps_the_proportions_and_its_exact_total():
+    scheduler = Scheduler(64, "uniform", fixed_sizes={1: 5, 2: 17, 3: 42})
+    for w in (1, 2, 3):
+        scheduler.add_worker(w)
+    ranks = {1: 1, 2: 2, 3: 3}
+    assert scheduler.assign(0, [1, 2, 3], ranks=ranks)[0] == {1: 5, 2: 17, 3: 42}
+    assert scheduler.assign(1, [1, 2, 3], 10, ranks=ranks)[0] == {1: 1, 2: 3, 3: 6}  # largest remainders
 
 
 # -- gradients -------------------------------------------------------------------------------------
@@ -82,7 +97,7 @@ B = sum(SPLIT)
 
 
 def _replica(job, train, info):
-    model = build_model(job, info)   # every node builds identical weights from job.seed
+    model = build_model(job, info)  # every node builds identical weights from job.seed
     flat = FlatParams(model)
     return model, flat, LocalTrainer(job, model, flat, train, info, "cpu")
 
@@ -93,7 +108,7 @@ def _combine(job, train, info, indices, codec_spec, chunk):
     offset = 0
     for b in SPLIT:
         _, flat, trainer = _replica(job, train, info)
-        trainer.compute_gradient(indices[offset:offset + b])
+        trainer.compute_gradient(indices[offset : offset + b])
         offset += b
         g = flat.grads.numpy()
         if acc is None:
@@ -102,9 +117,9 @@ def _combine(job, train, info, indices, codec_spec, chunk):
             enc = [codecs.make_codec(codec_spec, n) for _, n in chunks]
             dec = [codecs.make_codec(codec_spec, n) for _, n in chunks]
         for (o, n), e, d in zip(chunks, enc, dec):
-            fields, segments = e.encode(g[o:o + n])
-            wire = [memoryview(bytes(s)) for s in segments]   # what the transport hands over: read-only bytes
-            d.decode_accumulate(acc[o:o + n], dict(fields), wire, b / B)
+            fields, segments = e.encode(g[o : o + n])
+            wire = [memoryview(bytes(s)) for s in segments]  # what the transport hands over: read-only bytes
+            d.decode_accumulate(acc[o : o + n], dict(fields), wire, b / B)
     return torch.from_numpy(acc)
 
 
@@ -121,7 +136,7 @@ def digits():
 @pytest.mark.parametrize("spec,rtol", [("none", 1e-5), ("fp16", 2e-3), ("bf16", 1.6e-2)])
 def test_weighted_shares_equal_the_union_batch_gradient(digits, spec, rtol):
     job, train, info, indices, union, _ = digits
-    acc = _combine(job, train, info, indices, spec, chunk=40_000)   # several chunks, a ragged last one
+    acc = _combine(job, train, info, indices, spec, chunk=40_000)  # several chunks, a ragged last one
     rel = float((acc - union).norm() / union.norm())
     assert rel < rtol, f"{spec}: relative error {rel:.2e}"
     scale = float(union.abs().max())

@@ -20,7 +20,6 @@ Non-finite floats (a NaN loss) are written as ``null`` so every line is strict J
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
@@ -29,6 +28,7 @@ import time
 import torch
 
 from hetero_ps.errors import ConfigError
+from hetero_ps.observe.jsonsafe import sanitize
 
 METRIC_STREAMS = ("steps", "epochs", "events")
 
@@ -38,42 +38,18 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") or "x"
 
 
-def _jsonable(obj):
-    """Strict-JSON version of ``obj``: NaN/Inf → None, numpy/torch scalars → Python numbers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return _jsonable(obj.item())
-    item = getattr(obj, "item", None)   # numpy scalars
-    if callable(item):
-        try:
-            return _jsonable(item())
-        except (TypeError, ValueError):
-            pass
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return _jsonable(tolist())
-    return str(obj)
-
-
 def _dump(obj) -> str:
-    return json.dumps(_jsonable(obj), allow_nan=False, separators=(",", ":"))
+    return json.dumps(sanitize(obj), allow_nan=False, separators=(",", ":"))
 
 
 def _write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
+        json.dump(sanitize(obj), f, indent=2, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)   # readers never see half a file
+    os.replace(tmp, path)  # readers never see half a file
 
 
 class MetricsWriter:
@@ -84,8 +60,9 @@ class MetricsWriter:
         self.dir = metrics_dir
         self._lock = threading.Lock()
         # buffering=1: line-buffered text files, each record reaches the OS when its newline does.
-        self._files = {s: open(os.path.join(metrics_dir, f"{s}.jsonl"), "a", buffering=1, encoding="utf-8")
-                       for s in METRIC_STREAMS}
+        self._files = {
+            s: open(os.path.join(metrics_dir, f"{s}.jsonl"), "a", buffering=1, encoding="utf-8") for s in METRIC_STREAMS
+        }
 
     def path(self, stream: str) -> str:
         return os.path.join(self.dir, f"{stream}.jsonl")
@@ -189,7 +166,7 @@ class Experiment:
     def close(self) -> None:
         self.metrics.close()
 
-    def __enter__(self) -> "Experiment":
+    def __enter__(self) -> Experiment:
         return self
 
     def __exit__(self, *exc) -> None:

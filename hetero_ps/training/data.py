@@ -39,22 +39,23 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from hetero_ps.errors import ConfigError, DataError
-from hetero_ps.training.plugins import call_factory, is_plugin_name, load_callable
+from hetero_ps.training.plugins import builtin, call_factory, is_plugin_name, load_callable, with_defaults
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about its data."""
 
-    name: str                      # registry name or the plugin spec
-    kind: str                      # "image" | "text" | "custom"
-    input_shape: tuple             # one sample's input shape, e.g. (1, 8, 8) or (64,)
-    num_classes: int               # classes of the target (0 if not classification)
-    vocab_size: int = 0            # text: token ids are in [0, vocab_size)
-    seq_len: int = 0               # text: tokens per sample
+    name: str  # registry name or the plugin spec
+    kind: str  # "image" | "text" | "custom"
+    input_shape: tuple  # one sample's input shape, e.g. (1, 8, 8) or (64,)
+    num_classes: int  # classes of the target (0 if not classification)
+    vocab_size: int = 0  # text: token ids are in [0, vocab_size)
+    seq_len: int = 0  # text: tokens per sample
 
 
 # -- batches by index ------------------------------------------------------------------------------
+
 
 def collate(dataset, indices) -> tuple:
     """``(inputs, targets)`` for the samples ``indices`` (any int sequence, numpy or tensor).
@@ -66,7 +67,7 @@ def collate(dataset, indices) -> tuple:
     """
     if isinstance(indices, torch.Tensor):
         idx = indices.detach().to("cpu", torch.int64).reshape(-1)
-    else:   # a copy: callers may pass read-only numpy views
+    else:  # a copy: callers may pass read-only numpy views
         idx = torch.from_numpy(np.array(indices, dtype=np.int64))
     if idx.dim() != 1 or idx.numel() == 0:
         raise ValueError(f"expected a non-empty 1-D list of indices, got shape {tuple(idx.shape)}")
@@ -103,12 +104,9 @@ def to_device(obj, device):
 
 # -- built-ins -------------------------------------------------------------------------------------
 
+
 def _args(job, defaults: dict) -> dict:
-    extra = set(job.dataset_args) - set(defaults)
-    if extra:
-        raise ConfigError(f"data set {job.dataset!r} does not take {sorted(extra)}; it takes "
-                          f"{', '.join(f'{k} (default {v})' for k, v in defaults.items()) or 'no arguments'}")
-    return {**defaults, **job.dataset_args}
+    return with_defaults("data set", job.dataset, job.dataset_args, defaults)
 
 
 def _positive(a: dict, *keys) -> None:
@@ -130,8 +128,11 @@ def _digits(job):
     mean, std = float(x[tr].mean()), float(x[tr].std())
     x = (x - mean) / std
     info = DatasetInfo("digits", "image", (1, 8, 8), 10)
-    return (TensorDataset(torch.from_numpy(x[tr]), torch.from_numpy(y[tr])),
-            TensorDataset(torch.from_numpy(x[ev]), torch.from_numpy(y[ev])), info)
+    return (
+        TensorDataset(torch.from_numpy(x[tr]), torch.from_numpy(y[tr])),
+        TensorDataset(torch.from_numpy(x[ev]), torch.from_numpy(y[ev])),
+        info,
+    )
 
 
 def _synthetic_image(job):
@@ -157,8 +158,19 @@ def _synthetic_image(job):
 
 
 def _synthetic_text(job):
-    a = _args(job, {"size": 4000, "eval_size": 0, "seq_len": 64, "vocab_size": 512, "num_classes": 2,
-                    "seed": 0, "branch": 4, "p_follow": 0.9})
+    a = _args(
+        job,
+        {
+            "size": 4000,
+            "eval_size": 0,
+            "seq_len": 64,
+            "vocab_size": 512,
+            "num_classes": 2,
+            "seed": 0,
+            "branch": 4,
+            "p_follow": 0.9,
+        },
+    )
     _positive(a, "size", "seq_len", "vocab_size", "num_classes", "branch")
     if not 0.0 <= a["p_follow"] <= 1.0:
         raise ConfigError(f"dataset argument p_follow must be in [0, 1], got {a['p_follow']}")
@@ -168,7 +180,7 @@ def _synthetic_text(job):
     if v < 2 or t < 2:
         raise ConfigError("synthetic_text needs vocab_size >= 2 and seq_len >= 2")
     rng = np.random.default_rng(int(a["seed"]))
-    successors = rng.integers(0, v, size=(c, v, br))   # class, token → its likely next tokens
+    successors = rng.integers(0, v, size=(c, v, br))  # class, token → its likely next tokens
 
     def make(n):
         y = rng.integers(0, c, size=n)
@@ -251,22 +263,33 @@ def _cifar_missing(where: str, missing: list[str]) -> DataError:
         f"Put the python version's files data_batch_1 … data_batch_5 and test_batch in that directory on every "
         f"node: download {CIFAR_URL} (from https://www.cs.toronto.edu/~kriz/cifar.html) and run "
         f"`tar xzf cifar-10-python.tar.gz -C {parent}`, or pass --data-dir DIR (or HETERO_PS_DATA_DIR) where "
-        f"DIR or DIR/cifar-10-batches-py holds them.")
+        f"DIR or DIR/cifar-10-batches-py holds them."
+    )
 
 
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         d = restricted_load(path)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, UnicodeDecodeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+    ) as exc:
         raise DataError(f"{path} is not a CIFAR-10 python batch file: {exc}") from exc
     if not isinstance(d, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch (expected a dict, got {type(d).__name__})")
-    get = lambda k: d.get(k.encode(), d.get(k))   # noqa: E731 — py2 files have bytes keys
+    get = lambda k: d.get(k.encode(), d.get(k))  # noqa: E731 — py2 files have bytes keys
     x, y = get("data"), get("labels")
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
-                        f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        raise DataError(
+            f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        )
     try:
         y = np.asarray(y, dtype=np.int64)
     except (TypeError, ValueError) as exc:
@@ -295,12 +318,12 @@ class Cifar10(Dataset):
         return x[0], y[0]
 
     def get_batch(self, idx: torch.Tensor):
-        x = self.x[idx].float().div_(255.0)   # (b, 3, 32, 32)
+        x = self.x[idx].float().div_(255.0)  # (b, 3, 32, 32)
         if self.augment:
             b = x.shape[0]
             padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
             off = torch.randint(0, 9, (b, 2), generator=self._gen)
-            x = torch.stack([padded[i, :, r:r + 32, c:c + 32] for i, (r, c) in enumerate(off.tolist())])
+            x = torch.stack([padded[i, :, r : r + 32, c : c + 32] for i, (r, c) in enumerate(off.tolist())])
             flip = torch.rand(b, generator=self._gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         return (x - self._mean) / self._std, self.y[idx]
@@ -314,8 +337,12 @@ def _cifar10(job):
         raise _cifar_missing(where, missing)
     parts = [_read_cifar_batch(os.path.join(where, f)) for f in CIFAR_TRAIN_FILES]
     xt, yt = _read_cifar_batch(os.path.join(where, CIFAR_TEST_FILE))
-    train = Cifar10(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                    augment=bool(a["augment"]), seed=int(a["seed"]))
+    train = Cifar10(
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        augment=bool(a["augment"]),
+        seed=int(a["seed"]),
+    )
     return train, Cifar10(xt, yt), DatasetInfo("cifar10", "image", (3, 32, 32), 10)
 
 
@@ -328,6 +355,7 @@ DATASETS = {
 
 
 # -- plugins ---------------------------------------------------------------------------------------
+
 
 def _infer_info(spec: str, train) -> DatasetInfo:
     x, y = train[0]
@@ -344,16 +372,19 @@ def _infer_info(spec: str, train) -> DatasetInfo:
             targets = None
         if targets is not None and not targets.is_floating_point() and targets.dim() == 1:
             num_classes = int(targets.max()) + 1
-    return DatasetInfo(spec, "custom", shape, int(num_classes or 0),
-                       vocab_size=int(getattr(train, "vocab_size", 0) or 0))
+    return DatasetInfo(
+        spec, "custom", shape, int(num_classes or 0), vocab_size=int(getattr(train, "vocab_size", 0) or 0)
+    )
 
 
 def _plugin(job):
     fn = load_callable(job.dataset, "data set factory")
     out = call_factory(fn, dict(job.dataset_args), job.dataset, "data set factory")
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
-        raise ConfigError(f"data set factory {job.dataset!r} must return (train, eval) or (train, eval, info), "
-                          f"got {type(out).__name__}")
+        raise ConfigError(
+            f"data set factory {job.dataset!r} must return (train, eval) or (train, eval, info), "
+            f"got {type(out).__name__}"
+        )
     train, ev = out[0], out[1]
     for label, ds in (("train", train), ("eval", ev)):
         if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
@@ -375,9 +406,4 @@ def load_datasets(job) -> tuple:
     """``(train, eval, DatasetInfo)`` for ``job.dataset`` (a built-in name or ``module:factory``)."""
     if is_plugin_name(job.dataset):
         return _plugin(job)
-    try:
-        make = DATASETS[job.dataset]
-    except KeyError:
-        raise ConfigError(f"unknown data set {job.dataset!r}; choose one of {', '.join(DATASETS)} "
-                          f"or give package.module:factory") from None
-    return make(job)
+    return builtin(DATASETS, "data set", job.dataset)(job)

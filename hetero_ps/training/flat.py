@@ -33,6 +33,7 @@ BatchNorm the gradient of a worker's share depends on how the batch was split (a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -72,10 +73,10 @@ class FlatParams:
         with torch.no_grad():
             for name, p in entries:
                 n = p.numel()
-                view = self.params[off:off + n].view(p.shape)
+                view = self.params[off : off + n].view(p.shape)
                 view.copy_(p.detach())
                 p.data = view
-                p.grad = self.grads[off:off + n].view(p.shape)
+                p.grad = self.grads[off : off + n].view(p.shape)
                 self._layout.append((name, tuple(p.shape), off, n))
                 self._params.append(p)
                 off += n
@@ -96,9 +97,9 @@ class FlatParams:
         with torch.no_grad():
             for name, b in entries:
                 n = b.numel()
-                view = self.buffers[off:off + n].view(b.shape)
+                view = self.buffers[off : off + n].view(b.shape)
                 view.copy_(b)
-                b.data = view   # same tensor object (modules keep their reference), new storage
+                b.data = view  # same tensor object (modules keep their reference), new storage
                 self._buffer_layout.append((name, tuple(b.shape), off, n))
                 off += n
 
@@ -107,31 +108,24 @@ class FlatParams:
     def nbytes(self) -> int:
         return 4 * self.numel
 
-    def layout(self) -> list[tuple[str, tuple, int, int]]:
+    def layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         """``[(name, shape, offset, numel), ...]`` in flat order (for checks and debugging)."""
         return list(self._layout)
 
-    def buffer_layout(self) -> list[tuple[str, tuple, int, int]]:
+    def buffer_layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         return list(self._buffer_layout)
 
     def flat_buffers(self) -> torch.Tensor:
         """The float buffers (BatchNorm running stats) as one 1-D fp32 tensor (may be empty)."""
         return self.buffers
 
-    def load_(self, flat) -> None:
+    def load_(self, flat: torch.Tensor | np.ndarray) -> None:
         """Copy a 1-D float32 tensor or numpy array of ``numel`` values into the parameters."""
         src = torch.as_tensor(flat)
         if src.dim() != 1 or src.numel() != self.numel:
             raise ValueError(f"expected {self.numel} parameter values, got shape {tuple(src.shape)}")
         with torch.no_grad():
             self.params.copy_(src)
-
-    def load_buffers_(self, flat) -> None:
-        src = torch.as_tensor(flat)
-        if src.dim() != 1 or src.numel() != self.buffer_numel:
-            raise ValueError(f"expected {self.buffer_numel} buffer values, got shape {tuple(src.shape)}")
-        with torch.no_grad():
-            self.buffers.copy_(src)
 
     def zero_grad_(self) -> None:
         """Zero the flat gradient in place (re-binding any ``.grad`` someone replaced or cleared)."""
@@ -148,15 +142,19 @@ class FlatParams:
         pbase, gbase = self.params.data_ptr(), self.grads.data_ptr()
         for (name, _, off, _), p in zip(self._layout, self._params):
             if p.data_ptr() != pbase + 4 * off or p.dtype != torch.float32:
-                raise RuntimeError(f"parameter {name} no longer lives in the flat buffer (was the model moved "
-                                   "with .to() after FlatParams was built?)")
+                raise RuntimeError(
+                    f"parameter {name} no longer lives in the flat buffer (was the model moved "
+                    "with .to() after FlatParams was built?)"
+                )
             g = p.grad
             if g is None or g.data_ptr() != gbase + 4 * off:
                 ok = False
                 if repair:
-                    p.grad = self.grads[off:off + p.numel()].view(p.shape)
+                    p.grad = self.grads[off : off + p.numel()].view(p.shape)
         return ok
 
     def __repr__(self) -> str:
-        return (f"FlatParams({len(self._layout)} tensors, {self.numel} params, "
-                f"{self.buffer_numel} buffer values, {self.device})")
+        return (
+            f"FlatParams({len(self._layout)} tensors, {self.numel} params, "
+            f"{self.buffer_numel} buffer values, {self.device})"
+        )

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hetero_ps.errors import ConfigError
-from hetero_ps.training.plugins import call_factory, is_plugin_name, load_callable
+from hetero_ps.training.plugins import builtin, call_factory, is_plugin_name, load_callable, with_defaults
 
 MODEL_SIZES = ("default", "tiny")
 
@@ -44,34 +44,37 @@ class SimpleCNN(nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 32, hidden: int = 128):
         super().__init__()
         c1, c2 = width, 2 * width
-        layers = [nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
-                  nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        layers = [
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         size = image_size // 2
-        while size > 8:   # (B, c2, size, size) → halve until 8×8
+        while size > 8:  # (B, c2, size, size) → halve until 8×8
             layers += [nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             size //= 2
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, C, H, W) → (B, classes)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, classes)
         return self.head(self.pool(self.features(x)))
 
 
-def _model_args(job, allowed: dict) -> dict:
-    extra = set(job.model_args) - set(allowed)
-    if extra:
-        raise ConfigError(f"model {job.model!r} does not take {sorted(extra)}; it takes "
-                          f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'no arguments'}")
-    return {**allowed, **job.model_args}
+def _model_args(job, defaults: dict) -> dict:
+    return with_defaults("model", job.model, job.model_args, defaults)
 
 
 def _need(info, model: str, kind: str | None = None):
     if info is None:
         raise ConfigError(f"model {model!r} is sized from the data set: pass its DatasetInfo to build_model")
     if kind and info.kind != kind:
-        raise ConfigError(f"model {model!r} needs a {kind} data set (e.g. "
-                          f"{'synthetic_text' if kind == 'text' else 'digits'}), but {info.name!r} is {info.kind}")
+        raise ConfigError(
+            f"model {model!r} needs a {kind} data set (e.g. "
+            f"{'synthetic_text' if kind == 'text' else 'digits'}), but {info.name!r} is {info.kind}"
+        )
     return info
 
 
@@ -80,8 +83,9 @@ def _image_dims(info, model: str) -> tuple[int, int, int]:
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ConfigError(f"model {model!r} needs square C×H×W images; data set {info.name!r} has inputs {shape}")
     if info.num_classes < 2:
-        raise ConfigError(f"model {model!r} needs a classification data set; {info.name!r} has "
-                          f"{info.num_classes} classes")
+        raise ConfigError(
+            f"model {model!r} needs a classification data set; {info.name!r} has {info.num_classes} classes"
+        )
     return shape
 
 
@@ -126,11 +130,16 @@ def _bert(job, info):
     if info.num_classes < 2:
         raise ConfigError(f"bert classifies sequences; data set {info.name!r} has {info.num_classes} classes")
     tiny = job.model_size == "tiny"
-    cfg = _hf_config(BertConfig, job,
-                     {"vocab_size": info.vocab_size, "num_labels": info.num_classes,
-                      "max_position_embeddings": max(128 if tiny else 512, info.seq_len)},
-                     {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "intermediate_size": 128})
+    cfg = _hf_config(
+        BertConfig,
+        job,
+        {
+            "vocab_size": info.vocab_size,
+            "num_labels": info.num_classes,
+            "max_position_embeddings": max(128 if tiny else 512, info.seq_len),
+        },
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
+    )
     return BertForSequenceClassification(cfg), "hf_classification"
 
 
@@ -139,13 +148,20 @@ def _gpt2(job, info):
 
     info = _need(info, "gpt2", "text")
     tiny = job.model_size == "tiny"
-    cfg = _hf_config(GPT2Config, job,
-                     {"vocab_size": info.vocab_size, "n_positions": max(128 if tiny else 1024, info.seq_len),
-                      # GPT-2's own end-of-text id (50256) is outside a small vocabulary: use the last id.
-                      "bos_token_id": info.vocab_size - 1, "eos_token_id": info.vocab_size - 1},
-                     {"n_embd": 64, "n_layer": 2, "n_head": 2})
+    cfg = _hf_config(
+        GPT2Config,
+        job,
+        {
+            "vocab_size": info.vocab_size,
+            "n_positions": max(128 if tiny else 1024, info.seq_len),
+            # GPT-2's own end-of-text id (50256) is outside a small vocabulary: use the last id.
+            "bos_token_id": info.vocab_size - 1,
+            "eos_token_id": info.vocab_size - 1,
+        },
+        {"n_embd": 64, "n_layer": 2, "n_head": 2},
+    )
     model = GPT2LMHeadModel(cfg)
-    model.loss_type = "ForCausalLM"   # transformers cannot infer it from the class name and warns
+    model.loss_type = "ForCausalLM"  # transformers cannot infer it from the class name and warns
     return model, "lm"
 
 
@@ -164,14 +180,7 @@ def build_model(job, info=None) -> nn.Module:
     """The job's model on the CPU, initialised from ``job.seed``; ``info`` is the data set's DatasetInfo."""
     if job.model_size not in MODEL_SIZES:
         raise ConfigError(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {job.model_size!r}")
-    if is_plugin_name(job.model):
-        make = _plugin
-    else:
-        try:
-            make = MODELS[job.model]
-        except KeyError:
-            raise ConfigError(f"unknown model {job.model!r}; choose one of {', '.join(MODELS)} "
-                              f"or give package.module:factory") from None
+    make = _plugin if is_plugin_name(job.model) else builtin(MODELS, "model", job.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed)
         model, task = make(job, info)

@@ -46,17 +46,19 @@ def load_object(spec: str, what: str = "object"):
             ) from exc
         raise ConfigError(f"{what} {spec!r}: importing module {mod_name!r} failed: {exc}") from exc
     except Exception as exc:  # the user's module raised while being imported
-        raise ConfigError(f"{what} {spec!r}: importing module {mod_name!r} failed: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"{what} {spec!r}: importing module {mod_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     obj = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             public = sorted(n for n in dir(module) if not n.startswith("_"))
-            raise ConfigError(f"{what} {spec!r}: module {mod_name!r} ({getattr(module, '__file__', '?')}) "
-                              f"has no attribute {attr!r}; it has: {', '.join(public) or 'nothing public'}"
-                              ) from None
+            raise ConfigError(
+                f"{what} {spec!r}: module {mod_name!r} ({getattr(module, '__file__', '?')}) "
+                f"has no attribute {attr!r}; it has: {', '.join(public) or 'nothing public'}"
+            ) from None
     return obj
 
 
@@ -90,6 +92,30 @@ def parse_kv(items, flag: str = "--model-arg") -> dict:
         k, v = item.split("=", 1)
         out[k] = parse_value(v)
     return out
+
+
+def with_defaults(what: str, name: str, given: dict, defaults: dict) -> dict:
+    """A built-in's arguments: ``defaults`` overridden by ``given``; a key it does not take is a ConfigError.
+
+    ``what`` and ``name`` make the message: ``data set 'digits' does not take ['x']; it takes ...``.
+    """
+    extra = set(given) - set(defaults)
+    if extra:
+        raise ConfigError(
+            f"{what} {name!r} does not take {sorted(extra)}; it takes "
+            f"{', '.join(f'{k} (default {v})' for k, v in defaults.items()) or 'no arguments'}"
+        )
+    return {**defaults, **given}
+
+
+def builtin(registry: dict, what: str, name: str):
+    """``registry[name]``, or a ConfigError that lists the built-ins and the plugin form."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown {what} {name!r}; choose one of {', '.join(registry)} or give package.module:factory"
+        ) from None
 
 
 def call_factory(fn, kwargs: dict, spec: str, what: str):

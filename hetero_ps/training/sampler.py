@@ -9,8 +9,8 @@ Steps within an epoch (``epoch_steps``)::
 
 so the **last step of an epoch is partial** when B does not divide n: it covers exactly the
 ``n mod B`` remaining samples (no sample is dropped, none repeated, no padding from the next epoch).
-Its per-worker shares are the usual shares scaled to the smaller total (``scale_sizes``: proportional,
-largest remainders, sum exact), so the union of one epoch's slices is exactly ``range(n)``.
+Its per-worker shares are the usual shares scaled to the smaller total (the scheduler's ``assign``:
+proportional, largest remainders, sum exact), so the union of one epoch's slices is exactly ``range(n)``.
 The optimizer still steps once on that smaller batch; its gradient is the mean over those samples,
 because the server weights worker *i* by ``b_i / total`` with ``total`` the step's own size.
 
@@ -21,10 +21,12 @@ Within a step, workers get consecutive slices in the order the master lists them
 from __future__ import annotations
 
 import math
-import zlib
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
 
 import numpy as np
+
+K = TypeVar("K", bound=Hashable)
 
 
 class EpochSampler:
@@ -49,7 +51,7 @@ class EpochSampler:
         """The order of epoch ``epoch`` (int64, read-only)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._perm is None:
             perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n).astype(np.int64)
             perm.setflags(write=False)
             self._perm, self._epoch = perm, int(epoch)
@@ -66,15 +68,7 @@ class EpochSampler:
                 raise ValueError(f"{name} must be an integer, got {v!r}")
         if count <= 0 or offset < 0 or offset + count > self.n:
             raise ValueError(f"slice offset={offset} count={count} is outside this epoch of {self.n} samples")
-        return self.permutation(epoch)[offset:offset + count]
-
-    def fingerprint(self, epoch: int) -> int:
-        """CRC-32 of the epoch's permutation: equal on two nodes iff they agree on the order.
-
-        The permutation depends on numpy's generator; nodes with different numpy versions could
-        disagree. The master can send this with the welcome (or a schedule) to catch that.
-        """
-        return zlib.crc32(self.permutation(epoch).tobytes())
+        return self.permutation(epoch)[offset : offset + count]
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:
@@ -86,35 +80,14 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
 
 def epoch_steps(n: int, global_batch: int) -> list[tuple[int, int]]:
     """``[(offset, total), ...]`` of every step of an epoch; totals sum to ``n``, all but the last are B."""
-    steps_per_epoch(n, global_batch)   # validates B
+    steps_per_epoch(n, global_batch)  # validates B
     return [(o, min(global_batch, n - o)) for o in range(0, n, global_batch)]
 
 
-def scale_sizes(sizes: Mapping[Hashable, int] | Sequence[int], total: int):
-    """Scale per-worker sizes (summing to B) to a step of ``total`` samples, keeping the proportions.
-
-    ``b'_i = floor(total · b_i / B)`` plus one for the largest remainders until ``Σ b'_i = total``
-    (ties go to the earlier worker). Workers with ``b_i = 0`` stay at 0. Returns the same shape
-    (dict or list). Used for the last, partial step of an epoch.
-    """
-    keys = list(sizes.keys()) if isinstance(sizes, Mapping) else None
-    vals = [int(v) for v in (sizes.values() if keys is not None else sizes)]
-    if any(v < 0 for v in vals) or sum(vals) <= 0:
-        raise ValueError(f"sizes must be >= 0 with a positive sum, got {vals}")
-    if total < 0:
-        raise ValueError(f"total must be >= 0, got {total}")
-    b = sum(vals)
-    exact = [total * v / b for v in vals]
-    out = [math.floor(x) for x in exact]
-    short = total - sum(out)
-    for i in sorted(range(len(vals)), key=lambda i: (-(exact[i] - out[i]), i))[:short]:
-        out[i] += 1
-    return dict(zip(keys, out)) if keys is not None else out
-
-
-def worker_slices(offset: int, sizes: Mapping[Hashable, int]) -> dict:
+def worker_slices(offset: int, sizes: Mapping[K, int]) -> dict[K, tuple[int, int]]:
     """Consecutive ``(offset, count)`` per worker, in the mapping's order; zero-size workers get none."""
-    out, cursor = {}, offset
+    out: dict[K, tuple[int, int]] = {}
+    cursor = offset
     for k, b in sizes.items():
         if b < 0:
             raise ValueError(f"negative batch size {b} for {k!r}")
