@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import best_of, report, size
-from hetero_ps.wire import codecs
 from hetero_ps import kernels
+from hetero_ps.wire import codecs
 
 N = size(16 << 20, 1 << 20)
 W = 0.25
@@ -33,11 +33,13 @@ def _torch_baseline(spec: str, g: torch.Tensor, acc: torch.Tensor, residual: tor
         dt = torch.float16 if spec == "fp16" else torch.bfloat16
         return lambda: acc.add_(g.to(dt), alpha=W)
     if spec == "int8":
+
         def int8():
             blocks = g.view(-1, 256)
             scales = blocks.abs().amax(1) / 127
             q = torch.round(blocks / scales.clamp_min(1e-30)[:, None]).to(torch.int8)
             acc.view(-1, 256).add_(q.float() * (scales * W)[:, None])
+
         return int8
     k = max(1, math.ceil(float(spec.split(":")[1]) * N))
 
@@ -48,6 +50,7 @@ def _torch_baseline(spec: str, g: torch.Tensor, acc: torch.Tensor, residual: tor
         residual.copy_(e)
         residual[idx] = 0
         acc.index_add_(0, idx, vals, alpha=W)
+
     return topk
 
 
@@ -66,6 +69,10 @@ def bench_codec_encode_decode_accumulate(spec):
     t_base = best_of(_torch_baseline(spec, tg, tacc, tres))
     copy_dst = np.empty_like(g)
     t_copy = best_of(lambda: np.copyto(copy_dst, g))
-    rec = report(f"codec {spec} encode+decode_accumulate [{kernels.BACKEND}]", t_ours,
-                 {"torch": t_base, "np.copyto (memory bandwidth)": t_copy}, g.nbytes)
+    rec = report(
+        f"codec {spec} encode+decode_accumulate [{kernels.BACKEND}]",
+        t_ours,
+        {"torch": t_base, "np.copyto (memory bandwidth)": t_copy},
+        g.nbytes,
+    )
     assert rec["ours_s"] > 0

@@ -44,15 +44,15 @@ from benchmarks.conftest import FULL, report_value
 from hetero_ps.testing import LocalCluster
 
 SLOWDOWNS = (1.0, 2.0, 4.0)
-GLOBAL_BATCH = 512        # compute dominates per-step costs here (a step is ~0.1 s of compute)
+GLOBAL_BATCH = 512  # compute dominates per-step costs here (a step is ~0.1 s of compute)
 EPOCHS = 30 if FULL else 5
 MAX_STEPS = 0 if FULL else 12
 IDEAL_STEPS = 60 if FULL else 12
-SKIP_STEPS = 4            # warm-up steps left out of BSP throughput
-REBALANCE = 10            # --rebalance-interval
-SLOW_AT = 24              # full mode: worker 1 is slowed 3× after this step
+SKIP_STEPS = 4  # warm-up steps left out of BSP throughput
+REBALANCE = 10  # --rebalance-interval
+SLOW_AT = 24  # full mode: worker 1 is slowed 3× after this step
 LINK_MBIT = 50.0
-TRAIN_SIZE = 1438         # digits' training split
+TRAIN_SIZE = 1438  # digits' training split
 RUN_TIMEOUT = 420 if FULL else 80
 JOB = ["--model", "simple_cnn", "--dataset", "digits", "--lr", "0.05", "--no-dashboard", "--join-timeout", "120"]
 
@@ -79,7 +79,7 @@ class Run:
             steps = self.steps[first:last]
             return sum(s["samples"] for s in steps) / sum(s["step_s"] for s in steps)
         ep = self.epochs
-        if len(ep) >= 3:   # epochs 2..E: wall time between the ends of epoch 1 and epoch E
+        if len(ep) >= 3:  # epochs 2..E: wall time between the ends of epoch 1 and epoch E
             return TRAIN_SIZE * (len(ep) - 1) / (ep[-1]["elapsed_s"] - ep[0]["elapsed_s"])
         return self.summary["samples_per_s"]
 
@@ -109,8 +109,10 @@ class Run:
         ranks = sorted({r for s in steps for r in s["workers"]})
         for r in ranks:
             ws = [s["workers"][r] for s in steps if r in s["workers"]]
-            out[f"w{r}"] = {k: sum(w.get(k, 0.0) for w in ws) / len(ws)
-                            for k in ("batch", "compute_s", "encode_s", "push_s", "wait_s", "pull_s")}
+            out[f"w{r}"] = {
+                k: sum(w.get(k, 0.0) for w in ws) / len(ws)
+                for k in ("batch", "compute_s", "encode_s", "push_s", "wait_s", "pull_s")
+            }
         return out
 
 
@@ -124,8 +126,14 @@ def _jsonl(path: str) -> list:
 def _collect(name: str, c: LocalCluster, t0: float) -> Run:
     exp = c.experiment_dir()
     m = os.path.join(exp, "metrics")
-    return Run(name, c.summary(), _jsonl(os.path.join(m, "steps.jsonl")), _jsonl(os.path.join(m, "epochs.jsonl")),
-               _jsonl(os.path.join(m, "events.jsonl")), time.monotonic() - t0)
+    return Run(
+        name,
+        c.summary(),
+        _jsonl(os.path.join(m, "steps.jsonl")),
+        _jsonl(os.path.join(m, "epochs.jsonl")),
+        _jsonl(os.path.join(m, "events.jsonl")),
+        time.monotonic() - t0,
+    )
 
 
 def _worker_args(rank: int, slowdown: float, extra=()) -> list:
@@ -140,14 +148,16 @@ def _shares(slowdowns, total: int) -> list[int]:
 
 def server_supports(flag: str, value: str | None = None) -> bool:
     """Whether this build's master accepts ``flag`` (and ``value`` among its choices)."""
-    out = subprocess.run([sys.executable, "-m", "hetero_ps.server", "--help"], capture_output=True, text=True,
-                         timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hetero_ps.server", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     return flag in out and (value is None or value in out.split(flag, 1)[1][:200])
 
 
 def worker_supports(flag: str) -> bool:
-    out = subprocess.run([sys.executable, "-m", "hetero_ps.worker", "--help"], capture_output=True, text=True,
-                         timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hetero_ps.worker", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     return flag in out
 
 
@@ -156,17 +166,29 @@ def ideal(tmp_path, tag: str = "ideal", slowdowns=SLOWDOWNS, link=None, steps=ID
     shares = _shares(slowdowns, GLOBAL_BATCH)
     clusters = []
     try:
-        for i, (f, b) in enumerate(zip(slowdowns, shares)):
+        for i, (_slowdown, b) in enumerate(zip(slowdowns, shares)):
             d = tmp_path / f"{tag}{i}"
             d.mkdir()
             epochs = -(-steps * b // TRAIN_SIZE) + 1
-            args = ["--world-size", "2", "--no-local-worker", *JOB, "--global-batch-size", str(b),
-                    "--epochs", str(epochs), "--max-steps", str(steps), "--experiment", f"ideal{i}"]
+            args = [
+                "--world-size",
+                "2",
+                "--no-local-worker",
+                *JOB,
+                "--global-batch-size",
+                str(b),
+                "--epochs",
+                str(epochs),
+                "--max-steps",
+                str(steps),
+                "--experiment",
+                f"ideal{i}",
+            ]
             c = LocalCluster(d, args)
             c.start()
             clusters.append(c)
         t0 = time.monotonic()
-        for i, (c, f) in enumerate(zip(clusters, slowdowns)):   # workers together, once every master listens
+        for i, (c, f) in enumerate(zip(clusters, slowdowns)):  # workers together, once every master listens
             c.add_worker(_worker_args(1, f, ["--simulate-bandwidth", str(link)] if link and i == 0 else []))
         runs = []
         for i, c in enumerate(clusters):
@@ -185,9 +207,23 @@ def cluster(tmp_path, name: str, server_args=(), slowdowns=SLOWDOWNS, worker_ext
     """One cluster run: a master and a worker per slowdown; ``during(cluster)`` runs while it trains."""
     d = tmp_path / name
     d.mkdir()
-    args = ["--world-size", str(len(slowdowns) + 1), "--no-local-worker", *JOB,
-            "--global-batch-size", str(GLOBAL_BATCH), "--epochs", str(EPOCHS), "--max-steps", str(MAX_STEPS),
-            "--rebalance-interval", str(REBALANCE), "--experiment", name, *server_args]
+    args = [
+        "--world-size",
+        str(len(slowdowns) + 1),
+        "--no-local-worker",
+        *JOB,
+        "--global-batch-size",
+        str(GLOBAL_BATCH),
+        "--epochs",
+        str(EPOCHS),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--rebalance-interval",
+        str(REBALANCE),
+        "--experiment",
+        name,
+        *server_args,
+    ]
     workers = [_worker_args(i + 1, f, (worker_extra or {}).get(i + 1, ())) for i, f in enumerate(slowdowns)]
     t0 = time.monotonic()
     with LocalCluster(d, args, workers=workers) as c:
@@ -222,6 +258,7 @@ def slow_down_midway(rank: int, factor: float, at_step: int):
         _wait_for_step(c, at_step, RUN_TIMEOUT)
         asyncio.run(send_control("127.0.0.1", c.port, c.token, rank, {"simulate_slowdown": factor}))
         return {"slowed_rank": rank, "factor": factor}
+
     return during
 
 
@@ -233,9 +270,11 @@ def _row(label: str, run: Run | None, ideal_rate: float | None, note: str = "") 
     acc = run.final_accuracy
     frac = f"{rate / ideal_rate:.2f}" if ideal_rate else "n/m"
     used = f"{ideal_rate:.0f}" if ideal_rate else ""
-    return (f"| {label} | {rate:.0f} | {frac} | {used} | {run.summary['samples_per_s']:.0f} | "
-            f"{'—' if t95 is None else f'{t95:.1f} s'} | {'n/a' if acc is None else f'{100 * acc:.1f} %'} | "
-            f"{len(run.decisions())} decisions {note} |")
+    return (
+        f"| {label} | {rate:.0f} | {frac} | {used} | {run.summary['samples_per_s']:.0f} | "
+        f"{'—' if t95 is None else f'{t95:.1f} s'} | {'n/a' if acc is None else f'{100 * acc:.1f} %'} | "
+        f"{len(run.decisions())} decisions {note} |"
+    )
 
 
 def _report(label: str, run: Run, ideal_rate: float | None, uniform: Run | None) -> None:
@@ -243,14 +282,27 @@ def _report(label: str, run: Run, ideal_rate: float | None, uniform: Run | None)
     base = {"ideal (sum of solo rates)": ideal_rate} if ideal_rate else {}
     if uniform is not None and uniform is not run:
         base["uniform BSP"] = uniform.rate()
-    report_value(f"heterogeneity {label}: training samples/s", rate, "samples/s", base,
-                 extra={"fraction_of_ideal": rate / ideal_rate if ideal_rate else None,
-                        "time_to_95_s": run.time_to(0.95),
-                        "final_accuracy": run.final_accuracy, "decisions": len(run.decisions())})
+    report_value(
+        f"heterogeneity {label}: training samples/s",
+        rate,
+        "samples/s",
+        base,
+        extra={
+            "fraction_of_ideal": rate / ideal_rate if ideal_rate else None,
+            "time_to_95_s": run.time_to(0.95),
+            "final_accuracy": run.final_accuracy,
+            "decisions": len(run.decisions()),
+        },
+    )
     if FULL and run.final_accuracy is not None:
-        report_value(f"heterogeneity {label}: final eval accuracy", 100 * run.final_accuracy, "%",
-                     {"uniform BSP": 100 * uniform.final_accuracy}
-                     if uniform is not None and uniform is not run and uniform.final_accuracy else {})
+        report_value(
+            f"heterogeneity {label}: final eval accuracy",
+            100 * run.final_accuracy,
+            "%",
+            {"uniform BSP": 100 * uniform.final_accuracy}
+            if uniform is not None and uniform is not run and uniform.final_accuracy
+            else {},
+        )
         t95 = run.time_to(0.95)
         if t95 is not None:
             report_value(f"heterogeneity {label}: seconds to 95 % accuracy", t95, "s")
@@ -258,12 +310,17 @@ def _report(label: str, run: Run, ideal_rate: float | None, uniform: Run | None)
 
 def _print_breakdown(run: Run) -> None:
     b = run.breakdown()
-    ws = " ".join(f"{k}: b={v['batch']:.0f} compute {1e3 * v['compute_s']:.0f} push {1e3 * v['push_s']:.1f} "
-                  f"wait {1e3 * v['wait_s']:.0f} pull {1e3 * v['pull_s']:.1f} ms;"
-                  for k, v in b.items() if k.startswith("w"))
-    print(f"[bench]   {run.name}: step {1e3 * b['step_s']:.0f} ms = server aggregate "
-          f"{1e3 * b['server_aggregate_s']:.0f} + optimizer {1e3 * b['server_optimizer_s']:.1f} "
-          f"+ broadcast {1e3 * b['server_broadcast_s']:.1f} ms; {ws}")
+    ws = " ".join(
+        f"{k}: b={v['batch']:.0f} compute {1e3 * v['compute_s']:.0f} push {1e3 * v['push_s']:.1f} "
+        f"wait {1e3 * v['wait_s']:.0f} pull {1e3 * v['pull_s']:.1f} ms;"
+        for k, v in b.items()
+        if k.startswith("w")
+    )
+    print(
+        f"[bench]   {run.name}: step {1e3 * b['step_s']:.0f} ms = server aggregate "
+        f"{1e3 * b['server_aggregate_s']:.0f} + optimizer {1e3 * b['server_optimizer_s']:.1f} "
+        f"+ broadcast {1e3 * b['server_broadcast_s']:.1f} ms; {ws}"
+    )
 
 
 @pytest.mark.slow
@@ -275,12 +332,23 @@ def bench_heterogeneity(tmp_path):
     # each run is compared with the mean of the measurements just before and just after it.
     plan: list = [("uniform BSP", "uniform-bsp", []), ("dynamic BSP", "dynamic-bsp", lb + ["dynamic"])]
     if FULL:
-        plan = ["ideal", *plan, "ideal", ("proportional BSP", "proportional-bsp", lb + ["proportional"]),
-                ("hybrid BSP", "hybrid-bsp", lb + ["hybrid"]), "ideal"]
+        plan = [
+            "ideal",
+            *plan,
+            "ideal",
+            ("proportional BSP", "proportional-bsp", lb + ["proportional"]),
+            ("hybrid BSP", "hybrid-bsp", lb + ["hybrid"]),
+            "ideal",
+        ]
         for sync in ("ssp", "asp"):
-            plan += [(f"{policy} {sync.upper()}", f"{policy}-{sync}",
-                      ["--sync", sync] + ([] if policy == "uniform" else lb + [policy]))
-                     for policy in ("uniform", "proportional", "dynamic", "hybrid")]
+            plan += [
+                (
+                    f"{policy} {sync.upper()}",
+                    f"{policy}-{sync}",
+                    ["--sync", sync] + ([] if policy == "uniform" else lb + [policy]),
+                )
+                for policy in ("uniform", "proportional", "dynamic", "hybrid")
+            ]
         plan.append("ideal")
     runs: dict[str, Run | None] = {}
     notes: dict[str, str] = {}
@@ -290,8 +358,10 @@ def bench_heterogeneity(tmp_path):
     for item in plan:
         if item == "ideal":
             rate, solo = ideal(tmp_path, f"ideal{len(ideals)}-")
-            print(f"\n[bench] ideal #{len(ideals)}: solo rates {[round(r) for r in solo]} samples/s on shares "
-                  f"{_shares(SLOWDOWNS, GLOBAL_BATCH)} -> {rate:.0f} samples/s")
+            print(
+                f"\n[bench] ideal #{len(ideals)}: solo rates {[round(r) for r in solo]} samples/s on shares "
+                f"{_shares(SLOWDOWNS, GLOBAL_BATCH)} -> {rate:.0f} samples/s"
+            )
             ideals.append(rate)
             for label in pending:
                 ideal_of[label] = sum(ideals[-2:]) / len(ideals[-2:])
@@ -311,8 +381,10 @@ def bench_heterogeneity(tmp_path):
             notes[label] = f"failed: {str(exc).splitlines()[0][:120]}"
         pending.append(label)
     uniform = runs["uniform BSP"]
-    lines = ["| run | samples/s | of ideal | ideal used | end-to-end samples/s | to 95 % | final acc | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| run | samples/s | of ideal | ideal used | end-to-end samples/s | to 95 % | final acc | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label, run in runs.items():
         lines.append(_row(label, run, ideal_of.get(label), notes.get(label, "")))
         if run is not None:
@@ -332,39 +404,63 @@ def bench_heterogeneity(tmp_path):
         runs["dynamic BSP, rank 1 slowed 3x"] = run
         ctl = next((e for e in run.events if e.get("event") == "control"), None)
         at = ctl["step"] if ctl else SLOW_AT
-        windows = [run.rate(first=at + k * REBALANCE, last=at + (k + 1) * REBALANCE) for k in range(3)
-                   if at + (k + 1) * REBALANCE <= len(run.steps)]
-        print(f"[bench] slowed 3x at step {at}: new ideal {new_ideal:.0f} samples/s; per rebalance interval "
-              f"after: {[f'{w:.0f} ({w / new_ideal:.2f})' for w in windows]}")
+        windows = [
+            run.rate(first=at + k * REBALANCE, last=at + (k + 1) * REBALANCE)
+            for k in range(3)
+            if at + (k + 1) * REBALANCE <= len(run.steps)
+        ]
+        print(
+            f"[bench] slowed 3x at step {at}: new ideal {new_ideal:.0f} samples/s; per rebalance interval "
+            f"after: {[f'{w:.0f} ({w / new_ideal:.2f})' for w in windows]}"
+        )
         if len(windows) >= 2:
-            report_value("heterogeneity dynamic BSP, 2nd rebalance interval after a 3x slowdown", windows[1],
-                         "samples/s", {"new ideal": new_ideal}, extra={"windows": windows, "at_step": at})
-        lines.append(_row("dynamic BSP, rank 1 slowed 3x mid-run", run, new_ideal,
-                          f"(vs the new ideal; intervals after: {', '.join(f'{w / new_ideal:.2f}' for w in windows)})"))
+            report_value(
+                "heterogeneity dynamic BSP, 2nd rebalance interval after a 3x slowdown",
+                windows[1],
+                "samples/s",
+                {"new ideal": new_ideal},
+                extra={"windows": windows, "at_step": at},
+            )
+        lines.append(
+            _row(
+                "dynamic BSP, rank 1 slowed 3x mid-run",
+                run,
+                new_ideal,
+                f"(vs the new ideal; intervals after: {', '.join(f'{w / new_ideal:.2f}' for w in windows)})",
+            )
+        )
 
         # Worker 1 (the fastest) on a paced 50 Mbit/s link.
         if worker_supports("--simulate-bandwidth"):
             link_ideal, _ = ideal(tmp_path, "ideal-paced", link=LINK_MBIT)
             link = {1: ["--simulate-bandwidth", str(LINK_MBIT)]}
-            for label, name, args in (("uniform BSP", "uniform-bsp-50mbit", []),
-                                      ("dynamic BSP", "dynamic-bsp-50mbit", lb + ["dynamic"]),
-                                      ("dynamic ASP", "dynamic-asp-50mbit", ["--sync", "asp"] + lb + ["dynamic"])):
+            for label, name, args in (
+                ("uniform BSP", "uniform-bsp-50mbit", []),
+                ("dynamic BSP", "dynamic-bsp-50mbit", lb + ["dynamic"]),
+                ("dynamic ASP", "dynamic-asp-50mbit", ["--sync", "asp"] + lb + ["dynamic"]),
+            ):
                 if "asp" in name and not server_supports("--sync", "asp"):
                     continue
                 run = cluster(tmp_path, name, args, worker_extra=link)
                 runs[f"{label}, 50 Mbit"] = run
-                lines.append(_row(f"{label}, rank 1 on {LINK_MBIT:.0f} Mbit/s", run, link_ideal,
-                                  "(vs the paced ideal)"))
+                lines.append(
+                    _row(f"{label}, rank 1 on {LINK_MBIT:.0f} Mbit/s", run, link_ideal, "(vs the paced ideal)")
+                )
                 _report(f"{label}, rank 1 on a {LINK_MBIT:.0f} Mbit/s link", run, link_ideal, None)
         else:
             lines.append("| 50 Mbit/s link | n/a | | | | | | the worker has no --simulate-bandwidth yet |")
 
-    shown = (" / ".join(f"{r:.0f}" for r in ideals) + " samples/s (measured in turn)") if ideals \
+    shown = (
+        (" / ".join(f"{r:.0f}" for r in ideals) + " samples/s (measured in turn)")
+        if ideals
         else "not measured in quick mode"
-    print(f"\n[bench] heterogeneity, slowdowns {SLOWDOWNS}, global batch {GLOBAL_BATCH}, ideal {shown} "
-          f"({'full' if FULL else 'quick'} mode, {time.monotonic() - t_start:.0f} s)")
+    )
+    print(
+        f"\n[bench] heterogeneity, slowdowns {SLOWDOWNS}, global batch {GLOBAL_BATCH}, ideal {shown} "
+        f"({'full' if FULL else 'quick'} mode, {time.monotonic() - t_start:.0f} s)"
+    )
     print("\n".join(lines))
-    for label, run in runs.items():
+    for run in runs.values():
         if run is not None and run.sync == "bsp":
             _print_breakdown(run)
     dyn = runs["dynamic BSP"]

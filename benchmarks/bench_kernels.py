@@ -10,13 +10,12 @@ interleaved, so a load change on a shared machine hits all of them alike.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import crc32c
 import numpy as np
 import pytest
 import torch
-
-from typing import Callable
 
 from benchmarks.conftest import best_of, repeats, report, size
 from hetero_ps import kernels
@@ -65,11 +64,14 @@ def bench_weighted_accumulate_f32(data):
     acc, g = data["acc"], data["g"]
     tmp = np.empty_like(acc)
     ta, tg = torch.from_numpy(acc), torch.from_numpy(g)
-    ours, base = _race(lambda: kernels.weighted_accumulate(acc, g, W), {
-        "numpy multiply+add": lambda: (np.multiply(g, np.float32(W), out=tmp), np.add(acc, tmp, out=acc)),
-        "torch add_(alpha)": lambda: ta.add_(tg, alpha=W),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.weighted_accumulate(acc, g, W),
+        {
+            "numpy multiply+add": lambda: (np.multiply(g, np.float32(W), out=tmp), np.add(acc, tmp, out=acc)),
+            "torch add_(alpha)": lambda: ta.add_(tg, alpha=W),
+            "np.copyto": _copy(data),
+        },
+    )
     rec = report(f"weighted_accumulate f32 [{kernels.BACKEND}]", ours, base, NBYTES)
     _target("weighted_accumulate f32", rec, "numpy multiply+add", 1.5)
     _target("weighted_accumulate f32", rec, "torch add_(alpha)", 0.9)
@@ -82,11 +84,14 @@ def bench_weighted_accumulate_half(data, kind):
     ta = torch.from_numpy(acc)
     tg = torch.from_numpy(g.view(np.int16)).view(torch.float16 if kind == "f16" else torch.bfloat16)
     ref = kernels.get_backend("reference")
-    ours, base = _race(lambda: kernels.weighted_accumulate(acc, g, W, g_dtype=kind), {
-        "numpy widen+multiply+add": lambda: ref.weighted_accumulate(acc, g, W, g_dtype=kind),
-        "torch add_(half, alpha)": lambda: ta.add_(tg, alpha=W),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.weighted_accumulate(acc, g, W, g_dtype=kind),
+        {
+            "numpy widen+multiply+add": lambda: ref.weighted_accumulate(acc, g, W, g_dtype=kind),
+            "torch add_(half, alpha)": lambda: ta.add_(tg, alpha=W),
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"weighted_accumulate {kind} [{kernels.BACKEND}]", ours, base, NBYTES)
 
 
@@ -95,12 +100,15 @@ def bench_f32_to_f16(data):
     out = np.empty(N, np.uint16)
     out16 = out.view(np.float16)
     t_out, tg = torch.from_numpy(out).view(torch.float16), torch.from_numpy(g)
-    ours, base = _race(lambda: kernels.f32_to_f16(g, out=out), {
-        "numpy astype": lambda: g.astype(np.float16),
-        "numpy copyto (preallocated)": lambda: np.copyto(out16, g, casting="same_kind"),
-        "torch copy_ (preallocated)": lambda: t_out.copy_(tg),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.f32_to_f16(g, out=out),
+        {
+            "numpy astype": lambda: g.astype(np.float16),
+            "numpy copyto (preallocated)": lambda: np.copyto(out16, g, casting="same_kind"),
+            "torch copy_ (preallocated)": lambda: t_out.copy_(tg),
+            "np.copyto": _copy(data),
+        },
+    )
     rec = report(f"f32_to_f16 [{kernels.BACKEND}]", ours, base, NBYTES)
     _target("f32_to_f16", rec, "numpy astype", 4.0)
     _target("f32_to_f16", rec, "torch copy_ (preallocated)", 0.8)
@@ -110,11 +118,14 @@ def bench_f16_to_f32(data):
     h = data["h16"]
     out = np.empty(N, np.float32)
     t_out, th = torch.from_numpy(out), torch.from_numpy(h.view(np.int16)).view(torch.float16)
-    ours, base = _race(lambda: kernels.f16_to_f32(h, out=out), {
-        "numpy astype": lambda: h.view(np.float16).astype(np.float32),
-        "torch copy_ (preallocated)": lambda: t_out.copy_(th),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.f16_to_f32(h, out=out),
+        {
+            "numpy astype": lambda: h.view(np.float16).astype(np.float32),
+            "torch copy_ (preallocated)": lambda: t_out.copy_(th),
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"f16_to_f32 [{kernels.BACKEND}]", ours, base, NBYTES)
 
 
@@ -124,17 +135,23 @@ def bench_bf16_conversions(data):
     tg, tb = torch.from_numpy(g), torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
     t16, t32 = torch.from_numpy(out16.view(np.int16)).view(torch.bfloat16), torch.from_numpy(out32)
     ref = kernels.get_backend("reference")
-    ours, base = _race(lambda: kernels.f32_to_bf16(g, out=out16), {
-        "numpy (reference kernel)": lambda: ref.f32_to_bf16(g, out=out16),
-        "torch copy_ (preallocated)": lambda: t16.copy_(tg),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.f32_to_bf16(g, out=out16),
+        {
+            "numpy (reference kernel)": lambda: ref.f32_to_bf16(g, out=out16),
+            "torch copy_ (preallocated)": lambda: t16.copy_(tg),
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"f32_to_bf16 [{kernels.BACKEND}]", ours, base, NBYTES)
-    ours, base = _race(lambda: kernels.bf16_to_f32(b, out=out32), {
-        "numpy (reference kernel)": lambda: ref.bf16_to_f32(b, out=out32),
-        "torch copy_ (preallocated)": lambda: t32.copy_(tb),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.bf16_to_f32(b, out=out32),
+        {
+            "numpy (reference kernel)": lambda: ref.bf16_to_f32(b, out=out32),
+            "torch copy_ (preallocated)": lambda: t32.copy_(tb),
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"bf16_to_f32 [{kernels.BACKEND}]", ours, base, NBYTES)
 
 
@@ -143,13 +160,18 @@ def bench_int8(data):
     block = 256
     q, scales = np.empty(N, np.int8), np.empty(N // block, np.float32)
     ref = kernels.get_backend("reference")
-    ours, base = _race(lambda: kernels.quantize_int8(g, block=block, out=q, scales_out=scales), {
-        "numpy (reference kernel)": lambda: ref.quantize_int8(g, block=block, out=q, scales_out=scales),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.quantize_int8(g, block=block, out=q, scales_out=scales),
+        {
+            "numpy (reference kernel)": lambda: ref.quantize_int8(g, block=block, out=q, scales_out=scales),
+            "np.copyto": _copy(data),
+        },
+    )
     rec = report(f"quantize_int8 block=256 [{kernels.BACKEND}]", ours, base, NBYTES)
-    print(f"[target] quantize_int8: {rec['ours_gbps']:.2f} GB/s of float32 input (target >= 5 GB/s): "
-          f"{'met' if rec['ours_gbps'] >= 5 else 'MISSED'}")
+    print(
+        f"[target] quantize_int8: {rec['ours_gbps']:.2f} GB/s of float32 input (target >= 5 GB/s): "
+        f"{'met' if rec['ours_gbps'] >= 5 else 'MISSED'}"
+    )
 
     ta, tq = torch.from_numpy(acc), torch.from_numpy(q)
     ts = torch.from_numpy(scales)
@@ -157,11 +179,14 @@ def bench_int8(data):
     def torch_dequant_acc():  # what torch needs for the same fused step: a widen, a repeat, a multiply, an add
         ta.add_(tq.float().view(-1, block).mul_(ts.unsqueeze(1)).view(-1), alpha=W)
 
-    ours, base = _race(lambda: kernels.dequantize_accumulate_int8(acc, q, scales, W, block=block), {
-        "numpy (reference kernel)": lambda: ref.dequantize_accumulate_int8(acc, q, scales, W, block=block),
-        "torch widen*scale+add": torch_dequant_acc,
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.dequantize_accumulate_int8(acc, q, scales, W, block=block),
+        {
+            "numpy (reference kernel)": lambda: ref.dequantize_accumulate_int8(acc, q, scales, W, block=block),
+            "torch widen*scale+add": torch_dequant_acc,
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"dequantize_accumulate_int8 block=256 [{kernels.BACKEND}]", ours, base, NBYTES)
 
 
@@ -170,11 +195,14 @@ def bench_topk(data):
     k = N // 100
     tg = torch.from_numpy(g)
     residual = np.zeros(N, np.float32)
-    ours, base = _race(lambda: kernels.topk(g, k), {
-        "torch.topk(abs)": lambda: torch.topk(tg.abs(), k, sorted=False),
-        "np.argpartition(abs)": lambda: np.argpartition(np.abs(g), N - k)[N - k:],
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.topk(g, k),
+        {
+            "torch.topk(abs)": lambda: torch.topk(tg.abs(), k, sorted=False),
+            "np.argpartition(abs)": lambda: np.argpartition(np.abs(g), N - k)[N - k :],
+            "np.copyto": _copy(data),
+        },
+    )
     rec = report(f"topk 1% of {N} [{kernels.BACKEND}]", ours, base, NBYTES)
     _target("topk", rec, "torch.topk(abs)", 5.0)
     _target("topk", rec, "np.argpartition(abs)", 1.0)
@@ -188,10 +216,13 @@ def bench_topk(data):
         tr[idx] = 0.0
         return idx, vals
 
-    ours, base = _race(lambda: kernels.topk_error_feedback(g, residual, k), {
-        "torch add+topk+zero": torch_ef,
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.topk_error_feedback(g, residual, k),
+        {
+            "torch add+topk+zero": torch_ef,
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"topk_error_feedback 1% of {N} [{kernels.BACKEND}]", ours, base, NBYTES)
 
 
@@ -200,18 +231,24 @@ def bench_scatter_accumulate(data):
     idx, vals = kernels.topk(g, N // 100)
     ta, ti, tv = torch.from_numpy(acc), torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(vals)
     nbytes = idx.nbytes + vals.nbytes
-    ours, base = _race(lambda: kernels.scatter_accumulate(acc, idx, vals, W), {
-        "np.add.at": lambda: np.add.at(acc, idx, np.float32(W) * vals),
-        "torch index_add_": lambda: ta.index_add_(0, ti, tv, alpha=W),
-    })
+    ours, base = _race(
+        lambda: kernels.scatter_accumulate(acc, idx, vals, W),
+        {
+            "np.add.at": lambda: np.add.at(acc, idx, np.float32(W) * vals),
+            "torch index_add_": lambda: ta.index_add_(0, ti, tv, alpha=W),
+        },
+    )
     report(f"scatter_accumulate k=1% [{kernels.BACKEND}] (GB/s of indices+values)", ours, base, nbytes)
 
 
 def bench_checksum(data):
     buf = data["g"].tobytes()
-    ours, base = _race(lambda: kernels.checksum(buf), {
-        "crc32c package": lambda: crc32c.crc32c(buf),
-        "zlib.crc32": lambda: zlib.crc32(buf),
-        "np.copyto": _copy(data),
-    })
+    ours, base = _race(
+        lambda: kernels.checksum(buf),
+        {
+            "crc32c package": lambda: crc32c.crc32c(buf),
+            "zlib.crc32": lambda: zlib.crc32(buf),
+            "np.copyto": _copy(data),
+        },
+    )
     report(f"checksum crc32c [{kernels.BACKEND}]", ours, base, len(buf))

@@ -37,6 +37,7 @@ SIZES = [64 << 20, 256 << 20] if FULL else [size(0, 8 << 20)]
 
 # -- the server side, in its own process -----------------------------------------------------------
 
+
 def _raw_socket_opts(s: socket.socket) -> None:
     from hetero_ps.wire.transport import SOCKET_BUFFER_BYTES
 
@@ -87,7 +88,7 @@ def _transport_peer(conn, nbytes: int) -> None:
 
     async def main():
         finished = asyncio.Event()
-        cached = {}   # PULL with "reuse": the same encoded frame again, as in a broadcast
+        cached = {}  # PULL with "reuse": the same encoded frame again, as in a broadcast
 
         async def on_hello(c, hello):
             return {}
@@ -102,7 +103,7 @@ def _transport_peer(conn, nbytes: int) -> None:
                     elif m.type == MsgType.PULL:
                         crc = m.header["crc"]
                         frame = cached.get(crc) if m.header["reuse"] else None
-                        if frame is None:   # encoding includes the payload CRC
+                        if frame is None:  # encoding includes the payload CRC
                             frame = encode_frame(MsgType.PARAMS, {"n": params.nbytes}, [params], payload_checksum=crc)
                             cached[crc] = frame
                         await c.send_frame(frame)
@@ -111,8 +112,9 @@ def _transport_peer(conn, nbytes: int) -> None:
             finally:
                 finished.set()
 
-        async with await start_server("127.0.0.1", 0, token="bench", on_hello=on_hello,
-                                      on_connection=on_connection) as srv:
+        async with await start_server(
+            "127.0.0.1", 0, token="bench", on_hello=on_hello, on_connection=on_connection
+        ) as srv:
             conn.send(srv.port)
             await finished.wait()
 
@@ -141,6 +143,7 @@ class _Peer:
 
 
 # -- the client side, here -------------------------------------------------------------------------
+
 
 class _RawClient:
     def __init__(self, port: int, nbytes: int):
@@ -214,16 +217,19 @@ def bench_transport_push_pull(nbytes):
         raw = _RawClient(raw_peer.port, nbytes)
         ours = _TransportClient(ours_peer.port, nbytes)
         variants = {
-            "raw_push": raw.push, "raw_pull": raw.pull,
-            "push_crc": lambda: ours.push(True), "pull_crc": lambda: ours.pull(True),
-            "push_nocrc": lambda: ours.push(False), "pull_nocrc": lambda: ours.pull(False),
+            "raw_push": raw.push,
+            "raw_pull": raw.pull,
+            "push_crc": lambda: ours.push(True),
+            "pull_crc": lambda: ours.pull(True),
+            "push_nocrc": lambda: ours.push(False),
+            "pull_nocrc": lambda: ours.pull(False),
             "pull_crc_encoded_once": lambda: ours.pull(True, reuse=True),
         }
         best = {k: float("inf") for k in variants}
-        for fn in variants.values():   # warm-up: page faults, TCP windows
+        for fn in variants.values():  # warm-up: page faults, TCP windows
             fn()
         for _ in range(repeats(full=10, quick=2)):
-            for k, fn in variants.items():   # interleaved, so noise hits all variants alike
+            for k, fn in variants.items():  # interleaved, so noise hits all variants alike
                 best[k] = min(best[k], _timed(fn))
     finally:
         for c in (ours, raw):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -57,13 +57,13 @@ def report(name: str, ours_s: float, baselines: dict[str, float], nbytes: int) -
         "mode": "full" if FULL else "quick",
         "ours_s": ours_s,
         "ours_gbps": nbytes / ours_s / 1e9,
-        "baselines": {
-            k: {"s": v, "gbps": nbytes / v / 1e9, "ratio": v / ours_s} for k, v in baselines.items()
-        },
+        "baselines": {k: {"s": v, "gbps": nbytes / v / 1e9, "ratio": v / ours_s} for k, v in baselines.items()},
     }
     parts = [f"{k} {b['gbps']:.2f} GB/s -> ratio {b['ratio']:.2f}x" for k, b in rec["baselines"].items()]
-    print(f"\n[bench] {name} ({nbytes / 2**20:.1f} MiB, {rec['mode']}): ours {rec['ours_gbps']:.2f} GB/s; "
-          + "; ".join(parts))
+    print(
+        f"\n[bench] {name} ({nbytes / 2**20:.1f} MiB, {rec['mode']}): ours {rec['ours_gbps']:.2f} GB/s; "
+        + "; ".join(parts)
+    )
     out = os.environ.get("HETERO_PS_BENCH_OUT")
     if out:
         with open(out, "a") as f:
@@ -71,8 +71,9 @@ def report(name: str, ours_s: float, baselines: dict[str, float], nbytes: int) -
     return rec
 
 
-def report_value(name: str, value: float, unit: str, baselines: dict[str, float] | None = None,
-                 extra: dict | None = None) -> dict:
+def report_value(
+    name: str, value: float, unit: str, baselines: dict[str, float] | None = None, extra: dict | None = None
+) -> dict:
     """Print a measured figure (samples/s, a fraction, seconds...) against baselines; append it to $HETERO_PS_BENCH_OUT.
 
     For figures where bigger is better (throughputs): each baseline's ratio is ``value / baseline``,
@@ -88,8 +89,12 @@ def report_value(name: str, value: float, unit: str, baselines: dict[str, float]
         "baselines": {k: {"value": v, "ratio": (value / v if v else None)} for k, v in (baselines or {}).items()},
         "extra": extra or {},
     }
-    parts = [f"{k} {b['value']:.4g} {unit} -> ratio {b['ratio']:.2f}x" if b["ratio"] is not None
-             else f"{k} {b['value']:.4g} {unit}" for k, b in rec["baselines"].items()]
+    parts = [
+        f"{k} {b['value']:.4g} {unit} -> ratio {b['ratio']:.2f}x"
+        if b["ratio"] is not None
+        else f"{k} {b['value']:.4g} {unit}"
+        for k, b in rec["baselines"].items()
+    ]
     print(f"\n[bench] {name} ({rec['mode']}): ours {value:.4g} {unit}" + ("; " if parts else "") + "; ".join(parts))
     out = os.environ.get("HETERO_PS_BENCH_OUT")
     if out:

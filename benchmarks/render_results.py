@@ -38,11 +38,23 @@ def machine_info() -> list[str]:
 
 
 def render(records: list[dict]) -> str:
-    lines = ["# Benchmark results", "", "Written by `scripts/bench.sh` (full mode). Ratios above 1 mean",
-             "hetero_ps is faster than that baseline, measured in the same run.", "", "## Machine", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `scripts/bench.sh` (full mode). Ratios above 1 mean",
+        "hetero_ps is faster than that baseline, measured in the same run.",
+        "",
+        "## Machine",
+        "",
+    ]
     lines += machine_info()
-    lines += ["", "## Results", "", "| benchmark | size | ours | baseline | baseline speed | ratio |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| benchmark | size | ours | baseline | baseline speed | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     values = [r for r in records if r.get("kind") == "value"]
     for r in records:
         if r.get("kind") == "value":
@@ -54,8 +66,15 @@ def render(records: list[dict]) -> str:
         for name, b in r["baselines"].items():
             lines.append(f"| {r['name']} | {mib} | {ours} | {name} | {b['gbps']:.2f} GB/s | {b['ratio']:.2f}x |")
     if values:
-        lines += ["", "## Measured figures", "", "Ratios are ours / baseline (above 1: ours is ahead).", "",
-                  "| benchmark | ours | baseline | baseline value | ratio |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Measured figures",
+            "",
+            "Ratios are ours / baseline (above 1: ours is ahead).",
+            "",
+            "| benchmark | ours | baseline | baseline value | ratio |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in values:
             ours = f"{_num(r['value'])} {r['unit']}"
             if not r["baselines"]:

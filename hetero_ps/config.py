@@ -23,41 +23,41 @@ STALENESS_SCALINGS = ("inverse", "sqrt", "none")
 class JobConfig:
     """One training job, as the master was told to run it."""
 
-    model: str = "simple_cnn"            # registry name or "package.module:factory"
-    model_size: str = "default"          # "tiny" for CPU-sized transformer variants
-    model_args: dict = field(default_factory=dict)    # --model-arg key=value, passed to the factory
-    dataset: str = "digits"              # registry name or "package.module:factory"
+    model: str = "simple_cnn"  # registry name or "package.module:factory"
+    model_size: str = "default"  # "tiny" for CPU-sized transformer variants
+    model_args: dict = field(default_factory=dict)  # --model-arg key=value, passed to the factory
+    dataset: str = "digits"  # registry name or "package.module:factory"
     dataset_args: dict = field(default_factory=dict)  # --dataset-arg key=value
-    data_dir: str = ""                   # where file-based data sets (cifar10) live, on every node
-    loss: str = ""                       # "" = cross-entropy (or the model output's .loss); else module:fn
-    optimizer: str = "momentum"          # one of OPTIMIZERS
-    lr: float = 0.05                     # peak learning rate
-    momentum: float = 0.9                # for momentum / sgd with momentum
-    weight_decay: float = 0.0            # L2 (sgd/momentum/adam) or decoupled (adamw)
-    lr_schedule: str = "cosine"          # one of LR_SCHEDULES
-    warmup_steps: int = 0                # linear warmup from 0 to lr
-    lr_step_size: int = 1000             # "step" schedule: decay every N steps
-    lr_gamma: float = 0.1                # "step" schedule: multiply by this
-    global_batch: int = 64               # B = sum of the workers' batch sizes, fixed for the whole job
-    epochs: int = 1                      # passes over the training split
-    max_steps: int = 0                   # stop after this many steps (0 = no limit)
-    seed: int = 0                        # seeds the sampler's permutations and the model init
-    sync: str = "bsp"                    # one of SYNC_MODES
-    staleness: int = 2                   # SSP bound S (updates a worker's clock may run ahead of the slowest)
-    staleness_scaling: str = "inverse"   # SSP/ASP damping of a stale gradient: inverse | sqrt | none
-    compression: str = "none"            # push codec: none|fp16|bf16|int8|topk:RATIO
-    pull_compression: str = "none"       # pull codec: none|fp16|bf16
-    load_balancing: bool = False         # --enable-load-balancing
-    policy: str = "dynamic"              # one of POLICIES (used when load_balancing)
-    rebalance_interval: int = 10         # steps between rebalances
-    chunk_bytes: int = 4 << 20           # gradient chunk size on the wire (bytes of f32)
-    eval_every_epoch: bool = True        # evaluate on the held-out split on the master each epoch
+    data_dir: str = ""  # where file-based data sets (cifar10) live, on every node
+    loss: str = ""  # "" = cross-entropy (or the model output's .loss); else module:fn
+    optimizer: str = "momentum"  # one of OPTIMIZERS
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # for momentum / sgd with momentum
+    weight_decay: float = 0.0  # L2 (sgd/momentum/adam) or decoupled (adamw)
+    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    lr_step_size: int = 1000  # "step" schedule: decay every N steps
+    lr_gamma: float = 0.1  # "step" schedule: multiply by this
+    global_batch: int = 64  # B = sum of the workers' batch sizes, fixed for the whole job
+    epochs: int = 1  # passes over the training split
+    max_steps: int = 0  # stop after this many steps (0 = no limit)
+    seed: int = 0  # seeds the sampler's permutations and the model init
+    sync: str = "bsp"  # one of SYNC_MODES
+    staleness: int = 2  # SSP bound S (updates a worker's clock may run ahead of the slowest)
+    staleness_scaling: str = "inverse"  # SSP/ASP damping of a stale gradient: inverse | sqrt | none
+    compression: str = "none"  # push codec: none|fp16|bf16|int8|topk:RATIO
+    pull_compression: str = "none"  # pull codec: none|fp16|bf16
+    load_balancing: bool = False  # --enable-load-balancing
+    policy: str = "dynamic"  # one of POLICIES (used when load_balancing)
+    rebalance_interval: int = 10  # steps between rebalances
+    chunk_bytes: int = 4 << 20  # gradient chunk size on the wire (bytes of f32)
+    eval_every_epoch: bool = True  # evaluate on the held-out split on the master each epoch
 
     def to_wire(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_wire(cls, d: dict) -> "JobConfig":
+    def from_wire(cls, d: dict) -> JobConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -65,7 +65,9 @@ class JobConfig:
 def check_port(port: int, flag: str, allow_any: bool = True) -> None:
     """A TCP port from a flag or the environment: 1..65535 (0 = any free one, where ``allow_any``)."""
     if not (0 if allow_any else 1) <= port <= 65535:
-        raise ConfigError(f"{flag} {port} is not a TCP port: use 1..65535" + (" (0 = any free one)" if allow_any else ""))
+        raise ConfigError(
+            f"{flag} {port} is not a TCP port: use 1..65535" + (" (0 = any free one)" if allow_any else "")
+        )
 
 
 def env_int(name: str, default: int) -> int:

@@ -1,4 +1,7 @@
-"""``python -m hetero_ps.control``: change a running worker's knobs through the master (the code lives in ``hetero_ps.tools.control``)."""
+"""``python -m hetero_ps.control``: change a running worker's knobs through the master.
+
+The code lives in ``hetero_ps.tools.control``; this module keeps the command users type.
+"""
 
 import sys
 

@@ -1,4 +1,7 @@
-"""``python -m hetero_ps.report``: plots and a markdown report of an experiment folder (the code lives in ``hetero_ps.tools.report``)."""
+"""``python -m hetero_ps.report``: plots and a markdown report of an experiment folder.
+
+The code lives in ``hetero_ps.tools.report``; this module keeps the command users type.
+"""
 
 import sys
 

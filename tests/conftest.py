@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
-               what: str | Callable[[], str] = "the condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.05,
+    what: str | Callable[[], str] = "the condition",
+) -> Any:
     """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
 
     After ``timeout`` s raises AssertionError naming ``what`` (a callable: called then, to describe
@@ -38,8 +43,7 @@ def still_running(proc, log: Callable[[], str], tail: int = 4000) -> bool:
     """True while ``proc`` (a Popen) runs; once it has exited, AssertionError with the tail of ``log()``."""
     if proc.poll() is None:
         return True
-    raise AssertionError(f"the process exited with {proc.returncode} before the awaited condition:\n"
-                         f"{log()[-tail:]}")
+    raise AssertionError(f"the process exited with {proc.returncode} before the awaited condition:\n{log()[-tail:]}")
 
 
 def read_jsonl(path, missing_ok: bool = False) -> list[dict]:
@@ -55,7 +59,7 @@ def read_jsonl(path, missing_ok: bool = False) -> list[dict]:
         if missing_ok:
             return []
         raise
-    lines = text.split("\n")[:-1]   # the piece after the last newline is partial (or empty)
+    lines = text.split("\n")[:-1]  # the piece after the last newline is partial (or empty)
     return [json.loads(line) for line in lines if line.strip()]
 
 

@@ -62,7 +62,7 @@ def _imports(name: str, path: Path) -> set[str]:
             if node.level:
                 parent = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
-            if base != "hetero_ps":   # `from hetero_ps import x` is an import of x, not of the root's contents
+            if base != "hetero_ps":  # `from hetero_ps import x` is an import of x, not of the root's contents
                 out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)
     return {m for m in out if m == "hetero_ps" or m.startswith("hetero_ps.")}
@@ -91,8 +91,7 @@ def test_every_room_is_listed():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_follow_the_layers(module):
     room = _room(module)
-    bad = sorted(i for i in _imports(module, MODULES[module])
-                 if _room(i) != room and _room(i) not in ALLOWED[room])
+    bad = sorted(i for i in _imports(module, MODULES[module]) if _room(i) != room and _room(i) not in ALLOWED[room])
     assert not bad, f"{module} ({room}/) may import only {sorted(ALLOWED[room])} besides itself, but imports {bad}"
 
 
@@ -156,8 +155,12 @@ def _reach_ins(path: Path) -> list[str]:
     which are a library's business; sunder/dunder names (``_value2member_map_``, ``__dict__``).
     """
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    modules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
-               if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    modules = {
+        (a.asname or a.name).split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
     own: set[str] = set()
     for n in ast.walk(tree):
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -188,7 +191,9 @@ def test_no_reach_into_another_objects_private_attributes():
 
 def test_reach_in_finder_flags_a_reach_in(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("import torch\nclass A:\n    def f(self, ps):\n        self._ok = torch._C\n        return ps._event\n")
+    src.write_text(
+        "import torch\nclass A:\n    def f(self, ps):\n        self._ok = torch._C\n        return ps._event\n"
+    )
     found = _reach_ins(src)
     assert len(found) == 1 and found[0].endswith("ps._event")
 
@@ -198,22 +203,30 @@ DOC = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
 
 def _doc_section(name: str) -> str:
     begin, end = f"<!-- {name}: begin", f"<!-- {name}: end -->"
-    return DOC[DOC.index(begin):DOC.index(end)]
+    return DOC[DOC.index(begin) : DOC.index(end)]
 
 
 def test_the_layers_table_in_the_docs_is_the_contract_enforced_here():
     rows = [line.split("|")[1:3] for line in _doc_section("layers").splitlines() if line.startswith("| `")]
-    documented = {room.strip().strip("`"): {d.strip().strip("`") for d in deps.split(",") if d.strip() != "—"}
-                  for room, deps in rows}
+    documented = {
+        room.strip().strip("`"): {d.strip().strip("`") for d in deps.split(",") if d.strip() != "—"}
+        for room, deps in rows
+    }
     assert documented == ALLOWED
 
 
 def test_every_module_is_in_the_docs_and_every_file_the_docs_name_exists():
     section = _doc_section("modules")
     named = set(re.findall(r"`(hetero_ps/[\w/.]+)`", section))
-    files = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
-             if p.name != "__init__.py" or len(p.read_text(encoding="utf-8").strip().splitlines()) > 1}
+    files = {
+        str(p.relative_to(PACKAGE.parent))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" or len(p.read_text(encoding="utf-8").strip().splitlines()) > 1
+    }
     assert files - named == set(), "add these to docs/ARCHITECTURE.md's module table"
-    missing = sorted(p for p in set(re.findall(r"`((?:hetero_ps|tests|csrc|scripts)/[\w/.]+\.\w+)`", DOC))
-                     if not (PACKAGE.parent / p).exists())
+    missing = sorted(
+        p
+        for p in set(re.findall(r"`((?:hetero_ps|tests|csrc|scripts)/[\w/.]+\.\w+)`", DOC))
+        if not (PACKAGE.parent / p).exists()
+    )
     assert missing == [], "docs/ARCHITECTURE.md names files that do not exist"

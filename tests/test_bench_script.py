@@ -25,8 +25,13 @@ def test_a_partial_benchmark_run_writes_beside_the_tracked_results():
     if os.path.exists(partial):
         os.remove(partial)
     try:
-        r = subprocess.run(["bash", "scripts/bench.sh", "-k", "bench_checksum", "-q"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            ["bash", "scripts/bench.sh", "-k", "bench_checksum", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "wrote benchmarks/RESULTS.partial.md" in r.stdout
         assert _digest(tracked) == before

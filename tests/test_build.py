@@ -26,13 +26,22 @@ def test_plain_cmake_build_imports_and_runs(tmp_path):
         pytest.skip("cmake is not on PATH")
     build = tmp_path / "build"
     configure = subprocess.run(
-        [cmake, "-S", str(ROOT), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
-         "-DCMAKE_BUILD_TYPE=Release"],
-        capture_output=True, text=True, timeout=120)
+        [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert configure.returncode == 0, configure.stdout + configure.stderr
     jobs = str(os.cpu_count() or 1)
-    compiled = subprocess.run([cmake, "--build", str(build), "-j", jobs], capture_output=True, text=True,
-                              timeout=240)
+    compiled = subprocess.run([cmake, "--build", str(build), "-j", jobs], capture_output=True, text=True, timeout=240)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     built = list(build.glob("_C*.so")) + list(build.glob("_C*.pyd"))
     assert len(built) == 1, sorted(p.name for p in build.iterdir())
@@ -46,15 +55,15 @@ def test_plain_cmake_build_imports_and_runs(tmp_path):
         "print(_C.cpu_features()['active'])\n"
     )
     env = dict(os.environ, PYTHONPATH=str(build))
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() in ("scalar", "sse4.2", "avx2", "avx512")
 
 
 def test_setup_py_reads_the_package_version():
-    r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == hetero_ps.__version__
 

@@ -11,22 +11,22 @@ import math
 import numpy as np
 import pytest
 
+from hetero_ps.errors import ConfigError, RemoteProtocolError
 from hetero_ps.wire import codecs
 from hetero_ps.wire.codecs import CodecId, CodecSpec, make_codec, parse_codec
-from hetero_ps.errors import ConfigError, RemoteProtocolError
 
-N = 5000   # not a multiple of the int8 block: the last block is ragged
+N = 5000  # not a multiple of the int8 block: the last block is ragged
 SPECS = ["none", "fp16", "bf16", "int8", "int8:64", "topk:0.05", "topk:1"]
 
 
 def _grad(n=N, seed=0):
     rng = np.random.default_rng(seed)
-    g = (rng.standard_normal(n) * np.exp(rng.uniform(-6, 2, n))).astype(np.float32)   # wide dynamic range
+    g = (rng.standard_normal(n) * np.exp(rng.uniform(-6, 2, n))).astype(np.float32)  # wide dynamic range
     return g
 
 
 def _wire(segments):
-    return [memoryview(bytes(s)) for s in segments]   # read-only, as received
+    return [memoryview(bytes(s)) for s in segments]  # read-only, as received
 
 
 def _roundtrip(spec, g):
@@ -44,11 +44,17 @@ def test_parse_codec_and_registry():
     assert parse_codec("int8").block == 256 and parse_codec("int8:64").block == 64
     for s in ("none", "fp16", "bf16", "int8", "int8:64", "topk:0.25"):
         assert str(parse_codec(s)) == s
-    for bad, msg in (("gzip", "choose none, fp16"), ("topk:2", r"\(0, 1\]"), ("topk:x", "number"),
-                     ("fp16:3", "no parameter"), ("int8:0", "block"), (3, "string")):
+    for bad, msg in (
+        ("gzip", "choose none, fp16"),
+        ("topk:2", r"\(0, 1\]"),
+        ("topk:x", "number"),
+        ("fp16:3", "no parameter"),
+        ("int8:0", "block"),
+        (3, "string"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             parse_codec(bad)
-    for cid in CodecId:   # every wire value has an implementation
+    for cid in CodecId:  # every wire value has an implementation
         assert codecs.codec_class(cid).id == cid
 
 
@@ -61,15 +67,15 @@ def test_none_is_exact_and_zero_copy():
 
 def test_half_precision_round_trips_within_their_precision():
     g = _grad()
-    normal = np.abs(g) > 1e-4    # fp16's normal range starts at 6.1e-5
+    normal = np.abs(g) > 1e-4  # fp16's normal range starts at 6.1e-5
     out, _, segs = _roundtrip("fp16", g)
     assert sum(memoryview(s).nbytes for s in segs) == 2 * N
-    assert np.all(np.abs(out - g)[normal] <= 2.0 ** -11 * np.abs(g)[normal] * 1.0001)
-    assert np.all(np.abs(out - g) <= 2.0 ** -24 + 2.0 ** -11 * np.abs(g))
-    np.testing.assert_array_equal(out, g.astype(np.float16).astype(np.float32))   # round to nearest even
+    assert np.all(np.abs(out - g)[normal] <= 2.0**-11 * np.abs(g)[normal] * 1.0001)
+    assert np.all(np.abs(out - g) <= 2.0**-24 + 2.0**-11 * np.abs(g))
+    np.testing.assert_array_equal(out, g.astype(np.float16).astype(np.float32))  # round to nearest even
     out, _, _ = _roundtrip("bf16", g)
-    assert np.all(np.abs(out - g) <= 2.0 ** -8 * np.abs(g) * 1.0001)
-    assert _roundtrip("fp16", np.full(4, 1e5, np.float32))[0][0] == np.inf   # documented overflow
+    assert np.all(np.abs(out - g) <= 2.0**-8 * np.abs(g) * 1.0001)
+    assert _roundtrip("fp16", np.full(4, 1e5, np.float32))[0][0] == np.inf  # documented overflow
 
 
 @pytest.mark.parametrize("block", [256, 64])
@@ -80,7 +86,7 @@ def test_int8_error_is_at_most_half_a_step_per_block(block):
     nblocks = math.ceil(N / block)
     assert [memoryview(s).nbytes for s in segs] == [4 * nblocks, N]
     for i in range(nblocks):
-        x, y = g[i * block:(i + 1) * block], out[i * block:(i + 1) * block]
+        x, y = g[i * block : (i + 1) * block], out[i * block : (i + 1) * block]
         step = np.abs(x).max() / 127
         assert np.all(np.abs(x - y) <= step / 2 * 1.001 + 1e-30)
     zeros, _, _ = _roundtrip("int8", np.zeros(300, np.float32))
@@ -94,7 +100,7 @@ def test_topk_sends_the_largest_entries():
     assert fields["k"] == k and [memoryview(s).nbytes for s in segs] == [4 * k, 4 * k]
     sent = np.flatnonzero(out)
     assert len(sent) == k
-    assert np.abs(g[sent]).min() >= np.sort(np.abs(g))[-k]   # exactly the top k by magnitude
+    assert np.abs(g[sent]).min() >= np.sort(np.abs(g))[-k]  # exactly the top k by magnitude
     assert np.array_equal(out[sent], g[sent])
     full, _, _ = _roundtrip("topk:1", g)
     assert np.array_equal(full, g)
@@ -120,7 +126,7 @@ def test_encode_reuses_its_buffers(spec):
     first = [np.frombuffer(s, np.uint8).ctypes.data for s in enc.encode(_grad(seed=1))[1]]
     snapshot = [bytes(s) for s in enc.encode(_grad(seed=1))[1]]
     second_segs = enc.encode(_grad(seed=3))[1]
-    if not spec.startswith("topk"):   # top-k's outputs are k-sized, fresh per call by the kernel API
+    if not spec.startswith("topk"):  # top-k's outputs are k-sized, fresh per call by the kernel API
         assert [np.frombuffer(s, np.uint8).ctypes.data for s in second_segs] == first
     assert [bytes(s) for s in second_segs] != snapshot
 
@@ -165,17 +171,21 @@ def _corrupt_cases():
     k = len(idx)
     cases.append(("topk:0.05", "k too large", {**f, "k": N + 1}, [idx.tobytes(), vals], "'k'"))
     cases.append(("topk:0.05", "k disagrees", {**f, "k": k - 1}, [idx.tobytes(), vals], "expected"))
-    for what, bad in (("out of range", lambda a: a.__setitem__(-1, N)), ("negative", lambda a: a.__setitem__(0, -1)),
-                      ("duplicate", lambda a: a.__setitem__(1, a[0])), ("descending", lambda a: a.__setitem__(
-                          slice(0, 2), a[1::-1].copy()))):
+    for what, bad in (
+        ("out of range", lambda a: a.__setitem__(-1, N)),
+        ("negative", lambda a: a.__setitem__(0, -1)),
+        ("duplicate", lambda a: a.__setitem__(1, a[0])),
+        ("descending", lambda a: a.__setitem__(slice(0, 2), a[1::-1].copy())),
+    ):
         a = idx.copy()
         bad(a)
         cases.append(("topk:0.05", what, dict(f), [a.tobytes(), vals], "ascending"))
     return cases
 
 
-@pytest.mark.parametrize("spec,what,header,segments,msg", _corrupt_cases(),
-                         ids=lambda v: v if isinstance(v, str) and " " in v else None)
+@pytest.mark.parametrize(
+    "spec,what,header,segments,msg", _corrupt_cases(), ids=lambda v: v if isinstance(v, str) and " " in v else None
+)
 def test_corrupt_or_mismatched_chunks_are_rejected_before_touching_acc(spec, what, header, segments, msg):
     dec = make_codec(spec, N)
     acc = _grad(seed=5)
@@ -192,8 +202,12 @@ def test_corrupt_or_mismatched_chunks_are_rejected_before_touching_acc(spec, wha
 def test_local_misuse_is_a_value_error():
     dec = make_codec("fp16", N)
     fields, segments = make_codec("fp16", N).encode(_grad())
-    for bad in (np.zeros(N, np.float64), np.zeros(N + 1, np.float32), np.zeros((N, 1), np.float32),
-                np.zeros(2 * N, np.float32)[::2]):
+    for bad in (
+        np.zeros(N, np.float64),
+        np.zeros(N + 1, np.float32),
+        np.zeros((N, 1), np.float32),
+        np.zeros(2 * N, np.float32)[::2],
+    ):
         with pytest.raises(ValueError):
             dec.decode_accumulate(bad, dict(fields), _wire(segments), 1.0)
     ro = np.zeros(N, np.float32)
@@ -214,7 +228,7 @@ def test_segments_at_odd_offsets_decode_the_same(spec):
     want = np.empty(N, np.float32)
     make_codec(spec, N).decode_into(want, dict(fields), _wire(segments))
     shifted = []
-    for s in segments:   # e.g. a segment that follows an odd-length one in the same payload
+    for s in segments:  # e.g. a segment that follows an odd-length one in the same payload
         buf = bytearray(memoryview(s).nbytes + 1)
         buf[1:] = bytes(s)
         shifted.append(memoryview(buf)[1:])

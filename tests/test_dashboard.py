@@ -9,12 +9,12 @@ import socket
 
 import aiohttp
 import pytest
-
 import synthetic_run
-from hetero_ps.observe.dashboard import MetricsHub, start_dashboard
-from hetero_ps.errors import ConfigError
 
-TIMEOUT = 30.0   # a bound for a hung test, not a speed requirement: loaded CI machines are slow
+from hetero_ps.errors import ConfigError
+from hetero_ps.observe.dashboard import MetricsHub, start_dashboard
+
+TIMEOUT = 30.0  # a bound for a hung test, not a speed requirement: loaded CI machines are slow
 
 
 def run(coro):
@@ -24,6 +24,7 @@ def run(coro):
 def strict_json(text: str):
     def no_constants(name):
         raise AssertionError(f"invalid JSON constant {name} in a dashboard answer")
+
     return json.loads(text, parse_constant=no_constants)
 
 
@@ -76,6 +77,7 @@ async def read_sse(resp, want, timeout=TIMEOUT):
 
 
 # -- hub ----------------------------------------------------------------------------------------------
+
 
 def test_hub_status_derives_progress_totals_and_worker_rows():
     hub = MetricsHub()
@@ -135,10 +137,16 @@ def test_hub_keeps_only_the_last_steps_and_pages_them():
 
 def test_hub_copies_records_and_makes_them_json_safe():
     hub = MetricsHub()
-    rec = {"step": 0, "epoch": 0, "loss": float("nan"), "samples": 4, "step_s": 0.5,
-           "workers": {"0": {"batch": 4, "compute_s": float("inf")}}}
+    rec = {
+        "step": 0,
+        "epoch": 0,
+        "loss": float("nan"),
+        "samples": 4,
+        "step_s": 0.5,
+        "workers": {"0": {"batch": 4, "compute_s": float("inf")}},
+    }
     hub.add_step(rec)
-    rec["loss"] = 1.0   # the master reusing its dict must not change what the hub holds
+    rec["loss"] = 1.0  # the master reusing its dict must not change what the hub holds
     got = hub.steps_since(-1)[0]
     assert got["loss"] is None and got["workers"]["0"]["compute_s"] is None
     strict_json(json.dumps(hub.status(), allow_nan=False))
@@ -150,7 +158,7 @@ def test_slow_subscriber_never_blocks_and_stays_bounded():
         q = hub.subscribe()
         j, steps, _, _ = synthetic_run.make_run(500)
         for rec in steps:
-            hub.add_step(rec)   # synchronous: it cannot block on a subscriber
+            hub.add_step(rec)  # synchronous: it cannot block on a subscriber
             assert q.qsize() <= 8
         kinds = []
         while not q.empty():
@@ -168,6 +176,7 @@ def test_slow_subscriber_never_blocks_and_stays_bounded():
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------
+
 
 def test_json_api():
     async def main():
@@ -222,8 +231,16 @@ def test_sse_delivers_a_step_pushed_after_connecting():
                 assert hello[-1][1]["progress"]["step"] == 10
                 _, more, _, _ = synthetic_run.make_run(12)
                 s.hub.add_step(more[10])
-                s.hub.add_event({"event": "schedule", "step": 10, "t": 0.0, "policy": "dynamic",
-                                 "sizes": {"0": 1}, "reason": "test"})
+                s.hub.add_event(
+                    {
+                        "event": "schedule",
+                        "step": 10,
+                        "t": 0.0,
+                        "policy": "dynamic",
+                        "sizes": {"0": 1},
+                        "reason": "test",
+                    }
+                )
                 s.hub.update_worker(0, cpu_util=12.5)
                 s.hub.update_worker(1, cpu_util=13.5)
                 got = await read_sse(resp, lambda k, d: k == "workers")
@@ -241,12 +258,13 @@ def test_sse_delivers_a_step_pushed_after_connecting():
 
 def test_stalled_http_client_does_not_grow_the_server():
     """A client that opens the stream and never reads: the hub queue stays bounded, others still get data."""
+
     async def main():
         async with Served(1, queue_size=16) as s:
             reader, writer = await asyncio.open_connection("127.0.0.1", s.dash.port)
             writer.write(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)   # headers only, then stop reading
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)  # headers only, then stop reading
             async with s.http.get(s.base + "/api/stream") as resp:
                 await read_sse(resp, lambda k, d: k == "hello")
                 assert s.hub.subscribers == 2
@@ -254,7 +272,7 @@ def test_stalled_http_client_does_not_grow_the_server():
                 for i, rec in enumerate(steps[1:]):
                     s.hub.add_step(rec)
                     if i % 200 == 0:
-                        await asyncio.sleep(0)   # let the server run between bursts, as the master's loop would
+                        await asyncio.sleep(0)  # let the server run between bursts, as the master's loop would
                 for q in s.hub._subs:
                     assert q.qsize() <= 16
                 # The healthy client catches up: it sees the last step or is told to resync.
@@ -275,10 +293,10 @@ def test_close_ends_open_streams():
                 await read_sse(resp, lambda k, d: k == "hello")
                 assert hub.subscribers == 1
                 await asyncio.wait_for(dash.close(), TIMEOUT)
-                rest = await asyncio.wait_for(resp.content.read(), TIMEOUT)   # returns at end of stream
+                rest = await asyncio.wait_for(resp.content.read(), TIMEOUT)  # returns at end of stream
                 assert b"event: step" not in rest
         assert hub.subscribers == 0
-        await dash.close()   # idempotent
+        await dash.close()  # idempotent
 
     run(main())
 
@@ -300,8 +318,9 @@ def test_port_in_use_names_the_port_and_the_flags():
 def test_clean_handles_numpy_scalars():
     np = pytest.importorskip("numpy")
     hub = MetricsHub()
-    hub.add_step({"step": np.int64(0), "loss": np.float32(0.5), "samples": 2, "step_s": np.float64(math.nan),
-                  "workers": {}})
+    hub.add_step(
+        {"step": np.int64(0), "loss": np.float32(0.5), "samples": 2, "step_s": np.float64(math.nan), "workers": {}}
+    )
     rec = hub.steps_since(-1)[0]
     assert rec["step"] == 0 and isinstance(rec["step"], int)
     assert rec["loss"] == 0.5 and rec["step_s"] is None

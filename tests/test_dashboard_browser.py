@@ -16,15 +16,26 @@ import shutil
 
 import aiohttp
 import pytest
-
 import synthetic_run
+
 from hetero_ps.observe.dashboard import MetricsHub, start_dashboard
 
 CHROMIUM = os.environ.get("HETERO_PS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--mute-audio", "--hide-scrollbars", "--remote-debugging-port=0"]
-TIMEOUT = 90.0   # a bound for a hung test, not a speed requirement: loaded CI machines are slow
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--remote-debugging-port=0",
+]
+TIMEOUT = 90.0  # a bound for a hung test, not a speed requirement: loaded CI machines are slow
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 
@@ -40,19 +51,27 @@ class Browser:
 
     async def __aenter__(self):
         self.proc = await asyncio.create_subprocess_exec(
-            CHROMIUM, *FLAGS, f"--user-data-dir={self.profile_dir}", "about:blank",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={self.profile_dir}",
+            "about:blank",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             ws_url = await asyncio.wait_for(self._devtools_url(), TIMEOUT)
             self.http = aiohttp.ClientSession()
-            self.ws = await self.http.ws_connect(ws_url, max_msg_size=64 << 20, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            self.ws = await self.http.ws_connect(
+                ws_url, max_msg_size=64 << 20, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+            )
             self.reader = asyncio.create_task(self._read())
             target = (await self.send("Target.createTarget", url="about:blank"))["targetId"]
             self.session = (await self.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
             await self.page("Runtime.enable")
             await self.page("Page.enable")
-            await self.page("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1,
-                            mobile=False)
+            await self.page(
+                "Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False
+            )
         except BaseException:
             await self._stop()
             raise
@@ -112,7 +131,9 @@ class Browser:
     async def eval(self, expression: str):
         r = await self.page("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in r:
-            raise AssertionError(f"{expression[:200]}...: {r['exceptionDetails'].get('exception', {}).get('description')}")
+            raise AssertionError(
+                f"{expression[:200]}...: {r['exceptionDetails'].get('exception', {}).get('description')}"
+            )
         return r["result"].get("value")
 
     async def wait_for(self, condition: str, what: str, timeout_ms: int = 60000):
@@ -132,7 +153,7 @@ class Browser:
             if getattr(self, "ws", None) is not None and not self.ws.closed:
                 try:
                     await asyncio.wait_for(self.send("Browser.close"), 5)
-                except (RuntimeError, asyncio.TimeoutError, ConnectionError):
+                except (TimeoutError, RuntimeError, ConnectionError):
                     pass
                 await self.ws.close()
             if getattr(self, "http", None) is not None:
@@ -143,7 +164,7 @@ class Browser:
             if self.proc.returncode is None:
                 try:
                     await asyncio.wait_for(self.proc.wait(), 10)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self.proc.kill()
                     await self.proc.wait()
 
@@ -159,32 +180,43 @@ def test_dashboard_page_shows_workers_and_charts_live(tmp_path):
         try:
             async with Browser(str(tmp_path / "profile")) as b:
                 await b.page("Page.navigate", url=dash.url)
-                await b.wait_for("document.body.dataset.ready === '1' && document.body.dataset.steps === '60'"
-                                 " && document.querySelectorAll('#workers tbody tr').length === 3", "the first sync")
+                await b.wait_for(
+                    "document.body.dataset.ready === '1' && document.body.dataset.steps === '60'"
+                    " && document.querySelectorAll('#workers tbody tr').length === 3",
+                    "the first sync",
+                )
                 await b.wait_for("document.getElementById('conn').classList.contains('live')", "a live stream")
-                rows = await b.eval("[...document.querySelectorAll('#workers tbody tr')].map("
-                                    "tr => [...tr.cells].map(td => td.textContent.trim()))")
+                rows = await b.eval(
+                    "[...document.querySelectorAll('#workers tbody tr')].map("
+                    "tr => [...tr.cells].map(td => td.textContent.trim()))"
+                )
                 assert [r[0] for r in rows] == ["0", "1", "2"]
                 assert [r[1] for r in rows] == ["node0.lan", "node1.lan", "node2.lan"]
                 assert [r[2] for r in rows] == ["cpu", "cuda:0", "cpu"]
                 assert all(r[3] == "training" for r in rows)
                 assert [int(r[4]) for r in rows] == [steps[-1]["workers"][str(k)]["batch"] for k in range(3)]
-                points = await b.eval("Object.fromEntries([...document.querySelectorAll('canvas')].map("
-                                      "c => [c.id, +c.dataset.points]))")
+                points = await b.eval(
+                    "Object.fromEntries([...document.querySelectorAll('canvas')].map(c => [c.id, +c.dataset.points]))"
+                )
                 assert points["chart-loss"] == 60 + len(epochs)
                 assert points["chart-accuracy"] == len(epochs)
-                assert points["chart-throughput"] == 60 * 4 + 2      # 3 workers + total, and the ideal line
+                assert points["chart-throughput"] == 60 * 4 + 2  # 3 workers + total, and the ideal line
                 assert points["chart-shares"] == 60 and points["chart-split"] == 60
                 assert points["chart-bytes"] == 120
                 # Decisions that keep the split are folded into the entry of the one that set it.
                 sched = [e for e in events if e["event"] == "schedule"]
                 changes = [e for i, e in enumerate(sched) if i == 0 or e["sizes"] != sched[i - 1]["sizes"]]
-                counts = await b.eval("[...document.querySelectorAll('#timeline li[data-event=schedule]')]"
-                                      ".map(li => +li.dataset.count)")
+                counts = await b.eval(
+                    "[...document.querySelectorAll('#timeline li[data-event=schedule]')].map(li => +li.dataset.count)"
+                )
                 assert len(counts) == len(changes) < len(sched) and sum(counts) == len(sched)
-                await b.page("Emulation.setDeviceMetricsOverride", width=1400,
-                             height=int(await b.eval("document.documentElement.scrollHeight")),
-                             deviceScaleFactor=1, mobile=False)
+                await b.page(
+                    "Emulation.setDeviceMetricsOverride",
+                    width=1400,
+                    height=int(await b.eval("document.documentElement.scrollHeight")),
+                    deviceScaleFactor=1,
+                    mobile=False,
+                )
                 shot = await b.page("Page.captureScreenshot", format="png")
                 png = base64.b64decode(shot["data"])
                 assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -195,21 +227,35 @@ def test_dashboard_page_shows_workers_and_charts_live(tmp_path):
 
                 # Live: a new worker, a rebalance and a step arrive while the page is open.
                 _, more, _, _ = synthetic_run.make_run(62)
-                hub.add_event({"event": "worker_joined", "step": 60, "t": 0.0, "rank": 3, "host": "late.lan",
-                               "device": "cuda:1"})
-                hub.add_event({"event": "schedule", "step": 60, "t": 0.0, "policy": "dynamic",
-                               "sizes": {"0": 30, "1": 150, "2": 12, "3": 64}, "reason": "rank 3 joined",
-                               "predicted_step_s": 0.09, "previous_predicted_s": 0.11})
+                hub.add_event(
+                    {"event": "worker_joined", "step": 60, "t": 0.0, "rank": 3, "host": "late.lan", "device": "cuda:1"}
+                )
+                hub.add_event(
+                    {
+                        "event": "schedule",
+                        "step": 60,
+                        "t": 0.0,
+                        "policy": "dynamic",
+                        "sizes": {"0": 30, "1": 150, "2": 12, "3": 64},
+                        "reason": "rank 3 joined",
+                        "predicted_step_s": 0.09,
+                        "previous_predicted_s": 0.11,
+                    }
+                )
                 rec = dict(more[60], workers=dict(more[60]["workers"], **{"3": dict(more[60]["workers"]["1"])}))
                 hub.add_step(rec)
-                await b.wait_for("document.body.dataset.steps === '61'"
-                                 " && document.querySelectorAll('#workers tbody tr').length === 4"
-                                 " && +document.getElementById('chart-throughput').dataset.points === 61 * 5 + 2",
-                                 "the live step")
+                await b.wait_for(
+                    "document.body.dataset.steps === '61'"
+                    " && document.querySelectorAll('#workers tbody tr').length === 4"
+                    " && +document.getElementById('chart-throughput').dataset.points === 61 * 5 + 2",
+                    "the live step",
+                )
                 reason = await b.eval("document.querySelector('#timeline li').textContent")
                 assert "rank 3 joined" in reason
-                assert await b.eval("document.querySelector('#workers tbody tr[data-rank=\"3\"]').cells[1].textContent") \
+                assert (
+                    await b.eval("document.querySelector('#workers tbody tr[data-rank=\"3\"]').cells[1].textContent")
                     == "late.lan"
+                )
                 assert b.exceptions == [], b.exceptions
         finally:
             await dash.close()

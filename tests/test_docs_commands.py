@@ -17,7 +17,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "CONTRIBUTING.md", *(os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs"))))]
+DOCS = [
+    "README.md",
+    "CONTRIBUTING.md",
+    *(os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs")))),
+]
 
 # What each script passes its arguments to.
 SCRIPT_PROGRAM = {"master.sh": "server", "start_worker.sh": "worker", "demo.sh": "server"}
@@ -27,8 +31,9 @@ FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 @functools.cache
 def flags_of(program: str) -> frozenset[str]:
-    r = subprocess.run([sys.executable, "-m", f"hetero_ps.{program}", "--help"], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", f"hetero_ps.{program}", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr
     return frozenset(FLAG.findall(r.stdout))
 
@@ -56,7 +61,7 @@ def commands() -> list[tuple[str, str, str]]:
                     continue
                 program = m.group(1) or SCRIPT_PROGRAM.get(m.group(2))
                 if program in PROGRAMS:
-                    found.append((doc, program, line[m.start():].strip()))
+                    found.append((doc, program, line[m.start() :].strip()))
     return found
 
 
@@ -74,7 +79,9 @@ def test_every_flag_of_a_documented_command_exists(doc, program, command):
     assert unknown == [], f"{doc}: `{command}` uses flags `python -m hetero_ps.{program}` does not have"
 
 
-@pytest.mark.parametrize("doc", ["README.md", os.path.join("docs", "PROTOCOL.md"), os.path.join("docs", "ARCHITECTURE.md")])
+@pytest.mark.parametrize(
+    "doc", ["README.md", os.path.join("docs", "PROTOCOL.md"), os.path.join("docs", "ARCHITECTURE.md")]
+)
 def test_every_flag_the_docs_mention_belongs_to_a_program(doc):
     known = set().union(*(flags_of(p) for p in PROGRAMS))
     mentioned = set()

@@ -35,8 +35,9 @@ def _closed_port() -> int:
 
 def test_master_not_reachable_names_address_and_firewall():
     port = _closed_port()
-    r = _run(["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(port),
-              "--connect-timeout", "2"])
+    r = _run(
+        ["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(port), "--connect-timeout", "2"]
+    )
     assert r.returncode == 1
     assert f"127.0.0.1:{port}" in r.stderr and "ufw" in r.stderr, r.stderr
     # It gave up because its own --connect-timeout ran out, and says how often it tried.
@@ -55,15 +56,44 @@ def test_cuda_requested_but_absent():
 
 
 def test_missing_dataset_says_where_to_put_files(tmp_path):
-    r = _run(["-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", "0", "--dataset", "cifar10",
-              "--data-dir", str(tmp_path / "nowhere"), "--no-local-worker", "--world-size", "2"], cwd=tmp_path)
+    r = _run(
+        [
+            "-m",
+            "hetero_ps.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--no-local-worker",
+            "--world-size",
+            "2",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
     assert "data_batch_1" in r.stderr and str(tmp_path / "nowhere") in r.stderr, r.stderr
 
 
 def _cluster(tmp_path, **kw):
-    args = ["--world-size", "2", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits",
-            "--global-batch-size", "32", "--epochs", "1", "--experiment", "f"]
+    args = [
+        "--world-size",
+        "2",
+        "--no-local-worker",
+        "--model",
+        "simple_cnn",
+        "--dataset",
+        "digits",
+        "--global-batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--experiment",
+        "f",
+    ]
     return LocalCluster(tmp_path, args, **kw)
 
 
@@ -81,8 +111,10 @@ def test_wrong_token_is_refused_and_master_keeps_serving(tmp_path):
 def test_worker_with_other_code_version_is_refused(tmp_path):
     with _cluster(tmp_path) as c:
         env = dict(c.env)
-        code = ("import sys, hetero_ps; hetero_ps.__version__ = '0.0.1'; from hetero_ps.worker.cli import main; "
-                f"sys.exit(main(['--master-addr', '127.0.0.1', '--master-port', '{c.port}']))")
+        code = (
+            "import sys, hetero_ps; hetero_ps.__version__ = '0.0.1'; from hetero_ps.worker.cli import main; "
+            f"sys.exit(main(['--master-addr', '127.0.0.1', '--master-port', '{c.port}']))"
+        )
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 1
         assert "0.0.1" in r.stderr and "version" in r.stderr.lower(), r.stderr
@@ -90,13 +122,34 @@ def test_worker_with_other_code_version_is_refused(tmp_path):
 
 @pytest.mark.parametrize("codec", ["none", "topk:0.1"])
 def test_worker_vanishing_mid_run_does_not_stop_training(tmp_path, codec):
-    args = ["--world-size", "3", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits",
-            "--global-batch-size", "32", "--epochs", "3", "--experiment", "vanish", "--worker-timeout", "20",
-            "--compression", codec]
+    args = [
+        "--world-size",
+        "3",
+        "--no-local-worker",
+        "--model",
+        "simple_cnn",
+        "--dataset",
+        "digits",
+        "--global-batch-size",
+        "32",
+        "--epochs",
+        "3",
+        "--experiment",
+        "vanish",
+        "--worker-timeout",
+        "20",
+        "--compression",
+        codec,
+    ]
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2", "--simulate-slowdown", "3"]]) as c:
         steps = metrics_path(tmp_path, "vanish", "steps")
-        wait_until(lambda: still_running(c.server, lambda: c.output("server"))
-                   and len(read_jsonl(steps, missing_ok=True)) >= 5, timeout=120, what="5 steps of training")
+        wait_until(
+            lambda: (
+                still_running(c.server, lambda: c.output("server")) and len(read_jsonl(steps, missing_ok=True)) >= 5
+            ),
+            timeout=120,
+            what="5 steps of training",
+        )
         os.killpg(c.workers[1].pid, signal.SIGKILL)
         assert c.wait(timeout=240) == 0, c.output("server")
         summary = c.summary()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.training.data import DatasetInfo
 from hetero_ps.errors import ConfigError
+from hetero_ps.training.data import DatasetInfo
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.training.models import build_model
 from hetero_ps.training.optim import build_optimizer, lr_factor
@@ -28,7 +28,7 @@ def test_params_and_grads_are_views_and_backward_writes_into_the_flat_grad():
     ref = copy.deepcopy(m)
     flat = FlatParams(m)
     assert flat.numel == sum(p.numel() for p in m.parameters())
-    for (name, shape, off, n), p in zip(flat.layout(), m.parameters()):
+    for (_name, shape, off, _n), p in zip(flat.layout(), m.parameters()):
         assert p.data_ptr() == flat.params.data_ptr() + 4 * off and tuple(p.shape) == shape
         assert p.grad.data_ptr() == flat.grads.data_ptr() + 4 * off
     # Same values as before flattening.
@@ -61,7 +61,7 @@ def test_writing_the_flat_buffer_changes_the_model():
 def test_zero_grad_repairs_grads_that_were_set_to_none():
     m = _model()
     flat = FlatParams(m)
-    m.zero_grad()   # set_to_none=True detaches .grad from the buffer
+    m.zero_grad()  # set_to_none=True detaches .grad from the buffer
     assert not flat.check_views()
     flat.zero_grad_()
     assert flat.check_views()
@@ -74,7 +74,7 @@ def test_tied_and_frozen_parameters():
     m = build_model(job, DatasetInfo("t", "text", (8,), 2, vocab_size=50, seq_len=8))
     assert m.lm_head.weight is m.transformer.wte.weight
     flat = FlatParams(m)
-    assert flat.numel == sum(p.numel() for p in m.parameters())   # the tied matrix once
+    assert flat.numel == sum(p.numel() for p in m.parameters())  # the tied matrix once
     names = [n for n, *_ in flat.layout()]
     assert "transformer.wte.weight" in names and "lm_head.weight" not in names
     out = m(input_ids=torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8)))
@@ -97,6 +97,7 @@ def test_moving_the_model_after_flattening_is_detected():
 
 # -- optimizer -------------------------------------------------------------------------------------
 
+
 def _step(job, grads, init=None, total=100):
     p = torch.nn.Parameter(torch.ones(4) if init is None else init.clone())
     opt, sched = build_optimizer(job, p, total)
@@ -118,12 +119,12 @@ def test_sgd_ignores_momentum_and_momentum_uses_it():
 def test_adam_and_adamw_weight_decay():
     g = torch.tensor([1.0, -2.0, 0.5, 3.0])
     adam = _step(JobConfig(optimizer="adam", lr=0.01, lr_schedule="constant"), [g])
-    torch.testing.assert_close(adam, 1 - 0.01 * torch.sign(g), rtol=1e-5, atol=1e-6)   # first Adam step
+    torch.testing.assert_close(adam, 1 - 0.01 * torch.sign(g), rtol=1e-5, atol=1e-6)  # first Adam step
     zero = torch.zeros(4)
     adamw = _step(JobConfig(optimizer="adamw", lr=0.1, weight_decay=0.5, lr_schedule="constant"), [zero])
-    torch.testing.assert_close(adamw, torch.full((4,), 1 - 0.1 * 0.5))   # decoupled: θ(1 − ηλ)
+    torch.testing.assert_close(adamw, torch.full((4,), 1 - 0.1 * 0.5))  # decoupled: θ(1 − ηλ)
     sgd_wd = _step(JobConfig(optimizer="sgd", lr=0.1, weight_decay=0.5, lr_schedule="constant"), [zero])
-    torch.testing.assert_close(sgd_wd, torch.full((4,), 1 - 0.1 * 0.5))     # L2: g + λθ
+    torch.testing.assert_close(sgd_wd, torch.full((4,), 1 - 0.1 * 0.5))  # L2: g + λθ
 
 
 def test_server_pattern_updates_the_model_through_shared_storage():

@@ -74,15 +74,35 @@ def special_f32(n: int) -> np.ndarray:
     """A mix of normal values, ±0, ±inf, NaNs, float32 and float16 subnormals and huge values."""
     x = RNG.standard_normal(n).astype(np.float32)
     if n:
-        picks = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-45, 3e-8, 6e-8, 65504.0, 65520.0,
-                          -65519.0, 1e38, -3.4e38, 2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -24], dtype=np.float32)
+        picks = np.array(
+            [
+                0.0,
+                -0.0,
+                np.inf,
+                -np.inf,
+                np.nan,
+                1e-40,
+                -1e-45,
+                3e-8,
+                6e-8,
+                65504.0,
+                65520.0,
+                -65519.0,
+                1e38,
+                -3.4e38,
+                2.0**-24,
+                2.0**-25,
+                1.5 * 2.0**-24,
+            ],
+            dtype=np.float32,
+        )
         where = RNG.integers(0, n, max(1, n // 4))
         x[where] = picks[RNG.integers(0, picks.size, where.size)]
     return x
 
 
 def random_bits_f32(n: int) -> np.ndarray:
-    return RNG.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return RNG.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
 
 
 def unaligned_f32(values: np.ndarray) -> np.ndarray:
@@ -143,19 +163,20 @@ def _run_import(code: str, env_value: str | None, block_native: bool) -> subproc
     prelude = "import sys, warnings\nwarnings.simplefilter('always')\n"
     if block_native:
         prelude += "sys.modules['hetero_ps._C'] = None  # makes `from hetero_ps import _C` fail\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_fallback_warns_once_when_extension_is_missing():
-    code = ("with warnings.catch_warnings(record=True) as w:\n"
-            "    import hetero_ps.kernels as k\n"
-            "    import hetero_ps.kernels\n"
-            "hits = [x for x in w if x.category is RuntimeWarning and 'hetero_ps._C' in str(x.message)]\n"
-            "print(k.BACKEND, len(hits))\n"
-            "print(hits[0].message)\n"
-            "import numpy as np\n"
-            "print(k.checksum(b'123456789'))\n")
+    code = (
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import hetero_ps.kernels as k\n"
+        "    import hetero_ps.kernels\n"
+        "hits = [x for x in w if x.category is RuntimeWarning and 'hetero_ps._C' in str(x.message)]\n"
+        "print(k.BACKEND, len(hits))\n"
+        "print(hits[0].message)\n"
+        "import numpy as np\n"
+        "print(k.checksum(b'123456789'))\n"
+    )
     r = _run_import(code, None, block_native=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -165,9 +186,11 @@ def test_fallback_warns_once_when_extension_is_missing():
 
 
 def test_env_forces_reference_without_warning():
-    code = ("with warnings.catch_warnings(record=True) as w:\n"
-            "    import hetero_ps.kernels as k\n"
-            "print(k.BACKEND, sorted(k.backends()), len([x for x in w if x.category is RuntimeWarning]))\n")
+    code = (
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import hetero_ps.kernels as k\n"
+        "print(k.BACKEND, sorted(k.backends()), len([x for x in w if x.category is RuntimeWarning]))\n"
+    )
     r = _run_import(code, "reference", block_native=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "reference ['reference'] 0"
@@ -178,8 +201,9 @@ def test_env_native_requires_extension_and_bad_value_is_rejected():
     assert r.returncode != 0 and "ImportError" in r.stderr and "HETERO_PS_KERNELS=native" in r.stderr
     r = _run_import("import hetero_ps.kernels\n", "fast", block_native=False)
     assert r.returncode != 0 and "ConfigError" in r.stderr
-    r = _run_import("import os\nos.environ['HETERO_PS_ISA'] = 'sse9'\nimport hetero_ps.kernels\n", None,
-                    block_native=False)
+    r = _run_import(
+        "import os\nos.environ['HETERO_PS_ISA'] = 'sse9'\nimport hetero_ps.kernels\n", None, block_native=False
+    )
     assert r.returncode != 0 and "ConfigError" in r.stderr and "HETERO_PS_ISA" in r.stderr
 
 
@@ -210,20 +234,40 @@ def test_bf16_conversions_match_torch(K, n):
 
 def test_f16_rounding_edges(K):
     # ties to even, overflow threshold, subnormal boundaries, exactly representable extremes
-    x = np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -11 + 2 ** -20, 65504, 65519.996, 65520, 1e6,
-                  -1e6, 2 ** -24, 2 ** -25, 2 ** -25 * 1.0000001, 3 * 2 ** -25, 2 ** -14, 2 ** -14 - 2 ** -25,
-                  6.0975552e-05, 1e-45, -0.0], dtype=np.float32)
+    x = np.array(
+        [
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+            1 + 2**-11 + 2**-20,
+            65504,
+            65519.996,
+            65520,
+            1e6,
+            -1e6,
+            2**-24,
+            2**-25,
+            2**-25 * 1.0000001,
+            3 * 2**-25,
+            2**-14,
+            2**-14 - 2**-25,
+            6.0975552e-05,
+            1e-45,
+            -0.0,
+        ],
+        dtype=np.float32,
+    )
     assert_f16_truth(x, K.f32_to_f16(x))
     h = K.f32_to_f16(x).view(np.float16)
-    assert h[0] == 1.0 and h[1] == np.float16(1 + 2 ** -9) and h[2] == np.float16(1 + 2 ** -10)
+    assert h[0] == 1.0 and h[1] == np.float16(1 + 2**-9) and h[2] == np.float16(1 + 2**-10)
     assert h[3] == 65504 and h[4] == 65504 and np.isinf(h[5]) and h[5] > 0 and np.isinf(h[7]) and h[7] < 0
-    assert h[8] == np.float16(2 ** -24) and h[9] == 0 and h[10] == np.float16(2 ** -24)
-    assert h[11] == np.float16(2 ** -23) and h[12] == np.float16(2 ** -14)
+    assert h[8] == np.float16(2**-24) and h[9] == 0 and h[10] == np.float16(2**-24)
+    assert h[11] == np.float16(2**-23) and h[12] == np.float16(2**-14)
 
 
 def test_bf16_rounding_edges(K):
-    x = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, 3.4e38, -3.4e38, 1e-40, -1e-45, 1e-39],
-                 dtype=np.float32)
+    x = np.array(
+        [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 3.4e38, -3.4e38, 1e-40, -1e-45, 1e-39], dtype=np.float32
+    )
     assert_bf16_truth(x, K.f32_to_bf16(x))
 
 
@@ -273,8 +317,7 @@ def test_conversions_take_out_and_other_containers(K):
     t = torch.from_numpy(x.copy())
     tb = torch.empty(1001, dtype=torch.bfloat16)
     assert K.f32_to_bf16(t, out=tb) is tb
-    assert np.array_equal(tb.view(torch.int16).numpy().view(np.uint16)[~np.isnan(x)],
-                          torch_bf16_bits(x)[~np.isnan(x)])
+    assert np.array_equal(tb.view(torch.int16).numpy().view(np.uint16)[~np.isnan(x)], torch_bf16_bits(x)[~np.isnan(x)])
     widened = K.bf16_to_f32(tb)
     assert same_bits(widened, K.bf16_to_f32(tb.view(torch.int16).numpy().view(np.uint16)))
     # raw bytes are read as the dtype the argument needs
@@ -309,8 +352,11 @@ def test_weighted_accumulate_exact(K, n, kind):
     g32 = special_f32(n)
     g = {"f32": g32, "f16": np_f16_bits(g32), "bf16": torch_bf16_bits(g32)}[kind]
     with np.errstate(all="ignore"):
-        widened = {"f32": g32, "f16": g.view(np.float16).astype(np.float32),
-                   "bf16": (g.astype(np.uint32) << 16).view(np.float32)}[kind]
+        widened = {
+            "f32": g32,
+            "f16": g.view(np.float16).astype(np.float32),
+            "bf16": (g.astype(np.uint32) << 16).view(np.float32),
+        }[kind]
     w = 0.3
     acc = acc0.copy()
     out = K.weighted_accumulate(acc, g, w, g_dtype=kind)
@@ -359,7 +405,7 @@ def test_weighted_accumulate_unaligned_and_large(K):
 def _int8_truth(x: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int) -> None:
     """The documented int8 rules, checked block by block."""
     for b, s in enumerate(scales):
-        xb, qb = x[b * block:(b + 1) * block], q[b * block:(b + 1) * block]
+        xb, qb = x[b * block : (b + 1) * block], q[b * block : (b + 1) * block]
         if not np.isfinite(xb).all():
             assert np.isnan(s) and not qb.any()
             continue
@@ -384,7 +430,7 @@ def test_quantize_int8_rules(K, n, block):
     if n > 40:
         x[5] = np.nan
         x[-3] = -np.inf
-        x[17:17 + block] = 0.0
+        x[17 : 17 + block] = 0.0
         x[30] = 1e-38
     q, scales = K.quantize_int8(x, block=block)
     assert q.dtype == np.int8 and q.shape == (n,) and scales.dtype == np.float32
@@ -395,8 +441,8 @@ def test_quantize_int8_rules(K, n, block):
         assert same_bits(d, q.astype(np.float32) * np.repeat(scales, block)[:n])
     # a block with NaN/inf decodes to NaN everywhere
     for b in range(scales.size):
-        if not np.isfinite(x[b * block:(b + 1) * block]).all():
-            assert np.isnan(d[b * block:(b + 1) * block]).all()
+        if not np.isfinite(x[b * block : (b + 1) * block]).all():
+            assert np.isnan(d[b * block : (b + 1) * block]).all()
 
 
 def test_quantize_int8_ties_and_tiny_blocks(K):
@@ -545,7 +591,7 @@ def test_scatter_accumulate(K):
     assert same_bits(empty, acc0)
 
 
-@pytest.mark.parametrize("bad", [-1, 1000, 2 ** 40])
+@pytest.mark.parametrize("bad", [-1, 1000, 2**40])
 def test_scatter_out_of_range_writes_nothing(K, bad):
     acc = np.zeros(1000, np.float32)
     idx = np.array([1, 2, bad, 3], dtype=np.int64)
@@ -574,8 +620,7 @@ def test_checksum_known_vectors(K):
     assert K.checksum(bytes(range(31, -1, -1))) == 0x113FDB5C
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 255, 767, 768, 769, 24_575, 24_576, 24_577, 100_003,
-                               5 * THRESHOLD + 11])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 255, 767, 768, 769, 24_575, 24_576, 24_577, 100_003, 5 * THRESHOLD + 11])
 def test_checksum_matches_crc32c_package(K, n):
     data = RNG.integers(0, 256, n, dtype=np.uint8).tobytes()
     expect = crc32c.crc32c(data)
@@ -604,7 +649,7 @@ def test_checksum_containers(K):
     with pytest.raises(ValueError):
         K.checksum(b"x", -1)
     with pytest.raises(ValueError):
-        K.checksum(b"x", 2 ** 32)
+        K.checksum(b"x", 2**32)
     assert zlib.crc32(b"123456789") != K.checksum(b"123456789")  # not the zlib polynomial
 
 
@@ -619,8 +664,9 @@ BAD_DTYPE_CALLS = {
     "wacc_g_uint16_no_dtype": lambda K: K.weighted_accumulate(_f32(), np.zeros(8, np.uint16), 1.0),
     "wacc_raw_no_dtype": lambda K: K.weighted_accumulate(_f32(), bytes(32), 1.0),
     "wacc_g_mismatch": lambda K: K.weighted_accumulate(_f32(), _f32(), 1.0, g_dtype="f16"),
-    "wacc_bf16_tensor_as_f16": lambda K: K.weighted_accumulate(_f32(), torch.zeros(8, dtype=torch.bfloat16),
-                                                               1.0, g_dtype="f16"),
+    "wacc_bf16_tensor_as_f16": lambda K: K.weighted_accumulate(
+        _f32(), torch.zeros(8, dtype=torch.bfloat16), 1.0, g_dtype="f16"
+    ),
     "wacc_w_str": lambda K: K.weighted_accumulate(_f32(), _f32(), "1"),
     "to_f16_src_f64": lambda K: K.f32_to_f16(np.zeros(8)),
     "to_f16_out_f32": lambda K: K.f32_to_f16(_f32(), out=_f32()),
@@ -652,8 +698,9 @@ BAD_VALUE_CALLS = {
     "quant_block_zero": lambda K: K.quantize_int8(_f32(), block=0),
     "quant_scales_size": lambda K: K.quantize_int8(_f32(8), block=4, scales_out=np.zeros(3, np.float32)),
     "dequant_scales_size": lambda K: K.dequantize_int8(np.zeros(8, np.int8), np.zeros(1, np.float32), block=4),
-    "dequant_acc_size": lambda K: K.dequantize_accumulate_int8(_f32(8), np.zeros(7, np.int8),
-                                                               np.zeros(1, np.float32), 1.0),
+    "dequant_acc_size": lambda K: K.dequantize_accumulate_int8(
+        _f32(8), np.zeros(7, np.int8), np.zeros(1, np.float32), 1.0
+    ),
     "topk_readonly_residual": lambda K: K.topk_error_feedback(_f32(), np.frombuffer(bytes(32), np.float32), 1),
     "scatter_values_size": lambda K: K.scatter_accumulate(_f32(), np.zeros(2, np.int32), _f32(3), 1.0),
     "threads_zero": lambda K: K.set_num_threads(0),
@@ -723,8 +770,9 @@ def test_native_threads_and_features(native):
         for threads in (1, 3, 8):
             native.set_num_threads(threads)
             assert native.get_num_threads() == threads
-            results.append((native.f32_to_f16(x), native.quantize_int8(x)[0], native.topk(x, 1000)[0],
-                            native.checksum(data)))
+            results.append(
+                (native.f32_to_f16(x), native.quantize_int8(x)[0], native.topk(x, 1000)[0], native.checksum(data))
+            )
         for r in results[1:]:
             assert all(same_bits(a, b) for a, b in zip(r[:3], results[0][:3])) and r[3] == results[0][3]
         assert results[0][3] == crc32c.crc32c(data)
@@ -786,7 +834,7 @@ def test_isa_env_cap_in_subprocess(native):
 
 # ------------------------------------------------------------------ properties
 @settings(max_examples=60, deadline=None)
-@given(hnp.arrays(np.uint32, st.integers(0, 300), elements=st.integers(0, 2 ** 32 - 1)))
+@given(hnp.arrays(np.uint32, st.integers(0, 300), elements=st.integers(0, 2**32 - 1)))
 def test_property_conversions_any_bit_pattern(pattern):
     x = pattern.view(np.float32)
     for B in kernels.backends().values():
@@ -795,7 +843,7 @@ def test_property_conversions_any_bit_pattern(pattern):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.binary(max_size=3000), st.integers(0, 3000), st.integers(0, 2 ** 32 - 1))
+@given(st.binary(max_size=3000), st.integers(0, 3000), st.integers(0, 2**32 - 1))
 def test_property_checksum_is_incremental(data, cut, start):
     cut = min(cut, len(data))
     for B in kernels.backends().values():
@@ -803,9 +851,14 @@ def test_property_checksum_is_incremental(data, cut, start):
 
 
 @settings(max_examples=60, deadline=None)
-@given(hnp.arrays(np.float32, st.integers(1, 400),
-                  elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-40, np.inf, -np.inf, np.nan, 7.0])),
-       st.floats(0, 1))
+@given(
+    hnp.arrays(
+        np.float32,
+        st.integers(1, 400),
+        elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-40, np.inf, -np.inf, np.nan, 7.0]),
+    ),
+    st.floats(0, 1),
+)
 def test_property_topk_equals_brute_force(x, frac):
     k = int(frac * x.size)
     expect = brute_topk(x, k)

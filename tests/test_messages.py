@@ -35,26 +35,75 @@ from hetero_ps.wire.protocol import MsgType
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 
-REPORT = {"loss": 0.5, "samples": 64, "compute_s": 0.25, "encode_s": 0.01, "push_s": 0.02, "bytes_out": 4096,
-          "nonfinite": False, "version": 6, "wait_s": 0.1, "pull_s": 0.03, "bytes_in": 4096,
-          "util": {"cpu_util": 90.0, "mem_bytes": 1 << 30, "gpu_util": None, "gpu_mem_bytes": None}}
+REPORT = {
+    "loss": 0.5,
+    "samples": 64,
+    "compute_s": 0.25,
+    "encode_s": 0.01,
+    "push_s": 0.02,
+    "bytes_out": 4096,
+    "nonfinite": False,
+    "version": 6,
+    "wait_s": 0.1,
+    "pull_s": 0.03,
+    "bytes_in": 4096,
+    "util": {"cpu_util": 90.0, "mem_bytes": 1 << 30, "gpu_util": None, "gpu_mem_bytes": None},
+}
 REPORT_HEADING = "METRICS `report`"
 
 # One header per docs/PROTOCOL.md section 5.2 heading, as hetero_ps sends it, with every key set.
 SAMPLES = {
-    "HELLO": (Hello, {"rank": 2, "host": "node-a", "device": "cpu", "profile": {"cpus": 4}, "role": "worker",
-                      "protocol": 1, "software": "0.1.0", "client_nonce": b"c" * 32}),
+    "HELLO": (
+        Hello,
+        {
+            "rank": 2,
+            "host": "node-a",
+            "device": "cpu",
+            "profile": {"cpus": 4},
+            "role": "worker",
+            "protocol": 1,
+            "software": "0.1.0",
+            "client_nonce": b"c" * 32,
+        },
+    ),
     "CHALLENGE": (Challenge, {"server_nonce": b"s" * 32}),
     "AUTH": (Auth, {"mac": b"m" * 32}),
-    "WELCOME": (Welcome, {"worker_id": 3, "rank": 1, "job": {"model": "mlp"}, "numel": 1000,
-                          "experiment": "e1", "total_steps": 40}),
+    "WELCOME": (
+        Welcome,
+        {"worker_id": 3, "rank": 1, "job": {"model": "mlp"}, "numel": 1000, "experiment": "e1", "total_steps": 40},
+    ),
     "WELCOME (control client)": (ControlWelcome, {"role": "control", "workers": [0, 2]}),
-    "SCHEDULE": (Schedule, {"step": 7, "attempt": 1, "epoch": 0, "offset": 128, "count": 64, "version": 7,
-                            "total": 256}),
-    "PUSH": (Push, {"step": 7, "attempt": 1, "chunk": 2, "offset": 2048, "numel": 1024, "codec": "int8:256",
-                    "codec_id": 3, "block": 256, "k": 10}),
-    "PARAMS": (Params, {"version": 7, "chunk": 0, "offset": 0, "numel": 1024, "codec": "topk:0.01",
-                        "codec_id": 4, "block": 64, "k": 10}),
+    "SCHEDULE": (
+        Schedule,
+        {"step": 7, "attempt": 1, "epoch": 0, "offset": 128, "count": 64, "version": 7, "total": 256},
+    ),
+    "PUSH": (
+        Push,
+        {
+            "step": 7,
+            "attempt": 1,
+            "chunk": 2,
+            "offset": 2048,
+            "numel": 1024,
+            "codec": "int8:256",
+            "codec_id": 3,
+            "block": 256,
+            "k": 10,
+        },
+    ),
+    "PARAMS": (
+        Params,
+        {
+            "version": 7,
+            "chunk": 0,
+            "offset": 0,
+            "numel": 1024,
+            "codec": "topk:0.01",
+            "codec_id": 4,
+            "block": 64,
+            "k": 10,
+        },
+    ),
     "PULL": (Pull, {}),
     "METRICS (ready)": (Metrics, {"ready": True, "probe": {"probe_samples_per_s": 900.0, "max_batch": 0}}),
     "METRICS (report)": (Metrics, {"step": 7, "attempt": 1, "report": REPORT}),
@@ -72,7 +121,7 @@ def _cases():
 def _doc_tables() -> dict[str, list[tuple[str, str, bool]]]:
     """Section 5.2 of PROTOCOL.md: heading -> [(key, type, required)] from its table."""
     text = DOC.read_text()
-    section = text[text.index("### 5.2 Header keys"):text.index("## 6. Errors")]
+    section = text[text.index("### 5.2 Header keys") : text.index("## 6. Errors")]
     tables: dict[str, list[tuple[str, str, bool]]] = {}
     heading = None
     for line in section.splitlines():
@@ -90,14 +139,14 @@ def _doc_tables() -> dict[str, list[tuple[str, str, bool]]]:
 def test_every_message_type_has_a_class():
     assert set(MESSAGES) == set(MsgType)
     for t, cls in MESSAGES.items():
-        assert cls.TYPE == t
+        assert t == cls.TYPE
 
 
 @pytest.mark.parametrize("cls,header", _cases())
 def test_round_trip(cls, header):
     msg = cls.from_header(header)
     assert msg.to_header() == header
-    assert list(msg.to_header()) == list(header)   # same key order, so the same msgpack bytes
+    assert list(msg.to_header()) == list(header)  # same key order, so the same msgpack bytes
     assert cls.from_header(msg.to_header()) == msg
 
 
@@ -139,7 +188,7 @@ def test_ranges_and_sizes_are_checked():
     with pytest.raises(RemoteProtocolError, match=r"^SCHEDULE\.total: expected an int in \[1,"):
         Schedule.from_header({**SAMPLES["SCHEDULE"][1], "total": 0})
     with pytest.raises(RemoteProtocolError, match=r"^PUSH\.step: expected an int"):
-        Push.from_header({**SAMPLES["PUSH"][1], "step": True})   # a bool is not an int on the wire
+        Push.from_header({**SAMPLES["PUSH"][1], "step": True})  # a bool is not an int on the wire
     with pytest.raises(RemoteProtocolError, match=r"^CHALLENGE\.server_nonce: expected 32 bytes"):
         Challenge.from_header({"server_nonce": b"short"})
     with pytest.raises(RemoteProtocolError, match=r"^CONTROL\.simulate_slowdown: expected a finite number >= 1"):
@@ -149,7 +198,7 @@ def test_ranges_and_sizes_are_checked():
     with pytest.raises(RemoteProtocolError, match=r"^WELCOME\.workers: expected a list of int ranks"):
         ControlWelcome.from_header({"role": "control", "workers": ["a"]})
     with pytest.raises(RemoteProtocolError, match=r"^BYE: the header must be a map"):
-        Bye.from_header(["reason"])   # type: ignore[arg-type]
+        Bye.from_header(["reason"])  # type: ignore[arg-type]
     # nil is absent: allowed for an optional key, refused for a required one
     assert Bye.from_header({"reason": None}) == Bye()
     with pytest.raises(RemoteProtocolError, match=r"^ERROR\.code: expected a str, got NoneType"):
@@ -170,12 +219,18 @@ def test_push_and_params_carry_what_the_codecs_write_and_read(spec):
     fields, segments = codec.encode(src)
     push = push_from_codec(fields, step=3, attempt=0, chunk=1, offset=300, numel=300, codec=spec)
     # the header hetero_ps has always sent: its own keys, then the codec's fields
-    assert push.to_header() == {"step": 3, "attempt": 0, "chunk": 1, "offset": 300, "numel": 300, "codec": spec,
-                                **fields}
+    assert push.to_header() == {
+        "step": 3,
+        "attempt": 0,
+        "chunk": 1,
+        "offset": 300,
+        "numel": 300,
+        "codec": spec,
+        **fields,
+    }
     got = Push.from_header(push.to_header())
     out = np.zeros_like(src)
-    codecs.make_codec(spec, src.size).decode_into(out, got.codec_header(), [memoryview(s).cast("B")
-                                                                             for s in segments])
+    codecs.make_codec(spec, src.size).decode_into(out, got.codec_header(), [memoryview(s).cast("B") for s in segments])
     assert np.abs(out - src).max() <= (0 if spec == "none" else 1.0)
     params = params_from_codec(fields, version=9, chunk=0, offset=0, numel=300, codec=spec)
     assert Params.from_header(params.to_header()).codec_header() == got.codec_header()
@@ -183,8 +238,9 @@ def test_push_and_params_carry_what_the_codecs_write_and_read(spec):
 
 def test_a_codec_field_the_messages_do_not_declare_is_refused_when_sending():
     with pytest.raises(ValueError, match="CODEC_PARAM_KEYS"):
-        push_from_codec({"codec_id": 3, "numel": 4, "scale_bits": 8}, step=0, attempt=0, chunk=0, offset=0,
-                        numel=4, codec="int8")
+        push_from_codec(
+            {"codec_id": 3, "numel": 4, "scale_bits": 8}, step=0, attempt=0, chunk=0, offset=0, numel=4, codec="int8"
+        )
 
 
 def test_a_step_report_names_its_bad_field():
@@ -236,13 +292,13 @@ def test_a_worker_names_the_malformed_field_to_its_master_and_stops():
         received.set()
 
     async def scenario():
-        async with await start_server("127.0.0.1", 0, token="t", on_hello=on_hello,
-                                      on_connection=on_connection) as srv:
-            worker = Worker(WorkerConfig(master_port=srv.port, token="t", device="cpu", calibrate=False,
-                                         connect_timeout=10))
+        async with await start_server("127.0.0.1", 0, token="t", on_hello=on_hello, on_connection=on_connection) as srv:
+            worker = Worker(
+                WorkerConfig(master_port=srv.port, token="t", device="cpu", calibrate=False, connect_timeout=10)
+            )
             with pytest.raises(RemoteProtocolError, match=r"^WELCOME\.numel: required field is missing"):
                 await worker.run()
-            await asyncio.wait_for(received.wait(), 10)   # the master's handler got the ERROR frame
+            await asyncio.wait_for(received.wait(), 10)  # the master's handler got the ERROR frame
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
     hello, error = seen

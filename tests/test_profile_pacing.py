@@ -14,8 +14,8 @@ from hetero_ps.worker.profile import calibrate, estimate_max_batch, hardware_pro
 
 @pytest.fixture(scope="module")
 def trainer():
-    from hetero_ps.training import data, models
     from hetero_ps.config import JobConfig
+    from hetero_ps.training import data, models
     from hetero_ps.training.flat import FlatParams
     from hetero_ps.training.trainer import LocalTrainer
 
@@ -29,11 +29,11 @@ def test_calibrate_reports_a_sane_fit(trainer):
     before = trainer.flat.params.clone()
     p = calibrate(trainer, len(trainer.train_set))
     assert p["probe_batch_sizes"] == [8, 32]
-    assert 0 < p["probe_samples_per_s"] < 1e6   # a rate, never a timing bound: CI machines are noisy
+    assert 0 < p["probe_samples_per_s"] < 1e6  # a rate, never a timing bound: CI machines are noisy
     assert p["probe_r"] > 0 and p["probe_c_s"] >= 0
     # The fit reproduces the larger size's time: c + 32 / r = 32 / samples_per_s (or c = 0, r = rate).
     assert p["probe_c_s"] + 32 / p["probe_r"] == pytest.approx(32 / p["probe_samples_per_s"], rel=1e-6)
-    assert p["probe_wall_s"] >= 2 * sum(p["probe_seconds"])   # it ran every size twice, timed, plus warm-ups
+    assert p["probe_wall_s"] >= 2 * sum(p["probe_seconds"])  # it ran every size twice, timed, plus warm-ups
     assert torch.equal(trainer.flat.params, before), "calibration must not change the parameters"
 
 
@@ -48,7 +48,7 @@ class _LinearTrainer:
 
     def compute_gradient(self, idx):
         self.calls.append(len(idx))
-        self.clock[0] += self.c + len(idx) / self.r + (0.5 if len(self.calls) == 1 else 0.0)   # slow warm-up
+        self.clock[0] += self.c + len(idx) / self.r + (0.5 if len(self.calls) == 1 else 0.0)  # slow warm-up
 
 
 @pytest.mark.parametrize("slowdown", [1.0, 2.0, 4.0])
@@ -59,7 +59,7 @@ def test_calibrate_fits_the_line_and_scales_with_the_slowdown(monkeypatch, slowd
     monkeypatch.setattr(prof.time, "perf_counter", lambda: clock[0])
     t = _LinearTrainer(clock, c=0.002, r=20_000.0)
     p = calibrate(t, 1000, slowdown=slowdown, repeats=2)
-    assert t.calls == [8, 8, 8, 32, 32, 32]          # one warm-up and two timed runs per size
+    assert t.calls == [8, 8, 8, 32, 32, 32]  # one warm-up and two timed runs per size
     assert p["probe_c_s"] == pytest.approx(0.002 * slowdown)
     assert p["probe_r"] == pytest.approx(20_000.0 / slowdown)
     assert p["probe_samples_per_s"] == pytest.approx(32 / (0.002 + 32 / 20_000.0) / slowdown)
@@ -121,10 +121,12 @@ def test_max_batch_probe_backs_off_when_the_probe_does_not_fit():
     t = _OOMAbove(limit=40)
     est = estimate_max_batch(t, "cpu", 256)
     assert t.tried == [256, 128, 64, 32] and est >= 32
-    with pytest.raises(RuntimeError, match="shape"):   # other errors are not mistaken for memory
+    with pytest.raises(RuntimeError, match="shape"):  # other errors are not mistaken for memory
+
         class Broken(_OOMAbove):
             def compute_gradient(self, idx):
                 raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
         estimate_max_batch(Broken(10), "cpu", 8)
 
 
@@ -143,6 +145,7 @@ def test_hardware_profile_without_a_gpu():
 
 # -- pacing -----------------------------------------------------------------------------------------
 
+
 async def _send(pacer: BandwidthPacer, nbytes: int, chunk: int) -> None:
     for _ in range(nbytes // chunk):
         await pacer.pace(chunk)
@@ -154,12 +157,12 @@ def _never_faster(nbytes: int, seconds: float, mbit: float, burst: int = BURST_B
     Only this bound is checked against the real clock: a loaded machine can make a pacer slower than
     its rate, never faster. Its exact accounting is checked with a fake clock below.
     """
-    return nbytes <= mbit * 1e6 / 8 * seconds + burst + 1   # + 1: float rounding
+    return nbytes <= mbit * 1e6 / 8 * seconds + burst + 1  # + 1: float rounding
 
 
 @pytest.mark.parametrize("chunk", [16 * 1024, 256 * 1024])
 def test_pacer_holds_the_rate(chunk):
-    nbytes = 12 * 256 * 1024                            # 3 MiB at 50 Mbit/s: about half a second
+    nbytes = 12 * 256 * 1024  # 3 MiB at 50 Mbit/s: about half a second
     t0 = time.monotonic()
     p = BandwidthPacer(50)
     asyncio.run(asyncio.wait_for(_send(p, nbytes, chunk), timeout=60))
@@ -169,13 +172,13 @@ def test_pacer_holds_the_rate(chunk):
 
 def test_pacer_rate_change_wakes_a_waiter_at_once():
     async def go():
-        p = BandwidthPacer(0.001)                      # 125 B/s: a 1 MB transfer owes 8000 s
+        p = BandwidthPacer(0.001)  # 125 B/s: a 1 MB transfer owes 8000 s
         waiter = asyncio.create_task(p.pace(1_000_000))
         await asyncio.sleep(0)
         assert not waiter.done()
-        p.set_rate(0)                                  # unlimited: the waiter is released at once
-        await asyncio.wait_for(waiter, timeout=60)     # far less than the debt it owed
-        assert await p.pace(10_000_000) == 0.0         # still unlimited
+        p.set_rate(0)  # unlimited: the waiter is released at once
+        await asyncio.wait_for(waiter, timeout=60)  # far less than the debt it owed
+        assert await p.pace(10_000_000) == 0.0  # still unlimited
         p.set_rate(200)
         assert p.mbit == pytest.approx(200)
 
@@ -189,7 +192,7 @@ def test_pacer_rate_changes_at_run_time():
         t0 = time.monotonic()
         await _send(p, nbytes, 64 * 1024)
         t1 = time.monotonic()
-        p.set_rate(25)                                 # from now on credit accrues at 25 Mbit/s
+        p.set_rate(25)  # from now on credit accrues at 25 Mbit/s
         await _send(p, nbytes, 64 * 1024)
         return nbytes, t1 - t0, time.monotonic() - t1
 
@@ -211,14 +214,14 @@ def test_pacer_shares_the_link_between_concurrent_transfers():
 
 def test_pacer_accounting_with_a_fake_clock():
     now = [0.0]
-    p = BandwidthPacer(8, burst=1000, clock=lambda: now[0])    # 1 MB/s, 1000-byte burst
-    assert p.reserve(1000) == 0.0                               # the burst
-    assert p.reserve(500_000) == pytest.approx(0.5)             # 0.5 s of debt
-    assert p.reserve(500_000) == pytest.approx(1.0)             # queued behind it
+    p = BandwidthPacer(8, burst=1000, clock=lambda: now[0])  # 1 MB/s, 1000-byte burst
+    assert p.reserve(1000) == 0.0  # the burst
+    assert p.reserve(500_000) == pytest.approx(0.5)  # 0.5 s of debt
+    assert p.reserve(500_000) == pytest.approx(1.0)  # queued behind it
     now[0] = 1.0
-    assert p.reserve(0) == pytest.approx(0.0)                   # repaid
+    assert p.reserve(0) == pytest.approx(0.0)  # repaid
     now[0] = 10.0
-    assert p.reserve(1500) == pytest.approx(0.0005)             # credit never exceeds the burst
+    assert p.reserve(1500) == pytest.approx(0.0005)  # credit never exceeds the burst
 
 
 def test_pacer_rejects_bad_rates():

@@ -40,13 +40,13 @@ def test_profiles_the_chosen_steps_into_chrome_traces(tmp_path):
             trace = json.load(f)
         events = {e.get("name") for e in trace["traceEvents"]}
         assert f"step {k}" in events and "compute" in events and "apply" in events
-        assert any(n and n.startswith("aten::") for n in events)   # the operators themselves
+        assert any(n and n.startswith("aten::") for n in events)  # the operators themselves
         assert "aten::" in (out / f"worker-3-step{k}.txt").read_text()
 
 
 def test_a_failing_step_writes_nothing_and_regions_are_free_outside(tmp_path):
     prof = StepProfiler(str(tmp_path / "p"), steps=1)
-    assert isinstance(prof.region("x"), contextlib.nullcontext)   # nothing recorded outside profiled steps
+    assert isinstance(prof.region("x"), contextlib.nullcontext)  # nothing recorded outside profiled steps
     with pytest.raises(RuntimeError, match="boom"):
         with prof.step(0):
             raise RuntimeError("boom")

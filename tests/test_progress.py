@@ -49,12 +49,12 @@ def test_plain_lines_without_a_terminal_have_no_carriage_returns():
 def test_lines_are_periodic_and_close_writes_the_last_state():
     out, clock = io.StringIO(), FakeClock()
     p = Progress(None, "worker-2", stream=out, interval_s=10, clock=clock)
-    drive(p, clock, 25)        # updates at t=101..125: lines at 101, 111, 121
+    drive(p, clock, 25)  # updates at t=101..125: lines at 101, 111, 121
     assert [ln.split(" progress ")[1].split()[1] for ln in out.getvalue().splitlines()] == ["1", "11", "21"]
     p.close()
     last = out.getvalue().splitlines()[-1]
     assert "worker-2 progress step 25 epoch 7" in last and "ETA" not in last and "%" not in last
-    p.close()   # idempotent: nothing more
+    p.close()  # idempotent: nothing more
     assert len(out.getvalue().splitlines()) == 4
 
 

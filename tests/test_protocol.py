@@ -35,9 +35,20 @@ from hetero_ps.wire.protocol import (
 )
 
 
-def raw_frame(mtype: int, header, payload: bytes = b"", *, header_bytes: bytes | None = None, version: int = 1,
-              flags: int = FLAG_PAYLOAD_CRC, magic: bytes = MAGIC, pcrc: int | None = None, hcrc: int | None = None,
-              hlen: int | None = None, plen: int | None = None) -> bytes:
+def raw_frame(
+    mtype: int,
+    header,
+    payload: bytes = b"",
+    *,
+    header_bytes: bytes | None = None,
+    version: int = 1,
+    flags: int = FLAG_PAYLOAD_CRC,
+    magic: bytes = MAGIC,
+    pcrc: int | None = None,
+    hcrc: int | None = None,
+    hlen: int | None = None,
+    plen: int | None = None,
+) -> bytes:
     """A frame built by hand (crc32c package, not our code), with any field overridable."""
     hb = header_bytes if header_bytes is not None else msgpack.packb(header, use_bin_type=True)
     hlen = len(hb) if hlen is None else hlen
@@ -54,8 +65,8 @@ def joined(frame) -> bytes:
     return b"".join(bytes(b) for b in frame.buffers)
 
 
-def decode_all(data: bytes, limits: Limits = Limits(), **kw) -> list[Message]:
-    dec = FrameDecoder(limits, **kw)
+def decode_all(data: bytes, limits: Limits | None = None, **kw) -> list[Message]:
+    dec = FrameDecoder(limits or Limits(), **kw)
     dec.feed(data)
     out = []
     while (m := dec.next_message()) is not None:
@@ -78,8 +89,16 @@ SEGMENT_CASES = {
 @pytest.mark.parametrize("case", list(SEGMENT_CASES))
 def test_round_trip(case, checksum):
     segs = SEGMENT_CASES[case]
-    header = {"step": 7, "name": "w", "shape": [2, 3], "f": 0.5, "b": b"\x00\xff", "n": None, "ok": True,
-              "nested": {"a": [1, {"b": "c"}]}}
+    header = {
+        "step": 7,
+        "name": "w",
+        "shape": [2, 3],
+        "f": 0.5,
+        "b": b"\x00\xff",
+        "n": None,
+        "ok": True,
+        "nested": {"a": [1, {"b": "c"}]},
+    }
     frame = encode_frame(MsgType.PUSH, header, segs, payload_checksum=checksum)
     data = joined(frame)
     assert frame.nbytes == len(data) == PREFIX_SIZE + len(data) - PREFIX_SIZE
@@ -95,7 +114,7 @@ def test_numpy_segments_are_referenced_not_copied():
     a = np.arange(1 << 16, dtype=np.float32)
     b = np.ones((3, 4), dtype=np.float16)
     frame = encode_frame(MsgType.PARAMS, {"k": 1}, [a, b])
-    assert frame.buffers[1].obj is a and frame.buffers[2].obj is b   # views, not copies
+    assert frame.buffers[1].obj is a and frame.buffers[2].obj is b  # views, not copies
     (msg,) = decode_all(joined(frame))
     np.testing.assert_array_equal(np.frombuffer(msg.segments[0], np.float32), a)
     np.testing.assert_array_equal(np.frombuffer(msg.segments[1], np.float16).reshape(3, 4), b)
@@ -125,7 +144,7 @@ def test_prefix_layout_matches_the_spec():
     data = joined(frame)
     magic, ver, mt, flags, hlen, plen, pcrc, hcrc = struct.unpack_from("<4sHBBIQII", data)
     assert (magic, ver, mt, flags, plen) == (b"HTPS", PROTOCOL_VERSION, 1, 1, 3)
-    hb = data[28:28 + hlen]
+    hb = data[28 : 28 + hlen]
     assert msgpack.unpackb(hb) == {"a": 1, "seg": [3]}
     assert pcrc == crc32c.crc32c(b"xyz")
     assert hcrc == crc32c.crc32c(data[:24] + hb)
@@ -142,7 +161,7 @@ def test_byte_by_byte_feeding():
         pos += f.nbytes
         ends.add(pos)
     for i in range(len(data)):
-        dec.feed(data[i:i + 1])
+        dec.feed(data[i : i + 1])
         m = dec.next_message()
         if m is not None:
             assert i + 1 in ends, "a message came out before its last byte"
@@ -184,7 +203,7 @@ def test_zero_copy_allocator_path_reads_exactly_the_payload():
 
     def alloc(mt, header, n):
         seen.append((mt, header, n))
-        return memoryview(dest)[5000:5000 + n]
+        return memoryview(dest)[5000 : 5000 + n]
 
     dec = FrameDecoder()
     dec.set_payload_allocator(alloc)
@@ -214,11 +233,11 @@ def test_over_read_bytes_land_in_the_destination_once():
     dest = bytearray(3000)
     dec = FrameDecoder()
     dec.set_payload_allocator(lambda mt, h, n: memoryview(dest))
-    view = dec.get_buffer()           # a prefix read may take more than the prefix...
+    view = dec.get_buffer()  # a prefix read may take more than the prefix...
     assert len(view) >= len(data)
-    view[:len(data) - 10] = data[:-10]
+    view[: len(data) - 10] = data[:-10]
     dec.buffer_updated(len(data) - 10)
-    view = dec.get_buffer()           # ...whatever it took of the payload was moved to dest
+    view = dec.get_buffer()  # ...whatever it took of the payload was moved to dest
     assert len(view) == 10
     view[:] = data[-10:]
     dec.buffer_updated(10)
@@ -247,6 +266,7 @@ def test_allocator_returning_none_gets_a_fresh_buffer():
 
 
 # -- limits (as msgpack's test_limits: at the limit passes, one over fails) -----------------------
+
 
 def _header_of_size(n: int) -> dict:
     """A header whose msgpack encoding is exactly n bytes (n >= 40)."""
@@ -285,12 +305,15 @@ def test_limit_segments():
         encode_frame(MsgType.PUSH, {}, [b"a"] * 4, limits=lim)
 
 
-@pytest.mark.parametrize("field,value_at,value_over", [
-    ("max_str_len", "x" * 10, "x" * 11),
-    ("max_bin_len", b"x" * 10, b"x" * 11),
-    ("max_array_len", list(range(10)), list(range(11))),
-    ("max_map_len", None, None),
-])
+@pytest.mark.parametrize(
+    "field,value_at,value_over",
+    [
+        ("max_str_len", "x" * 10, "x" * 11),
+        ("max_bin_len", b"x" * 10, b"x" * 11),
+        ("max_array_len", list(range(10)), list(range(11))),
+        ("max_map_len", None, None),
+    ],
+)
 def test_msgpack_limits(field, value_at, value_over):
     lim = Limits(**{field: 10}, **({"max_segments": 10} if field == "max_array_len" else {}))
     if field == "max_map_len":
@@ -333,15 +356,21 @@ def test_huge_lengths_are_rejected_before_any_allocation():
 
 
 def test_limits_validate_themselves():
-    for kw in ({"max_header_bytes": 0}, {"max_payload_bytes": -1}, {"max_segments": 1.5},
-               {"max_array_len": 10}, {"frame_timeout": 0},
-               {"max_payload_bytes": 2**64}):
+    for kw in (
+        {"max_header_bytes": 0},
+        {"max_payload_bytes": -1},
+        {"max_segments": 1.5},
+        {"max_array_len": 10},
+        {"frame_timeout": 0},
+        {"max_payload_bytes": 2**64},
+    ):
         with pytest.raises(ValueError):
             Limits(**kw)
     assert Limits().frame_deadline(10 << 20) == pytest.approx(30.0 + 10.0)
 
 
 # -- bad frames -----------------------------------------------------------------------------------
+
 
 def test_truncated_frame_waits_and_reports_mid_frame():
     data = joined(encode_frame(MsgType.PUSH, {"a": 1}, [b"x" * 100]))
@@ -407,34 +436,40 @@ def test_bad_flags_and_empty_header():
         decode_all(raw_frame(1, None, header_bytes=b""))
 
 
-@pytest.mark.parametrize("hb,match", [
-    (msgpack.packb([1, 2]), "not a map"),
-    (msgpack.packb(5), "not a map"),
-    (msgpack.packb({1: 2}), "map key"),
-    (msgpack.packb({b"k": 2}), "not a str"),
-    (b"\xc1", "not valid msgpack"),
-    (msgpack.packb({"a": 1}) + b"\x00", "not valid msgpack"),
-    (msgpack.packb({"a": msgpack.ExtType(5, b"xyz")}), "ext type"),
-    (b"\x81\xa1a\xc7\x00\x05", "only maps"),              # a 0-byte ext passes max_ext_len=0
-    (b"\x81\xa1a\xd6\xff\x00\x00\x00\x01", "ext type"),   # timestamp ext
-    (b"\x81\xa1a" + b"\x91" * 5000 + b"\xc0", "not valid msgpack"),  # too deep for the unpacker
-    (b"\x81\xa1a\xa5ab", "not valid msgpack"),          # truncated str
-    (b"\x81\xa1a\xa2\xff\xfe", "not valid msgpack"),    # invalid UTF-8
-])
+@pytest.mark.parametrize(
+    "hb,match",
+    [
+        (msgpack.packb([1, 2]), "not a map"),
+        (msgpack.packb(5), "not a map"),
+        (msgpack.packb({1: 2}), "map key"),
+        (msgpack.packb({b"k": 2}), "not a str"),
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb({"a": 1}) + b"\x00", "not valid msgpack"),
+        (msgpack.packb({"a": msgpack.ExtType(5, b"xyz")}), "ext type"),
+        (b"\x81\xa1a\xc7\x00\x05", "only maps"),  # a 0-byte ext passes max_ext_len=0
+        (b"\x81\xa1a\xd6\xff\x00\x00\x00\x01", "ext type"),  # timestamp ext
+        (b"\x81\xa1a" + b"\x91" * 5000 + b"\xc0", "not valid msgpack"),  # too deep for the unpacker
+        (b"\x81\xa1a\xa5ab", "not valid msgpack"),  # truncated str
+        (b"\x81\xa1a\xa2\xff\xfe", "not valid msgpack"),  # invalid UTF-8
+    ],
+)
 def test_bad_msgpack_headers(hb, match):
     with pytest.raises(RemoteProtocolError, match=match):
         decode_all(raw_frame(10, None, header_bytes=hb))
 
 
-@pytest.mark.parametrize("seg,payload,match", [
-    ([3, 3], b"abcde", "sum to 6"),
-    ([1], b"abcde", "sum to 1"),
-    (None, b"abcde", "no \"seg\""),
-    ("abc", b"abc", "list of non-negative"),
-    ([-1, 4], b"abc", "list of non-negative"),
-    ([True, 2], b"abc", "list of non-negative"),
-    ([1.0, 2], b"abc", "list of non-negative"),
-])
+@pytest.mark.parametrize(
+    "seg,payload,match",
+    [
+        ([3, 3], b"abcde", "sum to 6"),
+        ([1], b"abcde", "sum to 1"),
+        (None, b"abcde", 'no "seg"'),
+        ("abc", b"abc", "list of non-negative"),
+        ([-1, 4], b"abc", "list of non-negative"),
+        ([True, 2], b"abc", "list of non-negative"),
+        ([1.0, 2], b"abc", "list of non-negative"),
+    ],
+)
 def test_segments_must_describe_the_payload(seg, payload, match):
     h = {} if seg is None else {"seg": seg}
     with pytest.raises(RemoteProtocolError, match=match):
@@ -481,16 +516,20 @@ def test_all_errors_are_protocol_errors():
 
 # -- encoding errors -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args,match", [
-    ((99, {}), "unknown message type"),
-    ((MsgType.PUSH, [1]), "must be a dict"),
-    ((MsgType.PUSH, {1: 2}), "keys must be str"),
-    ((MsgType.PUSH, {"seg": [1]}), "reserved"),
-    ((MsgType.PUSH, {"x": object()}), "cannot be encoded"),
-    ((MsgType.PUSH, {}, [np.zeros((4, 4), np.float32)[:, 1]]), "not C-contiguous"),
-    ((MsgType.PUSH, {}, ["text"]), "does not expose a buffer"),
-    ((MsgType.PUSH, {}, [42]), "does not expose a buffer"),
-])
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((99, {}), "unknown message type"),
+        ((MsgType.PUSH, [1]), "must be a dict"),
+        ((MsgType.PUSH, {1: 2}), "keys must be str"),
+        ((MsgType.PUSH, {"seg": [1]}), "reserved"),
+        ((MsgType.PUSH, {"x": object()}), "cannot be encoded"),
+        ((MsgType.PUSH, {}, [np.zeros((4, 4), np.float32)[:, 1]]), "not C-contiguous"),
+        ((MsgType.PUSH, {}, ["text"]), "does not expose a buffer"),
+        ((MsgType.PUSH, {}, [42]), "does not expose a buffer"),
+    ],
+)
 def test_encode_rejects_what_the_protocol_forbids(args, match):
     with pytest.raises(LocalProtocolError, match=match):
         encode_frame(*args)
@@ -511,14 +550,15 @@ def test_long_stream_in_uneven_chunks():
     """Hundreds of frames cut at random places: exercises the staging buffer's compaction and growth."""
     rng = np.random.default_rng(0)
     specs = [(int(rng.integers(0, 3000)), int(rng.integers(0, 200))) for _ in range(300)]
-    frames = [encode_frame(MsgType.PUSH, {"i": i, "pad": "p" * h}, [bytes([i % 256]) * n])
-              for i, (n, h) in enumerate(specs)]
+    frames = [
+        encode_frame(MsgType.PUSH, {"i": i, "pad": "p" * h}, [bytes([i % 256]) * n]) for i, (n, h) in enumerate(specs)
+    ]
     data = b"".join(joined(f) for f in frames)
     dec = FrameDecoder()
     got, pos = [], 0
     while pos < len(data):
         step = int(rng.choice([1, 7, 28, 100, 4000, 70000]))
-        dec.feed(data[pos:pos + step])
+        dec.feed(data[pos : pos + step])
         pos += step
         while (m := dec.next_message()) is not None:
             got.append(m)

@@ -77,7 +77,7 @@ class DocClient:
         assert sum(seg) == plen
         segments, off = [], 0
         for n in seg:
-            segments.append(payload[off:off + n])
+            segments.append(payload[off : off + n])
             off += n
         return mtype, header, segments
 
@@ -117,6 +117,7 @@ class ThreadedServer:
 
     async def _on_connection(self, conn):
         from hetero_ps.wire.protocol import MsgType
+
         while True:
             m = await conn.recv(timeout=10)
             if m.type == MsgType.BYE:
@@ -130,8 +131,9 @@ class ThreadedServer:
         self.loop = asyncio.new_event_loop()
 
         async def start():
-            self.server = await start_server("127.0.0.1", 0, token=self.token, on_hello=self._on_hello,
-                                             on_connection=self._on_connection)
+            self.server = await start_server(
+                "127.0.0.1", 0, token=self.token, on_hello=self._on_hello, on_connection=self._on_connection
+            )
             self.port = self.server.port
             self._ready.set()
 
@@ -165,7 +167,7 @@ def test_doc_client_completes_the_hello_and_moves_tensors():
             c.send(PUSH, {"step": 2}, [b"abc"], checksum=False)
             assert c.recv()[2] == [b"abc"]
             c.send(BYE, {"reason": "done"})
-            assert c.sock.recv(1) == b""   # the server closes after BYE
+            assert c.sock.recv(1) == b""  # the server closes after BYE
         finally:
             c.close()
 
@@ -177,7 +179,7 @@ def test_doc_client_gets_a_clear_error_for_a_bad_token():
             mtype, err = c.handshake("wrong", {"rank": 0})
             assert mtype == ERROR and err["code"] == "auth_failed"
             assert "wrong token" in err["message"] and "HETERO_PS_TOKEN" in err["message"]
-            assert c.sock.recv(1) == b""   # then the server closes
+            assert c.sock.recv(1) == b""  # then the server closes
         finally:
             c.close()
         # and it still serves a client with the right token
@@ -194,7 +196,7 @@ def test_the_documented_example_frame_is_exact():
     hexes = " ".join(line for i, line in enumerate(block) if i % 2 == 0).split()
     documented = bytes(int(h, 16) for h in hexes)
     assert documented == DocClient.encode(ERROR, {"code": "auth_failed", "message": "x"})
-    assert crc32c.crc32c(b"123456789") == 0xE3069283   # the check value the document gives
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # the check value the document gives
 
 
 @pytest.mark.parametrize("bad", ["version", "header_crc"])

@@ -16,10 +16,19 @@ from hetero_ps.wire.protocol import PREFIX_SIZE, FrameDecoder, Limits, MsgType, 
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-           | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 headers = st.dictionaries(st.text(max_size=10).filter(lambda k: k != "seg"), values, max_size=6)
 segment_lists = st.lists(st.binary(max_size=300), max_size=5)
 msg_types = st.sampled_from(list(MsgType))
@@ -48,8 +57,10 @@ def _drain(dec: FrameDecoder, data_chunks) -> list:
 
 
 @FUZZ
-@given(st.lists(st.tuples(msg_types, headers, segment_lists, st.booleans()), min_size=1, max_size=4),
-       st.lists(st.integers(min_value=0), max_size=30))
+@given(
+    st.lists(st.tuples(msg_types, headers, segment_lists, st.booleans()), min_size=1, max_size=4),
+    st.lists(st.integers(min_value=0), max_size=30),
+)
 def test_valid_frames_round_trip_however_cut(specs, cuts):
     frames = [encode_frame(t, h, s, payload_checksum=c) for t, h, s, c in specs]
     dec = FrameDecoder()
@@ -84,7 +95,7 @@ def mutated(draw):
         elif op == "insert":
             data[i:i] = draw(st.binary(min_size=1, max_size=20))
         elif op == "delete":
-            del data[i:i + draw(st.integers(1, 20))]
+            del data[i : i + draw(st.integers(1, 20))]
         elif op == "prefix_field" and len(data) >= PREFIX_SIZE:
             # rewrite a length with a valid header CRC, so the decoder must survive the lie itself
             hlen = draw(st.integers(0, 2**32 - 1) | st.integers(0, 64))

@@ -11,29 +11,72 @@ from pathlib import Path
 import pytest
 
 from hetero_ps.observe import records
-from hetero_ps.observe.records import (EVENT_KINDS, AsyncStep, EpochRecord, Event, RunSummary, ServerTiming,
-                                       StepRecord, WorkerTiming)
+from hetero_ps.observe.records import (
+    EVENT_KINDS,
+    AsyncStep,
+    EpochRecord,
+    Event,
+    RunSummary,
+    ServerTiming,
+    StepRecord,
+    WorkerTiming,
+)
 from hetero_ps.testing import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The steps.jsonl format users' scripts read: changing it is a breaking change, not a refactor.
-BSP_STEP_KEYS = {"step", "epoch", "attempts", "loss", "lr", "version", "samples", "step_s", "samples_per_s",
-                 "applied", "staleness", "server", "workers"}
+BSP_STEP_KEYS = {
+    "step",
+    "epoch",
+    "attempts",
+    "loss",
+    "lr",
+    "version",
+    "samples",
+    "step_s",
+    "samples_per_s",
+    "applied",
+    "staleness",
+    "server",
+    "workers",
+}
 ASYNC_STEP_KEYS = BSP_STEP_KEYS | {"worker", "tau", "scale", "clock"}
 WORKER_KEYS = {"batch", "loss", "compute_s", "encode_s", "push_s", "wait_s", "pull_s", "bytes_out", "bytes_in"}
 
 
 def _timing(batch: int, compute_s: float) -> WorkerTiming:
-    return WorkerTiming(batch=batch, loss=0.5, compute_s=compute_s, encode_s=0.01, push_s=0.02, wait_s=0.03,
-                        pull_s=0.04, bytes_out=100.0, bytes_in=200.0)
+    return WorkerTiming(
+        batch=batch,
+        loss=0.5,
+        compute_s=compute_s,
+        encode_s=0.01,
+        push_s=0.02,
+        wait_s=0.03,
+        pull_s=0.04,
+        bytes_out=100.0,
+        bytes_in=200.0,
+    )
 
 
 def _step(step: int, step_s: float, workers: dict[str, WorkerTiming], asynchronous: AsyncStep | None = None):
     samples = sum(w.batch for w in workers.values())
-    return StepRecord(step=step, epoch=0, attempts=1, loss=0.25 * (step + 1), lr=0.1, version=step + 1,
-                      samples=samples, step_s=step_s, samples_per_s=samples / step_s, applied=True, staleness=0,
-                      server=ServerTiming(0.1, 0.2, 0.3), workers=workers, asynchronous=asynchronous)
+    return StepRecord(
+        step=step,
+        epoch=0,
+        attempts=1,
+        loss=0.25 * (step + 1),
+        lr=0.1,
+        version=step + 1,
+        samples=samples,
+        step_s=step_s,
+        samples_per_s=samples / step_s,
+        applied=True,
+        staleness=0,
+        server=ServerTiming(0.1, 0.2, 0.3),
+        workers=workers,
+        asynchronous=asynchronous,
+    )
 
 
 def test_bsp_step_record_json_keeps_the_file_format_and_round_trips():
@@ -58,11 +101,21 @@ def test_worker_timing_from_a_report_counts_what_is_missing_or_not_a_number_as_z
 
 
 def test_summary_sums_the_history():
-    history = [_step(0, 1.0, {"1": _timing(40, 0.5), "2": _timing(24, 0.25)}),
-               _step(1, 2.0, {"1": _timing(30, 1.0)})]
+    history = [_step(0, 1.0, {"1": _timing(40, 0.5), "2": _timing(24, 0.25)}), _step(1, 2.0, {"1": _timing(30, 1.0)})]
     evals = [EpochRecord(epoch=0, step=2, eval_loss=0.3, eval_accuracy=0.9, eval_s=0.1, elapsed_s=4.0)]
-    s = RunSummary.of_run(experiment="e", model="m", dataset="d", parameters=10, epochs=1, train_s=4.0,
-                          history=history, evaluations=evals, probes=[100.0, 50.0], compression="none", sync="bsp")
+    s = RunSummary.of_run(
+        experiment="e",
+        model="m",
+        dataset="d",
+        parameters=10,
+        epochs=1,
+        train_s=4.0,
+        history=history,
+        evaluations=evals,
+        probes=[100.0, 50.0],
+        compression="none",
+        sync="bsp",
+    )
     assert (s.steps, s.samples, s.samples_per_s, s.final_loss) == (2, 94, 23.5, 0.5)
     # busy = the slowest worker's compute per step: 0.5 + 1.0 of 3.0 s of steps
     assert s.communication_overhead == pytest.approx(0.5)
@@ -75,8 +128,19 @@ def test_summary_sums_the_history():
 
 def test_summary_of_an_async_run_or_an_unprobed_worker_leaves_those_figures_out():
     history = [_step(0, 1.0, {"1": _timing(8, 0.5)})]
-    s = RunSummary.of_run(experiment="e", model="m", dataset="d", parameters=10, epochs=1, train_s=0.0,
-                          history=history, evaluations=[], probes=[100.0, 0.0], compression="none", sync="ssp")
+    s = RunSummary.of_run(
+        experiment="e",
+        model="m",
+        dataset="d",
+        parameters=10,
+        epochs=1,
+        train_s=0.0,
+        history=history,
+        evaluations=[],
+        probes=[100.0, 0.0],
+        compression="none",
+        sync="ssp",
+    )
     assert s.communication_overhead is None and s.ideal_samples_per_s is None
     assert s.samples_per_s == 0.0 and s.eval is None and s.final_eval_accuracy is None
 
@@ -92,8 +156,12 @@ def _emitted_event_kinds() -> set[str]:
     kinds = set()
     for path in (ROOT / "hetero_ps").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                    and isinstance(node.args[0].value, str):
+            if (
+                isinstance(node, ast.Call)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
                 if name in ("event", "_event", "emit_event"):
                     kinds.add(node.args[0].value)
@@ -102,16 +170,17 @@ def _emitted_event_kinds() -> set[str]:
 
 def test_every_event_the_code_emits_is_documented():
     emitted = _emitted_event_kinds()
-    assert {"worker_joined", "worker_lost", "schedule"} <= emitted   # the scan finds them
+    assert {"worker_joined", "worker_lost", "schedule"} <= emitted  # the scan finds them
     assert emitted <= set(EVENT_KINDS), f"undocumented: {emitted - set(EVENT_KINDS)}"
 
 
 def test_architecture_doc_shows_the_records_as_the_code_defines_them():
     doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     begin, end = "<!-- records: begin -->\n", "<!-- records: end -->"
-    section = doc[doc.index(begin) + len(begin):doc.index(end)]
-    assert section.strip() == records.markdown().strip(), \
+    section = doc[doc.index(begin) + len(begin) : doc.index(end)]
+    assert section.strip() == records.markdown().strip(), (
         "docs/ARCHITECTURE.md is stale: paste the output of `python -m hetero_ps.observe.records` between the markers"
+    )
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -122,8 +191,24 @@ def _jsonl(path: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", ["bsp", "ssp"])
 def test_a_real_runs_files_parse_as_the_typed_records(tmp_path, sync):
-    args = ["--world-size", "2", "--model", "simple_cnn", "--dataset", "digits", "--global-batch-size", "64",
-            "--max-steps", "4", "--sync", sync, "--experiment", f"rec-{sync}", "--local-slowdown", "1"]
+    args = [
+        "--world-size",
+        "2",
+        "--model",
+        "simple_cnn",
+        "--dataset",
+        "digits",
+        "--global-batch-size",
+        "64",
+        "--max-steps",
+        "4",
+        "--sync",
+        sync,
+        "--experiment",
+        f"rec-{sync}",
+        "--local-slowdown",
+        "1",
+    ]
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"]]) as c:
         assert c.wait(timeout=180) == 0, c.output("server")
         exp = c.experiment_dir()

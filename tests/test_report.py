@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
 import synthetic_run
-from hetero_ps.tools import report
+
 from hetero_ps.errors import DataError
+from hetero_ps.tools import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_report_writes_figures_and_markdown(tmp_path):
         summary = json.load(f)
     assert f"{summary['samples_per_s']:,.1f} samples/s" in text
     assert f"{100 * summary['final_eval_accuracy']:.1f} %" in text
-    assert f"{100 * summary['samples_per_s'] / summary['ideal_samples_per_s']:.1f} %" in text   # efficiency
+    assert f"{100 * summary['samples_per_s'] / summary['ideal_samples_per_s']:.1f} %" in text  # efficiency
     for r in ("0", "1", "2"):
         assert f"| {r} | node{r}.lan |" in text
     # 8 decisions: the uniform start and one change, then repeats folded into one row.
@@ -103,13 +103,18 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([])
     # The module runs as a program, as the README says.
-    r = subprocess.run([sys.executable, "-m", "hetero_ps.report", "--compare", path, path + "2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hetero_ps.report", "--compare", path, path + "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "not an experiment folder" in r.stderr
 
 
 def test_a_split_without_a_model_shows_its_predicted_step_time_as_unknown():
-    assert report._prediction(32.0, 0.0) == "—"         # the uniform split predicts nothing
-    assert report._prediction(0.0, 0.25) == "250.0 ms"    # the first measured split: no "0 ms →"
+    assert report._prediction(32.0, 0.0) == "—"  # the uniform split predicts nothing
+    assert report._prediction(0.0, 0.25) == "250.0 ms"  # the first measured split: no "0 ms →"
     assert report._prediction(2.0, 0.5) == "2.00 s → 500.0 ms"
     assert report._prediction(None, float("nan")) == "—"

@@ -25,7 +25,7 @@ class SimCluster:
             t *= self.spike
         return t
 
-    def slow(self, w, factor):   # the whole machine slows: compute and its fixed costs
+    def slow(self, w, factor):  # the whole machine slows: compute and its fixed costs
         self.c[w] *= factor
         self.r[w] /= factor
 
@@ -93,7 +93,7 @@ def test_dynamic_learns_the_split_from_measurements():
     first = decisions[0][1]
     assert first.policy == "uniform" and "membership" in first.reason
     measured = [d for _, d in decisions if "measured" in d.reason]
-    assert measured and decisions[1][0] == s.warmup_observations   # re-solved as soon as measured
+    assert measured and decisions[1][0] == s.warmup_observations  # re-solved as soon as measured
     assert sim.efficiency(s.sizes, 512) > 0.95
     assert sum(s.sizes.values()) == 512
     d = measured[-1]
@@ -124,7 +124,7 @@ def test_hybrid_starts_from_the_probe_then_switches_to_measurements():
     assert sizes in ({0: 369, 1: 185, 2: 46}, {0: 370, 1: 184, 2: 46}) and "profile" in d.reason
     decisions = run(s, sim, range(1, 30))
     step, switch = decisions[0]
-    assert step == 4 and "measured" in switch.reason and switch.policy == "hybrid"   # measured at 1, 2, 3
+    assert step == 4 and "measured" in switch.reason and switch.policy == "hybrid"  # measured at 1, 2, 3
     assert abs(s.sizes[1] - s.sizes[2]) <= 20 and abs(s.sizes[0] - 300) <= 20
 
 
@@ -177,7 +177,7 @@ def test_memory_cap_is_respected():
     s.add_worker(2, rate_hint=1000)
     sizes, _ = s.assign(0, [0, 1, 2])
     assert sizes == {0: 200, 1: 200, 2: 200}
-    s = Scheduler(600, "proportional")   # caps that cannot hold the batch are ignored, not fatal
+    s = Scheduler(600, "proportional")  # caps that cannot hold the batch are ignored, not fatal
     for w in range(3):
         s.add_worker(w, rate_hint=1000, max_batch=100)
     assert sum(s.assign(0, [0, 1, 2])[0].values()) == 600
@@ -241,6 +241,7 @@ def test_bad_configuration_and_unknown_workers():
 
 # -- the speed model on its own ---------------------------------------------------------------------
 
+
 def test_model_fits_line_from_two_batch_sizes():
     m = WorkerModel()
     for b in (100, 200) * 5:
@@ -253,7 +254,7 @@ def test_model_ignores_a_single_spike_but_adopts_a_regime_change():
     for _ in range(10):
         m.observe(200, 0.11)
     rate = m.rate
-    assert m.observe(200, 0.5) == "suspect" and m.rate == rate          # one GC pause: ignored
+    assert m.observe(200, 0.5) == "suspect" and m.rate == rate  # one GC pause: ignored
     assert m.observe(200, 0.11) == "fit"
     assert [m.observe(200, 0.33) for _ in range(3)] == ["suspect", "suspect", "regime"]
     assert m.predict(200) == pytest.approx(0.33, rel=1e-6) and m.changed
@@ -262,7 +263,7 @@ def test_model_ignores_a_single_spike_but_adopts_a_regime_change():
 
 def test_model_recovers_when_the_first_step_was_a_warm_up_outlier():
     m = WorkerModel()
-    m.observe(100, 0.5)                   # first step: allocations, imports
+    m.observe(100, 0.5)  # first step: allocations, imports
     for _ in range(8):
         m.observe(100, 0.05)
     assert m.predict(100) == pytest.approx(0.05, rel=0.05)

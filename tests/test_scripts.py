@@ -13,8 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _net(fn: str, env: dict | None = None) -> str:
-    r = subprocess.run(["bash", "-c", f"source scripts/_net.sh; {fn}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=30, env=dict(os.environ, **(env or {})))
+    r = subprocess.run(
+        ["bash", "-c", f"source scripts/_net.sh; {fn}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, **(env or {})),
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -49,8 +55,9 @@ def test_cuda_detection_falls_back_to_cpu():
 
 def test_start_worker_requires_master_addr():
     env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
-    r = subprocess.run(["bash", "scripts/start_worker.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                       env=env)
+    r = subprocess.run(
+        ["bash", "scripts/start_worker.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
     assert r.returncode == 2 and "MASTER_ADDR" in r.stderr
 
 
@@ -60,18 +67,43 @@ def test_master_and_worker_scripts_train_on_loopback(tmp_path):
     env = dict(os.environ, WORLD_SIZE="2", MASTER_PORT="0", HETERO_PS_TOKEN="t0k", PYTHONUNBUFFERED="1")
     master_log = open(tmp_path / "master.log", "w")
     master = subprocess.Popen(
-        ["bash", os.path.join(ROOT, "scripts/master.sh"), "--host", "127.0.0.1", "--port-file", str(port_file),
-         "--global-batch-size", "32", "--max-steps", "6", "--experiments-dir", str(tmp_path / "exp")],
-        cwd=ROOT, env=env, stdout=master_log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            "bash",
+            os.path.join(ROOT, "scripts/master.sh"),
+            "--host",
+            "127.0.0.1",
+            "--port-file",
+            str(port_file),
+            "--global-batch-size",
+            "32",
+            "--max-steps",
+            "6",
+            "--experiments-dir",
+            str(tmp_path / "exp"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=master_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     worker = None
     try:
         # The master writes the port file whole (write, then rename) once it listens.
-        wait_until(lambda: still_running(master, (tmp_path / "master.log").read_text) and port_file.exists(),
-                   timeout=120, what=f"the master's port file {port_file}")
+        wait_until(
+            lambda: still_running(master, (tmp_path / "master.log").read_text) and port_file.exists(),
+            timeout=120,
+            what=f"the master's port file {port_file}",
+        )
         wenv = dict(env, RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port_file.read_text().strip())
-        worker = subprocess.run(["bash", os.path.join(ROOT, "scripts/start_worker.sh"),
-                                 "--experiments-dir", str(tmp_path / "exp")], cwd=ROOT, env=wenv,
-                                capture_output=True, text=True, timeout=180)
+        worker = subprocess.run(
+            ["bash", os.path.join(ROOT, "scripts/start_worker.sh"), "--experiments-dir", str(tmp_path / "exp")],
+            cwd=ROOT,
+            env=wenv,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()[-4000:]
     finally:
         for p in (master,):

@@ -8,8 +8,15 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from hetero_ps.server.solver import (expected_staleness, predicted_step_time, round_min_makespan,
-                                     round_preserving_sum, solve_batch_sizes, solve_continuous, solve_time)
+from hetero_ps.server.solver import (
+    expected_staleness,
+    predicted_step_time,
+    round_min_makespan,
+    round_preserving_sum,
+    solve_batch_sizes,
+    solve_continuous,
+    solve_time,
+)
 
 rates = st.floats(min_value=1.0, max_value=1e5, allow_nan=False, allow_infinity=False)
 costs = st.floats(min_value=0.0, max_value=0.2, allow_nan=False, allow_infinity=False)
@@ -30,6 +37,7 @@ def clusters(draw, max_workers=8, bounded=True):
 
 
 # -- exact answers ------------------------------------------------------------------------------
+
 
 def test_proportional_to_rates_without_fixed_costs():
     assert solve_batch_sizes([0, 0, 0], [4, 2, 1], 70) == [40, 20, 10]
@@ -100,6 +108,7 @@ def test_round_preserving_sum_rejects_impossible_bounds():
 
 # -- properties -----------------------------------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None)
 @given(clusters())
 def test_sum_and_bounds_are_kept(case):
@@ -117,9 +126,9 @@ def test_unbounded_workers_finish_together_within_rounding(case):
     n = len(r)
     lo, hi = [0] * n, [total] * n
     t = solve_time(c, r, total, lo, hi)
-    free = [i for i in range(n) if 0 < r[i] * (t - c[i]) < total]   # not pinned to a bound
+    free = [i for i in range(n) if 0 < r[i] * (t - c[i]) < total]  # not pinned to a bound
     sizes = solve_batch_sizes(c, r, total, lo, hi)
-    one = max((1.0 / r[i] for i in free), default=0.0)   # the longest single sample among them
+    one = max((1.0 / r[i] for i in free), default=0.0)  # the longest single sample among them
     eps = 1e-9 * max(1.0, t)
     for i in free:
         # Nobody loses more than its own sample (floors), nobody overshoots by more than the

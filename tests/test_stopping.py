@@ -46,9 +46,23 @@ PLUGIN = textwrap.dedent('''
 def _cluster(tmp_path, *extra: str) -> LocalCluster:
     (tmp_path / "slow_eval.py").write_text(PLUGIN)
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    args = ["--world-size", "1", "--model", "slow_eval:make_model", "--dataset", "slow_eval:make_data",
-            "--dataset-arg", f"log={tmp_path / 'served.txt'}", "--global-batch-size", "64", "--epochs", "1",
-            "--experiment", "stop", *extra]
+    args = [
+        "--world-size",
+        "1",
+        "--model",
+        "slow_eval:make_model",
+        "--dataset",
+        "slow_eval:make_data",
+        "--dataset-arg",
+        f"log={tmp_path / 'served.txt'}",
+        "--global-batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--experiment",
+        "stop",
+        *extra,
+    ]
     return LocalCluster(tmp_path, args, env=env)
 
 
@@ -59,8 +73,11 @@ def _served(tmp_path) -> int:
 
 def test_sigterm_during_evaluation_stops_after_the_current_batch(tmp_path):
     with _cluster(tmp_path) as c:
-        wait_until(lambda: still_running(c.server, lambda: c.output("server")) and _served(tmp_path) >= 64,
-                   timeout=180, what="the evaluation to start")
+        wait_until(
+            lambda: still_running(c.server, lambda: c.output("server")) and _served(tmp_path) >= 64,
+            timeout=180,
+            what="the evaluation to start",
+        )
         c.server.send_signal(signal.SIGTERM)
         at_signal = _served(tmp_path)
         rc = c.wait(timeout=120)

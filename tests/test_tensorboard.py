@@ -6,7 +6,6 @@ import glob
 import os
 
 import pytest
-
 import synthetic_run
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard==2.21.0)")
@@ -23,7 +22,7 @@ def scalars(path: str) -> dict:
 
 def test_steps_epochs_and_workers_are_written(tmp_path):
     _, steps, epochs, events = synthetic_run.make_run(30)
-    steps[4]["loss"] = float("nan")          # a non-finite value is skipped, not written
+    steps[4]["loss"] = float("nan")  # a non-finite value is skipped, not written
     sink = TensorBoardSink(str(tmp_path / "tb"))
     sink.set_ideal(synthetic_run.ideal_samples_per_s())
     for e in events:
@@ -43,10 +42,11 @@ def test_steps_epochs_and_workers_are_written(tmp_path):
     assert [s for s, _ in main["train/lr"]] == list(range(30))
     assert dict(main["train/samples_per_s"])[12] == pytest.approx(steps[12]["samples_per_s"], rel=1e-6)
     assert dict(main["server/broadcast_s"])[0] == pytest.approx(steps[0]["server"]["broadcast_s"], rel=1e-6)
-    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in main["eval/accuracy"]] == \
-        [(e["step"], e["eval_accuracy"]) for e in epochs]
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in main["eval/accuracy"]] == [
+        (e["step"], e["eval_accuracy"]) for e in epochs
+    ]
     assert dict(main["cluster/ideal_samples_per_s"])[0] == pytest.approx(synthetic_run.ideal_samples_per_s())
-    assert "events/schedule/text_summary" in acc.Tags()["tensors"]   # text is stored as tensors
+    assert "events/schedule/text_summary" in acc.Tags()["tensors"]  # text is stored as tensors
 
     for rank in ("0", "1", "2"):
         wdir = tmp_path / "tb" / f"worker-{rank}"

@@ -23,18 +23,46 @@ def test_union_batch_invariant_end_to_end(tmp_path):
     from hetero_ps.training.sampler import EpochSampler
     from hetero_ps.training.trainer import LocalTrainer
 
-    args = ["--world-size", "4", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits",
-            "--global-batch-size", "64", "--worker-batch-sizes", "1:5,2:17,3:42", "--max-steps", "1",
-            "--optimizer", "sgd", "--lr", "0.5", "--lr-schedule", "constant", "--experiment", "inv",
-            "--chunk-mb", "0.01"]   # several chunks even for this small model
+    args = [
+        "--world-size",
+        "4",
+        "--no-local-worker",
+        "--model",
+        "simple_cnn",
+        "--dataset",
+        "digits",
+        "--global-batch-size",
+        "64",
+        "--worker-batch-sizes",
+        "1:5,2:17,3:42",
+        "--max-steps",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--lr-schedule",
+        "constant",
+        "--experiment",
+        "inv",
+        "--chunk-mb",
+        "0.01",
+    ]  # several chunks even for this small model
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2"], ["--rank", "3"]]) as c:
         assert c.wait(timeout=120) == 0, c.output("server")
         exp = c.experiment_dir()
     steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
-    assert [w["batch"] for _, w in sorted(steps[0]["workers"].items())] == [5, 17, 42]   # the run's only step
+    assert [w["batch"] for _, w in sorted(steps[0]["workers"].items())] == [5, 17, 42]  # the run's only step
 
-    job = JobConfig(model="simple_cnn", dataset="digits", global_batch=64, optimizer="sgd", lr=0.5,
-                    lr_schedule="constant", momentum=0.0)
+    job = JobConfig(
+        model="simple_cnn",
+        dataset="digits",
+        global_batch=64,
+        optimizer="sgd",
+        lr=0.5,
+        lr_schedule="constant",
+        momentum=0.0,
+    )
     train, _, info = data.load_datasets(job)
     model = models.build_model(job, info)
     flat = FlatParams(model)
@@ -52,20 +80,42 @@ def test_union_batch_invariant_end_to_end(tmp_path):
 
 
 def test_digits_converges_with_two_workers_and_writes_experiment(tmp_path):
-    args = ["--world-size", "2", "--model", "simple_cnn", "--dataset", "digits", "--global-batch-size", "64",
-            "--epochs", "4", "--lr", "0.05", "--experiment", "digits2", "--compression", "int8"]
+    args = [
+        "--world-size",
+        "2",
+        "--model",
+        "simple_cnn",
+        "--dataset",
+        "digits",
+        "--global-batch-size",
+        "64",
+        "--epochs",
+        "4",
+        "--lr",
+        "0.05",
+        "--experiment",
+        "digits2",
+        "--compression",
+        "int8",
+    ]
     with LocalCluster(tmp_path, args, workers=[["--rank", "1", "--simulate-slowdown", "2"]]) as c:
         assert c.wait(timeout=240) == 0, c.output("server")
         exp = c.experiment_dir()
         summary = c.summary()
     assert summary["final_eval_accuracy"] >= 0.9, summary
-    for rel in ("config.json", "summary.json", "model.pt", "logs/server.log", "metrics/steps.jsonl",
-                "metrics/epochs.jsonl"):
+    for rel in (
+        "config.json",
+        "summary.json",
+        "model.pt",
+        "logs/server.log",
+        "metrics/steps.jsonl",
+        "metrics/epochs.jsonl",
+    ):
         assert os.path.exists(os.path.join(exp, rel)), rel
     logs = os.listdir(os.path.join(exp, "logs"))
     assert any(n.startswith("worker-0-") for n in logs) and any(n.startswith("worker-1-") for n in logs), logs
     steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
-    w = find_all(steps, samples=64)[-1]["workers"]   # a full step: both workers have a share
+    w = find_all(steps, samples=64)[-1]["workers"]  # a full step: both workers have a share
     assert set(w) == {"0", "1"}
     for k in ("compute_s", "encode_s", "push_s", "wait_s", "pull_s", "bytes_out", "batch"):
         assert k in w["0"], k
@@ -80,7 +130,8 @@ def test_user_model_and_dataset_plugins_train_with_three_workers(tmp_path):
     """A model and data set from the user's own module train through module:factory with three
     workers, and the run follows a single process on the same batches step for step."""
     plugin = tmp_path / "my_plugin.py"
-    plugin.write_text(textwrap.dedent('''
+    plugin.write_text(
+        textwrap.dedent("""
         import torch
 
         def make_model(hidden=16):
@@ -93,13 +144,31 @@ def test_user_model_and_dataset_plugins_train_with_three_workers(tmp_path):
             cut = n * 4 // 5
             return (torch.utils.data.TensorDataset(x[:cut], y[:cut]),
                     torch.utils.data.TensorDataset(x[cut:], y[cut:]))
-    '''))
+    """)
+    )
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    args = ["--world-size", "4", "--no-local-worker", "--model", "my_plugin:make_model", "--model-arg", "hidden=32",
-            "--dataset", "my_plugin:make_data", "--global-batch-size", "48", "--epochs", "8", "--lr", "0.2",
-            "--experiment", "plugin"]
-    with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2", "--simulate-slowdown", "2"],
-                                               ["--rank", "3"]], env=env) as c:
+    args = [
+        "--world-size",
+        "4",
+        "--no-local-worker",
+        "--model",
+        "my_plugin:make_model",
+        "--model-arg",
+        "hidden=32",
+        "--dataset",
+        "my_plugin:make_data",
+        "--global-batch-size",
+        "48",
+        "--epochs",
+        "8",
+        "--lr",
+        "0.2",
+        "--experiment",
+        "plugin",
+    ]
+    with LocalCluster(
+        tmp_path, args, workers=[["--rank", "1"], ["--rank", "2", "--simulate-slowdown", "2"], ["--rank", "3"]], env=env
+    ) as c:
         assert c.wait(timeout=180) == 0, c.output("server")
         summary = c.summary()
         state = torch.load(os.path.join(c.experiment_dir(), "model.pt"), weights_only=True)["model"]
@@ -112,8 +181,14 @@ def test_user_model_and_dataset_plugins_train_with_three_workers(tmp_path):
 
     sys.path.insert(0, str(tmp_path))
     try:
-        job = JobConfig(model="my_plugin:make_model", model_args={"hidden": 32}, dataset="my_plugin:make_data",
-                        global_batch=48, epochs=8, lr=0.2)
+        job = JobConfig(
+            model="my_plugin:make_model",
+            model_args={"hidden": 32},
+            dataset="my_plugin:make_data",
+            global_batch=48,
+            epochs=8,
+            lr=0.2,
+        )
         train, ev, info = data.load_datasets(job)
         model = models.build_model(job, info)
     finally:
@@ -137,9 +212,28 @@ def test_user_model_and_dataset_plugins_train_with_three_workers(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_gpt2_tiny_reports_time_breakdown(tmp_path):
-    args = ["--world-size", "2", "--model", "gpt2", "--model-size", "tiny", "--dataset", "synthetic_text",
-            "--global-batch-size", "8", "--max-steps", "4", "--optimizer", "adamw", "--lr", "1e-3",
-            "--experiment", "gpt2", "--compression", "fp16"]
+    args = [
+        "--world-size",
+        "2",
+        "--model",
+        "gpt2",
+        "--model-size",
+        "tiny",
+        "--dataset",
+        "synthetic_text",
+        "--global-batch-size",
+        "8",
+        "--max-steps",
+        "4",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--experiment",
+        "gpt2",
+        "--compression",
+        "fp16",
+    ]
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"]]) as c:
         assert c.wait(timeout=300) == 0, c.output("server")
         exp = c.experiment_dir()

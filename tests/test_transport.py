@@ -29,8 +29,8 @@ from hetero_ps.errors import (
     TransportTimeout,
     VersionMismatch,
 )
-from hetero_ps.wire.protocol import FrameDecoder, Limits, Message, MsgType, encode_frame
 from hetero_ps.testing import Fault, FaultProxy
+from hetero_ps.wire.protocol import FrameDecoder, Limits, Message, MsgType, encode_frame
 from hetero_ps.wire.transport import connect, default_payload_checksum, raise_if_error, server_mac, start_server
 
 TOKEN = "s3cret"
@@ -39,6 +39,7 @@ FAST = Limits(frame_timeout=0.3, min_frame_rate=1e9, handshake_timeout=5.0)
 
 def async_test(timeout: float = 15.0):
     """Run an async test in a fresh loop under ``timeout``; fail on errors the loop swallowed."""
+
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -51,7 +52,9 @@ def async_test(timeout: float = 15.0):
 
             asyncio.run(main())
             assert not errors, f"unhandled event-loop errors: {errors}"
+
         return wrapper
+
     return deco
 
 
@@ -91,8 +94,9 @@ async def good_round_trip(port: int, nbytes: int = 4 << 20, rank: int = 0) -> No
 def frame_bytes(mtype: int, header: dict, payload: bytes = b"", *, version: int = 1, plen: int | None = None) -> bytes:
     """A frame built by hand with the crc32c package (any version / length)."""
     hb = msgpack.packb(header, use_bin_type=True)
-    head = struct.pack("<4sHBBIQI", b"HTPS", version, mtype, 1, len(hb), len(payload) if plen is None else plen,
-                       crc32c.crc32c(payload))
+    head = struct.pack(
+        "<4sHBBIQI", b"HTPS", version, mtype, 1, len(hb), len(payload) if plen is None else plen, crc32c.crc32c(payload)
+    )
     return head + struct.pack("<I", crc32c.crc32c(hb, crc32c.crc32c(head))) + hb + payload
 
 
@@ -126,6 +130,7 @@ def messages(data: bytes) -> list[Message]:
 
 # -- handshake ---------------------------------------------------------------------------------------
 
+
 @async_test()
 async def test_handshake_then_round_trip():
     seen = []
@@ -137,7 +142,7 @@ async def test_handshake_then_round_trip():
     async with await serve(on_hello=on_hello) as srv:
         conn, welcome = await connect("127.0.0.1", srv.port, token=TOKEN, hello={"rank": 2, "host": "h"})
         assert welcome.type == MsgType.WELCOME
-        assert welcome.header == {"job": {"model": "m", "lr": 0.1}, "worker_id": 3}   # server_mac removed
+        assert welcome.header == {"job": {"model": "m", "lr": 0.1}, "worker_id": 3}  # server_mac removed
         assert seen == [{"rank": 2, "host": "h", "protocol": 1, "software": __import__("hetero_ps").__version__}]
         assert conn.authenticated and not conn.closed and conn.peer == f"127.0.0.1:{srv.port}"
         arr = np.arange(300_000, dtype=np.float32)
@@ -207,7 +212,7 @@ async def test_client_rejects_a_server_that_cannot_prove_the_token():
         loop = asyncio.get_running_loop()
         hello = await next_frame(s, dec)
         await loop.sock_sendall(s, frame_bytes(MsgType.CHALLENGE, {"server_nonce": b"n" * 32}))
-        await next_frame(s, dec)   # AUTH: accepted without checking, as an impostor would
+        await next_frame(s, dec)  # AUTH: accepted without checking, as an impostor would
         mac = server_mac("not the token", hello.header["client_nonce"], b"n" * 32)
         await loop.sock_sendall(s, frame_bytes(MsgType.WELCOME, {"server_mac": mac}))
         await read_to_eof(s)
@@ -223,15 +228,17 @@ async def test_server_answers_another_protocol_version_in_its_own_version():
     async with await serve() as srv:
         s = await raw_socket(srv.port)
         await asyncio.get_running_loop().sock_sendall(
-            s, frame_bytes(MsgType.HELLO, {"protocol": 2, "client_nonce": b"x" * 32}, version=2))
-        (err,) = messages(await read_to_eof(s))   # decodable by a version-1 decoder
+            s, frame_bytes(MsgType.HELLO, {"protocol": 2, "client_nonce": b"x" * 32}, version=2)
+        )
+        (err,) = messages(await read_to_eof(s))  # decodable by a version-1 decoder
         s.close()
         assert err.type == MsgType.ERROR and err.header["code"] == "version_mismatch"
         assert "version 2" in err.header["message"] and "version 1" in err.header["message"]
         # a HELLO that announces another version in its header gets the same answer
         s = await raw_socket(srv.port)
         await asyncio.get_running_loop().sock_sendall(
-            s, frame_bytes(MsgType.HELLO, {"protocol": 3, "client_nonce": b"x" * 32}))
+            s, frame_bytes(MsgType.HELLO, {"protocol": 3, "client_nonce": b"x" * 32})
+        )
         (err,) = messages(await read_to_eof(s))
         s.close()
         assert err.header["code"] == "version_mismatch" and "3" in err.header["message"]
@@ -324,7 +331,7 @@ HELLO = frame_bytes(MsgType.HELLO, {"protocol": 1, "client_nonce": b"c" * 32})
 BAD_PEERS = {
     "garbage": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True, "protocol_error"),
     "random_bytes": (os.urandom(300), True, "protocol_error"),
-    "truncated_then_gone": (HELLO[:len(HELLO) // 2], False, None),
+    "truncated_then_gone": (HELLO[: len(HELLO) // 2], False, None),
     "oversized_length": (frame_bytes(MsgType.HELLO, {}, plen=2**40)[:28], True, "limit_exceeded"),
     "oversized_header": (struct.pack("<4sHBBIQII", b"HTPS", 1, 1, 1, 1 << 30, 0, 0, 0), True, "limit_exceeded"),
     "payload_before_auth": (frame_bytes(MsgType.HELLO, {"seg": [3]}, b"abc"), True, "limit_exceeded"),
@@ -350,14 +357,14 @@ async def _bad_peer_is_cut_off(data: bytes, keep_open: bool, code: str | None) -
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(s, data)
         if not keep_open:
-            s.close()   # the peer vanishes in the middle of a frame
+            s.close()  # the peer vanishes in the middle of a frame
         # a good client does a whole handshake and a 4 MiB round trip meanwhile
         good = asyncio.create_task(good_round_trip(srv.port))
         if keep_open:
             reply = await read_to_eof(s)
             s.close()
             got = messages(reply)
-            if code is None:   # slow loris: closed without a word once its frame ran past frame_timeout
+            if code is None:  # slow loris: closed without a word once its frame ran past frame_timeout
                 assert got == []
             else:
                 assert [m.header["code"] for m in got] == [code], got
@@ -431,7 +438,7 @@ async def test_corrupted_byte_is_detected_and_reported_to_the_sender():
     async with await serve(handler=rec) as srv:
         async with FaultProxy("127.0.0.1", srv.port, upstream=Fault(corrupt_at=200_000)) as proxy:
             conn, _ = await connect("127.0.0.1", proxy.port, token=TOKEN, hello={})
-            assert conn.payload_checksum is False   # loopback: off by default (HETERO_PS_PAYLOAD_CRC=auto)
+            assert conn.payload_checksum is False  # loopback: off by default (HETERO_PS_PAYLOAD_CRC=auto)
             await conn.send(MsgType.PUSH, {"step": 1}, [os.urandom(1 << 20)], payload_checksum=True)
             err = await conn.recv(timeout=5)
             assert err.type == MsgType.ERROR and err.header["code"] == "checksum_error"
@@ -461,6 +468,7 @@ async def test_throttled_link_delivers_everything_in_order():
 
 # -- broadcast, back-pressure, timeouts -----------------------------------------------------------------
 
+
 @async_test()
 async def test_one_encoded_frame_broadcast_to_three_clients():
     joined: asyncio.Queue = asyncio.Queue()
@@ -477,10 +485,12 @@ async def test_one_encoded_frame_broadcast_to_three_clients():
             conn, _ = await connect("127.0.0.1", srv.port, token=TOKEN, hello={"rank": i})
             dest = np.zeros(1 << 20, np.float32)
             dests.append(dest)
-            conn.set_payload_allocator(lambda mt, h, n, d=dest: memoryview(d).cast("B") if mt == MsgType.PARAMS else None)
+            conn.set_payload_allocator(
+                lambda mt, h, n, d=dest: memoryview(d).cast("B") if mt == MsgType.PARAMS else None
+            )
             clients.append(conn)
         server_side = [await joined.get() for _ in range(3)]
-        frame = encode_frame(MsgType.PARAMS, {"version": 9}, [params])   # encoded (and checksummed) once
+        frame = encode_frame(MsgType.PARAMS, {"version": 9}, [params])  # encoded (and checksummed) once
         assert frame.buffers[1].obj is params
         # 4 MiB does not fit in the socket buffers: the sends complete only as the clients read
         sends = asyncio.gather(*(c.send_frame(frame) for c in server_side))
@@ -488,7 +498,7 @@ async def test_one_encoded_frame_broadcast_to_three_clients():
             m = await conn.recv(timeout=10)
             assert m.header == {"version": 9}
             assert m.segments[0].obj is dest
-            np.testing.assert_array_equal(dest, params)   # it landed in the preallocated buffer
+            np.testing.assert_array_equal(dest, params)  # it landed in the preallocated buffer
         await sends
         for conn in clients:
             await conn.close()
@@ -506,7 +516,7 @@ async def test_back_pressure_a_slow_reader_blocks_the_sender_without_buffering()
             m = await conn.recv(timeout=10)
             await received.put((m.header["i"], bytes(m.segments[0][:8]), len(m.segments[0])))
 
-    chunk = 16 << 20   # 64 MiB in all, far more than both socket buffers
+    chunk = 16 << 20  # 64 MiB in all, far more than both socket buffers
     blobs = [np.full(chunk // 4, i, np.float32) for i in range(4)]
     async with await serve(handler=slow_reader, limits=Limits()) as srv:
         conn, _ = await connect("127.0.0.1", srv.port, token=TOKEN, hello={})
@@ -586,7 +596,7 @@ async def test_local_close_wakes_a_waiting_recv_and_concurrent_recv_is_refused()
     async with await serve() as srv:
         conn, _ = await connect("127.0.0.1", srv.port, token=TOKEN, hello={})
         waiting = asyncio.create_task(conn.recv())
-        await asyncio.sleep(0)   # let it start waiting (one loop turn, not a timed wait)
+        await asyncio.sleep(0)  # let it start waiting (one loop turn, not a timed wait)
         with pytest.raises(LocalProtocolError, match="already waiting"):
             await conn.recv()
         await conn.close()
@@ -646,10 +656,10 @@ async def test_timeout_waiting_behind_another_sender_keeps_the_connection():
     async with await serve(handler=slow_reader) as srv:
         conn, _ = await connect("127.0.0.1", srv.port, token=TOKEN, hello={})
         big = asyncio.create_task(conn.send(MsgType.PUSH, {"i": 0}, [bytes(32 << 20)]))
-        await asyncio.sleep(0)   # one loop turn: the big send now holds the lock
+        await asyncio.sleep(0)  # one loop turn: the big send now holds the lock
         with pytest.raises(TransportTimeout, match="longer than 0.1 s$"):
             await conn.send(MsgType.HEARTBEAT, {"i": 1}, timeout=0.1)
-        assert not conn.closed   # nothing of it was written, the stream is intact
+        assert not conn.closed  # nothing of it was written, the stream is intact
         release.set()
         await big
         await conn.send(MsgType.HEARTBEAT, {"i": 2})
@@ -662,7 +672,7 @@ async def test_on_connection_runs_once_admitted_even_if_the_welcome_is_lost():
     ended: asyncio.Queue = asyncio.Queue()
 
     async def on_hello(conn, hello):
-        await conn.close()   # the peer is admitted, but its connection is gone before WELCOME
+        await conn.close()  # the peer is admitted, but its connection is gone before WELCOME
         return {}
 
     async def handler(conn):
@@ -700,8 +710,15 @@ def test_payload_checksum_policy(env, expected, monkeypatch):
 
 def test_payload_checksum_is_on_for_remote_peers(monkeypatch):
     monkeypatch.delenv("HETERO_PS_PAYLOAD_CRC", raising=False)
-    for host, expected in [("10.0.0.2", True), ("2001:db8::1", True), ("127.0.0.1", False), ("127.9.9.9", False),
-                           ("::1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", True)]:
+    for host, expected in [
+        ("10.0.0.2", True),
+        ("2001:db8::1", True),
+        ("127.0.0.1", False),
+        ("127.9.9.9", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", True),
+    ]:
         assert default_payload_checksum(FakeSock(host)) is expected, host
 
 
@@ -711,7 +728,7 @@ async def test_forced_payload_checksum_on_real_connections(monkeypatch):
     async with await serve() as srv:
         conn, _ = await connect("127.0.0.1", srv.port, token=TOKEN, hello={})
         assert conn.payload_checksum is True
-        await conn.send(MsgType.PUSH, {}, [b"abc"])   # echoed by a server connection with the CRC on too
+        await conn.send(MsgType.PUSH, {}, [b"abc"])  # echoed by a server connection with the CRC on too
         assert bytes((await conn.recv(timeout=5)).segments[0]) == b"abc"
         await conn.close()
         # a plain send() now carries the CRC: a corrupted payload byte is caught

@@ -18,9 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def rows() -> list[tuple[str, int, str]]:
     with open(os.path.join(ROOT, "docs", "TROUBLESHOOTING.md"), encoding="utf-8") as f:
         text = f.read()
-    table = text[text.index("<!-- bad inputs: begin -->"):text.index("<!-- bad inputs: end -->")]
-    return [(cmd, int(rc), msg) for cmd, rc, msg in
-            re.findall(r"^\| `([^`]+)`[^|]* \| (\d+) \| `([^`]+)` \|$", table, re.M)]
+    table = text[text.index("<!-- bad inputs: begin -->") : text.index("<!-- bad inputs: end -->")]
+    return [
+        (cmd, int(rc), msg) for cmd, rc, msg in re.findall(r"^\| `([^`]+)`[^|]* \| (\d+) \| `([^`]+)` \|$", table, re.M)
+    ]
 
 
 ROWS = rows()
@@ -38,15 +39,22 @@ def test_a_bad_input_gets_its_message_and_leaves_nothing_behind(tmp_path, comman
     env = dict(os.environ)
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "HETERO_PS_PROGRESS_INTERVAL"):
         env.pop(k, None)
-    while "=" in words[0]:   # VAR=value prefixes
+    while "=" in words[0]:  # VAR=value prefixes
         k, v = words.pop(0).split("=", 1)
         env[k] = v
     assert words[:2] == ["python", "-m"]
     args = words[3:]
-    if words[2] == "hetero_ps.server":   # before the row's flags, so the row's own win
+    if words[2] == "hetero_ps.server":  # before the row's flags, so the row's own win
         args = ["--port", "0", "--no-dashboard", *args]
-    proc = subprocess.Popen([sys.executable, "-m", words[2], *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", words[2], *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=180)
     finally:

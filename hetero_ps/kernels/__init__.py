@@ -49,18 +49,35 @@ from hetero_ps.errors import ConfigError
 from hetero_ps.kernels import _reference
 
 __all__ = [
-    "BACKEND", "NATIVE_ERROR", "Kernels", "backends", "get_backend",
-    "weighted_accumulate", "f32_to_f16", "f16_to_f32", "f32_to_bf16", "bf16_to_f32",
-    "quantize_int8", "dequantize_int8", "dequantize_accumulate_int8",
-    "topk_error_feedback", "topk", "scatter_accumulate", "checksum",
-    "set_num_threads", "get_num_threads", "cpu_features",
+    "BACKEND",
+    "NATIVE_ERROR",
+    "Kernels",
+    "backends",
+    "get_backend",
+    "weighted_accumulate",
+    "f32_to_f16",
+    "f16_to_f32",
+    "f32_to_bf16",
+    "bf16_to_f32",
+    "quantize_int8",
+    "dequantize_int8",
+    "dequantize_accumulate_int8",
+    "topk_error_feedback",
+    "topk",
+    "scatter_accumulate",
+    "checksum",
+    "set_num_threads",
+    "get_num_threads",
+    "cpu_features",
 ]
 
 ENV_VAR = "HETERO_PS_KERNELS"
 ISA_ENV_VAR = "HETERO_PS_ISA"
 ISA_LEVELS = ("scalar", "sse4.2", "avx2", "avx512")
-BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the hetero_ps checkout (needs CMake "
-              ">= 3.18, a C++17 compiler and pybind11)")
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the hetero_ps checkout (needs CMake "
+    ">= 3.18, a C++17 compiler and pybind11)"
+)
 
 F32, F16, U16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16)
 I8, I32, I64, U8 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.uint8)
@@ -102,8 +119,9 @@ def _view(x: Any, name: str, raw: np.dtype | None, *, out: bool = False) -> tupl
         try:
             m = memoryview(x)
         except TypeError:
-            raise TypeError(f"{name} must be a numpy array, a CPU torch tensor or a bytes-like object, "
-                            f"got {type(x).__name__}") from None
+            raise TypeError(
+                f"{name} must be a numpy array, a CPU torch tensor or a bytes-like object, got {type(x).__name__}"
+            ) from None
         if not m.c_contiguous:
             raise ValueError(f"{name} is a non-contiguous buffer (no copy is made)")
         if m.format in _RAW_FORMATS:
@@ -121,8 +139,9 @@ def _view(x: Any, name: str, raw: np.dtype | None, *, out: bool = False) -> tupl
     return a.reshape(-1), bf16
 
 
-def _arr(x: Any, name: str, dtypes: tuple[np.dtype, ...], *, out: bool = False,
-         size: int | None = None, bf16: bool = False) -> np.ndarray:
+def _arr(
+    x: Any, name: str, dtypes: tuple[np.dtype, ...], *, out: bool = False, size: int | None = None, bf16: bool = False
+) -> np.ndarray:
     """_view checked against the accepted dtypes (raw bytes read as dtypes[0]) and size.
 
     ``bf16``: this argument holds bfloat16 bits, so a torch.bfloat16 tensor is welcome (elsewhere a
@@ -200,8 +219,9 @@ class Kernels:
             gv, bf16 = _view(g, "g", _G_DTYPES[kind][0])
             if gv.dtype not in _G_DTYPES[kind] or (bf16 and kind != "bf16"):
                 got = "torch.bfloat16" if bf16 else str(gv.dtype)
-                raise TypeError(f"g_dtype={kind!r} needs g of dtype "
-                                f"{' or '.join(str(d) for d in _G_DTYPES[kind])}, got {got}")
+                raise TypeError(
+                    f"g_dtype={kind!r} needs g of dtype {' or '.join(str(d) for d in _G_DTYPES[kind])}, got {got}"
+                )
             if gv.size != a.size:
                 raise ValueError(f"g has {gv.size} elements, expected {a.size}")
         self.impl.weighted_accumulate(a, gv, _weight(w), kind)
@@ -365,12 +385,14 @@ else:
     _NATIVE = Kernels("native", _mod) if _mod is not None else None
     if _NATIVE is None:
         if _choice == "native":
-            raise ImportError(f"{ENV_VAR}=native but hetero_ps._C cannot be imported ({NATIVE_ERROR}); "
-                              f"{BUILD_HINT}")
-        warnings.warn(f"hetero_ps._C, the C++ kernels, cannot be imported ({NATIVE_ERROR}); using the numpy "
-                      f"reference kernels, which are several times slower. To fix it, {BUILD_HINT}; to "
-                      f"choose the reference kernels on purpose, set {ENV_VAR}=reference.",
-                      RuntimeWarning, stacklevel=2)
+            raise ImportError(f"{ENV_VAR}=native but hetero_ps._C cannot be imported ({NATIVE_ERROR}); {BUILD_HINT}")
+        warnings.warn(
+            f"hetero_ps._C, the C++ kernels, cannot be imported ({NATIVE_ERROR}); using the numpy "
+            f"reference kernels, which are several times slower. To fix it, {BUILD_HINT}; to "
+            f"choose the reference kernels on purpose, set {ENV_VAR}=reference.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 _ACTIVE = _NATIVE or _REFERENCE
 BACKEND: str = _ACTIVE.name

@@ -31,7 +31,7 @@ def _f16_bits(src: np.ndarray) -> np.ndarray:
         h = src.astype(np.float16).view(np.uint16)
     nan = (bits & _ABS) > _INF_BITS
     if nan.any():  # numpy keeps NaN payloads its own way; we keep sign + top 10 bits, quiet
-        qnan = (((bits >> U32(16)) & U32(0x8000)) | U32(0x7E00) | ((bits >> U32(13)) & U32(0x3FF)))
+        qnan = ((bits >> U32(16)) & U32(0x8000)) | U32(0x7E00) | ((bits >> U32(13)) & U32(0x3FF))
         h = np.where(nan, qnan.astype(np.uint16), h)
     return h
 
@@ -135,8 +135,7 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int, out: np.ndarr
         np.multiply(q.astype(np.float32), _per_element(scales, block, q.size), out=out)
 
 
-def dequantize_accumulate_int8(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, w: float,
-                               block: int) -> None:
+def dequantize_accumulate_int8(acc: np.ndarray, q: np.ndarray, scales: np.ndarray, w: float, block: int) -> None:
     """acc = acc + float32(q) * (float32(w) * scale): w * scale is rounded once per block."""
     with np.errstate(all="ignore"):
         ws = np.multiply(scales, np.float32(w), dtype=np.float32)
@@ -162,8 +161,7 @@ def topk(x: np.ndarray, k: int, idx_out: np.ndarray, val_out: np.ndarray) -> Non
     val_out[...] = x[idx]
 
 
-def topk_error_feedback(g: np.ndarray, residual: np.ndarray, k: int, idx_out: np.ndarray,
-                        val_out: np.ndarray) -> None:
+def topk_error_feedback(g: np.ndarray, residual: np.ndarray, k: int, idx_out: np.ndarray, val_out: np.ndarray) -> None:
     with np.errstate(all="ignore"):
         np.add(residual, g, out=residual)
     idx = _select(residual, k)
@@ -178,8 +176,7 @@ def scatter_accumulate(acc: np.ndarray, indices: np.ndarray, values: np.ndarray,
         bad = np.flatnonzero((indices < 0) | (indices >= acc.size))
         if bad.size:
             j = int(bad[0])
-            raise ValueError(f"scatter_accumulate: index {int(indices[j])} at position {j} is outside "
-                             f"[0, {acc.size})")
+            raise ValueError(f"scatter_accumulate: index {int(indices[j])} at position {j} is outside [0, {acc.size})")
     with np.errstate(all="ignore"):
         np.add.at(acc, indices, np.multiply(values, np.float32(w), dtype=np.float32))
 

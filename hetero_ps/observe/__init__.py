@@ -1,1 +1,2 @@
-"""Watching a run: metrics records, the experiment folder, progress lines, logs, TensorBoard, profiling, the dashboard."""
+"""Watching a run: metrics records, the experiment folder, progress lines, logs, TensorBoard, profiling,
+the dashboard."""

@@ -13,8 +13,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers (``--log-format json``)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        d = {"t": round(record.created, 3), "level": record.levelname, "logger": record.name,
-             "msg": record.getMessage()}
+        d = {
+            "t": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
         return json.dumps(d)

@@ -36,8 +36,17 @@ log = logging.getLogger("hetero_ps.observe.profiling")
 class StepProfiler:
     """Records ``steps`` consecutive steps (after ``skip``) of one worker into ``out_dir``."""
 
-    def __init__(self, out_dir: str, steps: int = 3, rank: int = 0, skip: int = 0, device: str = "cpu",
-                 record_shapes: bool = False, profile_memory: bool = False, with_stack: bool = False):
+    def __init__(
+        self,
+        out_dir: str,
+        steps: int = 3,
+        rank: int = 0,
+        skip: int = 0,
+        device: str = "cpu",
+        record_shapes: bool = False,
+        profile_memory: bool = False,
+        with_stack: bool = False,
+    ):
         if steps < 1:
             raise ValueError(f"steps to profile must be at least 1, got {steps}")
         if skip < 0:
@@ -47,7 +56,7 @@ class StepProfiler:
         if str(device).startswith("cuda") and torch.cuda.is_available():
             self.activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.options = {"record_shapes": record_shapes, "profile_memory": profile_memory, "with_stack": with_stack}
-        self.seen = 0                 # steps passed to step() so far
+        self.seen = 0  # steps passed to step() so far
         self.written: list[str] = []  # trace files written, in order
         self._recording = False
 
@@ -76,7 +85,7 @@ class StepProfiler:
         finally:
             self._recording = False
             if torch.cuda.is_available() and torch.profiler.ProfilerActivity.CUDA in self.activities:
-                torch.cuda.synchronize()   # so the step's kernels are in the trace
+                torch.cuda.synchronize()  # so the step's kernels are in the trace
             prof.stop()
         if ok:
             self._write(prof, step)
@@ -89,7 +98,7 @@ class StepProfiler:
         base = os.path.join(self.out_dir, f"worker-{self.rank}-step{step}")
         tmp = base + ".json.tmp"
         prof.export_chrome_trace(tmp)
-        os.replace(tmp, base + ".json")   # a reader never sees half a trace
+        os.replace(tmp, base + ".json")  # a reader never sees half a trace
         sort = "self_cuda_time_total" if len(self.activities) > 1 else "self_cpu_time_total"
         with open(base + ".txt", "w") as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")

@@ -28,14 +28,14 @@ from collections import deque
 from hetero_ps.errors import ConfigError
 
 FORMATS = ("plain", "json")
-ETA_WINDOW = 50          # updates behind the step rate used for the ETA
+ETA_WINDOW = 50  # updates behind the step rate used for the ETA
 DEFAULT_INTERVAL_S = 10.0
 
 
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
-    except (AttributeError, ValueError):   # no isatty, or a closed stream
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
 
 
@@ -60,8 +60,16 @@ class Progress:
     10 s); 0 writes a line on every update. ``clock`` (seconds, monotonic) is replaceable for tests.
     """
 
-    def __init__(self, total_steps: int | None, role: str, fmt: str = "plain", stream=None,
-                 interval_s: float | None = None, epochs: int | None = None, clock=time.monotonic):
+    def __init__(
+        self,
+        total_steps: int | None,
+        role: str,
+        fmt: str = "plain",
+        stream=None,
+        interval_s: float | None = None,
+        epochs: int | None = None,
+        clock=time.monotonic,
+    ):
         if fmt not in FORMATS:
             raise ValueError(f"progress format must be one of {FORMATS}, got {fmt!r}")
         if interval_s is None:
@@ -80,28 +88,42 @@ class Progress:
         self.started = clock()
         self._window: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW)
         self._last_emit: float | None = None
-        self._last: dict | None = None      # the latest update
-        self._emitted: dict | None = None   # the latest update written as a line
+        self._last: dict | None = None  # the latest update
+        self._emitted: dict | None = None  # the latest update written as a line
         self._bar = None
         if fmt == "plain" and _isatty(self.stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=role, unit="step", file=self.stream, dynamic_ncols=True,
-                             mininterval=0.5, smoothing=0.1, leave=True)
+            self._bar = tqdm(
+                total=self.total,
+                desc=role,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                mininterval=0.5,
+                smoothing=0.1,
+                leave=True,
+            )
 
     @property
     def uses_bar(self) -> bool:
         return self._bar is not None
 
-    def update(self, step: int, epoch: int, loss: float | None, samples_per_s: float | None,
-               batch: int | None) -> None:
+    def update(self, step: int, epoch: int, loss: float | None, samples_per_s: float | None, batch: int | None) -> None:
         """Step ``step`` (0-based, as in the step records) of epoch ``epoch`` (0-based) has finished."""
         now = self.clock()
         done = step + 1
         self._window.append((now, done))
-        rec = {"step": done, "total_steps": self.total, "epoch": epoch, "loss": _finite(loss),
-               "samples_per_s": _finite(samples_per_s), "batch": batch, "eta_s": self.eta_s(),
-               "elapsed_s": now - self.started}
+        rec = {
+            "step": done,
+            "total_steps": self.total,
+            "epoch": epoch,
+            "loss": _finite(loss),
+            "samples_per_s": _finite(samples_per_s),
+            "batch": batch,
+            "eta_s": self.eta_s(),
+            "elapsed_s": now - self.started,
+        }
         self._last = rec
         if self._bar is not None:
             self._bar.update(max(0, done - self._bar.n))
@@ -128,7 +150,7 @@ class Progress:
         elif self._last is not None and self._last is not self._emitted:
             self._emit(self._last)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -161,15 +183,19 @@ class Progress:
         self._last_emit = self.clock()
         self._emitted = r
         if self.fmt == "json":
-            line = json.dumps({"t": round(time.time(), 3), "role": self.role, "event": "progress", **r},
-                              allow_nan=False)
+            line = json.dumps(
+                {"t": round(time.time(), 3), "role": self.role, "event": "progress", **r}, allow_nan=False
+            )
         else:
-            head = f"step {r['step']}/{self.total} ({100 * r['step'] / self.total:.1f} %)" if self.total \
+            head = (
+                f"step {r['step']}/{self.total} ({100 * r['step'] / self.total:.1f} %)"
+                if self.total
                 else f"step {r['step']}"
+            )
             eta = f" ETA {format_eta(r['eta_s'])}" if self.total else ""
             line = f"{time.strftime('%H:%M:%S')} {self.role} progress {head} {self._postfix(r)}{eta}"
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
-        except ValueError:   # the stream was closed under us (interpreter shutdown): nothing to say
+        except ValueError:  # the stream was closed under us (interpreter shutdown): nothing to say
             pass

@@ -89,8 +89,11 @@ class StepRecord:
     asynchronous: AsyncStep | None = doc("SSP/ASP only; written as top-level fields", default=None)
 
     def to_json(self) -> JSONObject:
-        out: JSONObject = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                           if f.name not in ("server", "workers", "asynchronous")}
+        out: JSONObject = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("server", "workers", "asynchronous")
+        }
         if self.asynchronous is not None:
             out.update(dataclasses.asdict(self.asynchronous))
         out["server"] = dataclasses.asdict(self.server)
@@ -99,13 +102,18 @@ class StepRecord:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> StepRecord:
-        plain = {f.name: d[f.name] for f in dataclasses.fields(cls)
-                 if f.name not in ("server", "workers", "asynchronous")}
+        plain = {
+            f.name: d[f.name] for f in dataclasses.fields(cls) if f.name not in ("server", "workers", "asynchronous")
+        }
         asynchronous = None
         if "worker" in d:
             asynchronous = AsyncStep(**{f.name: d[f.name] for f in dataclasses.fields(AsyncStep)})
-        return cls(**plain, server=ServerTiming(**d["server"]),
-                   workers={str(r): WorkerTiming(**w) for r, w in d["workers"].items()}, asynchronous=asynchronous)
+        return cls(
+            **plain,
+            server=ServerTiming(**d["server"]),
+            workers={str(r): WorkerTiming(**w) for r, w in d["workers"].items()},
+            asynchronous=asynchronous,
+        )
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,7 @@ EVENT_KINDS: dict[str, str] = {
     "worker_ready": "`rank`, `probe` (calibration: samples/s, largest batch): it is counted from now on",
     "worker_lost": "`rank`, `host`, `reason`: its connection ended or timed out; its work is redone",
     "schedule": "`policy`, `sizes` (rank -> batch), `reason`, `predicted_step_s`, `previous_predicted_s`, "
-                "`inputs` (rank -> the measurements behind the decision): a new batch split",
+    "`inputs` (rank -> the measurements behind the decision): a new batch split",
     "control": "`rank` and the knobs changed (`simulate_slowdown`, `simulate_bandwidth`)",
     "nonfinite_gradient": "`workers` (names of those whose report flagged NaN/Inf): the update was skipped",
 }
@@ -178,9 +186,17 @@ def worker_totals(history: list[StepRecord]) -> dict[str, WorkerTotals]:
             s["steps"] += 1
             for k in ("compute_s", "push_s", "wait_s", "pull_s"):
                 s[k] += getattr(w, k)
-    return {rank: WorkerTotals(samples=int(s["samples"]), steps=int(s["steps"]), compute_s=s["compute_s"],
-                               push_s=s["push_s"], wait_s=s["wait_s"], pull_s=s["pull_s"])
-            for rank, s in sums.items()}
+    return {
+        rank: WorkerTotals(
+            samples=int(s["samples"]),
+            steps=int(s["steps"]),
+            compute_s=s["compute_s"],
+            push_s=s["push_s"],
+            wait_s=s["wait_s"],
+            pull_s=s["pull_s"],
+        )
+        for rank, s in sums.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -200,7 +216,8 @@ class RunSummary:
     eval: EpochRecord | None = doc("the last evaluation")
     final_eval_accuracy: float | None = doc("its accuracy")
     communication_overhead: float | None = doc(
-        "BSP: share of step time not spent computing on the busiest worker (comm + sync + optimizer)")
+        "BSP: share of step time not spent computing on the busiest worker (comm + sync + optimizer)"
+    )
     ideal_samples_per_s: float | None = doc("sum of the workers' calibration probes: the cluster's ideal")
     workers: dict[str, WorkerTotals] = doc("rank -> the worker's totals")
     compression: str = doc("push codec")
@@ -211,22 +228,44 @@ class RunSummary:
         return out
 
     @classmethod
-    def of_run(cls, *, experiment: str, model: str, dataset: str, parameters: int, epochs: int, train_s: float,
-               history: list[StepRecord], evaluations: list[EpochRecord], probes: list[float],
-               compression: str, sync: str) -> RunSummary:
+    def of_run(
+        cls,
+        *,
+        experiment: str,
+        model: str,
+        dataset: str,
+        parameters: int,
+        epochs: int,
+        train_s: float,
+        history: list[StepRecord],
+        evaluations: list[EpochRecord],
+        probes: list[float],
+        compression: str,
+        sync: str,
+    ) -> RunSummary:
         samples = sum(r.samples for r in history)
         busy = sum(max((w.compute_s for w in r.workers.values()), default=0.0) for r in history)
         step_s = sum(r.step_s for r in history)
         last_eval = evaluations[-1] if evaluations else None
         return cls(
-            experiment=experiment, model=model, dataset=dataset, parameters=parameters, steps=len(history),
-            epochs=epochs, samples=samples, train_s=train_s,
+            experiment=experiment,
+            model=model,
+            dataset=dataset,
+            parameters=parameters,
+            steps=len(history),
+            epochs=epochs,
+            samples=samples,
+            train_s=train_s,
             samples_per_s=samples / train_s if train_s else 0.0,
-            final_loss=history[-1].loss if history else None,   # the run's last step, whatever the order
-            eval=last_eval, final_eval_accuracy=last_eval.eval_accuracy if last_eval else None,
+            final_loss=history[-1].loss if history else None,  # the run's last step, whatever the order
+            eval=last_eval,
+            final_eval_accuracy=last_eval.eval_accuracy if last_eval else None,
             communication_overhead=(1 - busy / step_s) if sync == "bsp" and step_s else None,
             ideal_samples_per_s=sum(probes) if probes and all(probes) else None,
-            workers=worker_totals(history), compression=compression, sync=sync)
+            workers=worker_totals(history),
+            compression=compression,
+            sync=sync,
+        )
 
 
 DOCUMENTED: dict[str, list[type[Any]]] = {
@@ -252,10 +291,17 @@ def markdown() -> str:
     for where, classes in DOCUMENTED.items():
         for cls in classes:
             summary = (cls.__doc__ or "").strip().split("\n\n")[0].replace("``", "`").replace("\n", " ")
-            lines += [f"**`{where}` — `{cls.__name__}`**: {summary}", "",
-                      "| field | type | meaning |", "| --- | --- | --- |"]
-            lines += [f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |" for f in _fields(cls)
-                      if f.name != "asynchronous"]   # flattened: AsyncStep's own table follows
+            lines += [
+                f"**`{where}` — `{cls.__name__}`**: {summary}",
+                "",
+                "| field | type | meaning |",
+                "| --- | --- | --- |",
+            ]
+            lines += [
+                f"| `{f.name}` | `{_type_name(f)}` | {f.metadata['doc']} |"
+                for f in _fields(cls)
+                if f.name != "asynchronous"
+            ]  # flattened: AsyncStep's own table follows
             lines.append("")
             if cls is Event:
                 lines += ["| event | its fields |", "| --- | --- |"]

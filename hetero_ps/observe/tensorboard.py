@@ -91,13 +91,20 @@ class TensorBoardSink:
         step = int(rec.get("step") or 0)
         kind = rec.get("event")
         if kind == "schedule":
-            sizes = ", ".join(f"rank {r}: {b}" for r, b in sorted((rec.get("sizes") or {}).items(),
-                                                                   key=lambda kv: int(kv[0])))
-            self.main.add_text("events/schedule", f"**{rec.get('policy', '?')}** {sizes} — {rec.get('reason', '')}", step)
+            sizes = ", ".join(
+                f"rank {r}: {b}" for r, b in sorted((rec.get("sizes") or {}).items(), key=lambda kv: int(kv[0]))
+            )
+            self.main.add_text(
+                "events/schedule", f"**{rec.get('policy', '?')}** {sizes} — {rec.get('reason', '')}", step
+            )
             self._scalar(self.main, "scheduler/predicted_step_s", rec.get("predicted_step_s"), step)
         elif kind in ("worker_joined", "worker_lost"):
-            self.main.add_text("events/workers", f"{kind} rank {rec.get('rank')} {rec.get('host', '')} "
-                                                 f"{rec.get('device') or rec.get('reason') or ''}".strip(), step)
+            self.main.add_text(
+                "events/workers",
+                f"{kind} rank {rec.get('rank')} {rec.get('host', '')} "
+                f"{rec.get('device') or rec.get('reason') or ''}".strip(),
+                step,
+            )
         else:
             self.main.add_text(f"events/{kind}", json.dumps(rec, default=str), step)
 

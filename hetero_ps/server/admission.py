@@ -25,27 +25,29 @@ log = logging.getLogger("hetero_ps.server")
 
 
 class Admission:
-    def __init__(self, scheduler: Scheduler, event: Callable[..., None], expected_workers: int,
-                 join_timeout: float):
+    def __init__(self, scheduler: Scheduler, event: Callable[..., None], expected_workers: int, join_timeout: float):
         self.registry = Registry()
         self.scheduler = scheduler
         self._event = event
         self.expected_workers = expected_workers
         self.join_timeout = join_timeout
-        self.finishing = False            # losses at the end of the run are departures, not failures
+        self.finishing = False  # losses at the end of the run are departures, not failures
         self._changed = asyncio.Event()
 
     @staticmethod
     def check_version(hello: Hello) -> None:
         sw = hello.software
         if sw != hetero_ps.__version__:
-            raise RemoteError("version_mismatch",
-                              f"this worker runs hetero_ps {sw} but the master runs {hetero_ps.__version__}; "
-                              "install the same version on every node")
+            raise RemoteError(
+                "version_mismatch",
+                f"this worker runs hetero_ps {sw} but the master runs {hetero_ps.__version__}; "
+                "install the same version on every node",
+            )
 
     def admit(self, hello: Hello, conn: Any) -> WorkerHandle:
-        h = self.registry.admit(-1 if hello.rank is None else hello.rank, hello.host or "?", hello.device or "?",
-                                hello.profile or {}, conn)
+        h = self.registry.admit(
+            -1 if hello.rank is None else hello.rank, hello.host or "?", hello.device or "?", hello.profile or {}, conn
+        )
         log.info("worker joined: %s; preparing the job", h.name)
         self._event("worker_joined", rank=h.rank, host=h.host, device=h.device, profile=h.profile)
         self._changed.set()
@@ -57,10 +59,20 @@ class Admission:
         h.ready = True
         h.profile.update(probe)
         rate = float(probe.get("probe_samples_per_s") or 0.0)
-        self.scheduler.add_worker(h.wid, rate_hint=rate, max_batch=int(probe.get("max_batch") or 0),
-                                  c_hint=float(probe.get("probe_c_s") or 0.0), r_hint=float(probe.get("probe_r") or 0.0))
-        log.info("worker ready: %s%s, %d/%d ready", h.name, f", probe {rate:.0f} samples/s" if rate else "",
-                 len(self.ready_workers()), self.expected_workers)
+        self.scheduler.add_worker(
+            h.wid,
+            rate_hint=rate,
+            max_batch=int(probe.get("max_batch") or 0),
+            c_hint=float(probe.get("probe_c_s") or 0.0),
+            r_hint=float(probe.get("probe_r") or 0.0),
+        )
+        log.info(
+            "worker ready: %s%s, %d/%d ready",
+            h.name,
+            f", probe {rate:.0f} samples/s" if rate else "",
+            len(self.ready_workers()),
+            self.expected_workers,
+        )
         self._event("worker_ready", rank=h.rank, probe=probe)
         self._changed.set()
 
@@ -100,11 +112,17 @@ class Admission:
             left = deadline - time.monotonic()
             if left <= 0:
                 change.cancel()
-                raise HeteroPSError(f"only {len(self.ready_workers())} of {n} workers were ready within "
-                                    f"{self.join_timeout:.0f} s; check the workers' logs and MASTER_ADDR")
+                raise HeteroPSError(
+                    f"only {len(self.ready_workers())} of {n} workers were ready within "
+                    f"{self.join_timeout:.0f} s; check the workers' logs and MASTER_ADDR"
+                )
             try:
                 await asyncio.wait_for(change, timeout=min(5.0, left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 have = ", ".join(f"{h.rank}{'' if h.ready else ' (preparing)'}" for h in self.registry.live())
-                log.info("waiting for %d more worker(s) on port %d (joined ranks: %s)",
-                         n - len(self.ready_workers()), port, have or "none")
+                log.info(
+                    "waiting for %d more worker(s) on port %d (joined ranks: %s)",
+                    n - len(self.ready_workers()),
+                    port,
+                    have or "none",
+                )

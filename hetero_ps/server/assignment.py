@@ -27,13 +27,13 @@ class WorkerLost(Exception):
 class Assignment:
     step: int
     attempt: int
-    total: int                      # the divisor of the weights: samples in the BSP step, or B
-    sizes: dict[int, int]           # wid -> samples
-    pending: dict[int, set[int]]    # wid -> chunk indices still expected
-    acc: torch.Tensor               # where the weighted gradients accumulate
-    version: int = 0                # parameter version the work was computed on
-    slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)   # wid -> (epoch, offset, count)
-    reports: dict[int, StepReport] = field(default_factory=dict)          # wid -> the worker's report
+    total: int  # the divisor of the weights: samples in the BSP step, or B
+    sizes: dict[int, int]  # wid -> samples
+    pending: dict[int, set[int]]  # wid -> chunk indices still expected
+    acc: torch.Tensor  # where the weighted gradients accumulate
+    version: int = 0  # parameter version the work was computed on
+    slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # wid -> (epoch, offset, count)
+    reports: dict[int, StepReport] = field(default_factory=dict)  # wid -> the worker's report
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)
@@ -42,11 +42,27 @@ class Assignment:
         self.acc_np = self.acc.numpy()
 
     @classmethod
-    def for_sizes(cls, *, step: int, attempt: int, total: int, sizes: dict[int, int], n_chunks: int,
-                  acc: torch.Tensor, version: int) -> Assignment:
+    def for_sizes(
+        cls,
+        *,
+        step: int,
+        attempt: int,
+        total: int,
+        sizes: dict[int, int],
+        n_chunks: int,
+        acc: torch.Tensor,
+        version: int,
+    ) -> Assignment:
         """Every worker in ``sizes`` owes every chunk and a report."""
-        return cls(step=step, attempt=attempt, total=total, sizes=sizes,
-                   pending={w: set(range(n_chunks)) for w in sizes}, acc=acc, version=version)
+        return cls(
+            step=step,
+            attempt=attempt,
+            total=total,
+            sizes=sizes,
+            pending={w: set(range(n_chunks)) for w in sizes},
+            acc=acc,
+            version=version,
+        )
 
     def is_current(self, step: Any, attempt: Any) -> bool:
         """Whether a push/report for ``(step, attempt)`` belongs here (an aborted attempt's does not)."""
@@ -61,8 +77,9 @@ class Assignment:
         if wid not in self.pending:
             raise RemoteError("unexpected_push", f"{name} was not given step {self.step}")
         if not isinstance(chunk, int) or chunk not in self.pending[wid]:
-            raise RemoteError("bad_chunk", f"chunk {chunk!r} does not match this model's chunking "
-                              "or was already received")
+            raise RemoteError(
+                "bad_chunk", f"chunk {chunk!r} does not match this model's chunking or was already received"
+            )
         self.pending[wid].discard(chunk)
 
     def add_report(self, wid: int, report: StepReport) -> None:
@@ -72,8 +89,11 @@ class Assignment:
         return not self.pending.get(wid) and wid in self.reports
 
     def complete_if_all_in(self) -> None:
-        if all(not p for p in self.pending.values()) and len(self.reports) == len(self.pending) \
-                and not self.done.done():
+        if (
+            all(not p for p in self.pending.values())
+            and len(self.reports) == len(self.pending)
+            and not self.done.done()
+        ):
             self.done.set_result(None)
 
     def fail(self, wid: int, name: str) -> None:

@@ -19,103 +19,201 @@ import signal
 import sys
 import time
 
-from hetero_ps.config import (LR_SCHEDULES, OPTIMIZERS, POLICIES, STALENESS_SCALINGS, SYNC_MODES, JobConfig, check_port,
-                              env_int)
+from hetero_ps.config import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    POLICIES,
+    STALENESS_SCALINGS,
+    SYNC_MODES,
+    JobConfig,
+    check_port,
+    env_int,
+)
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.observe.logs import add_file_log, remove_file_logs, setup_logging
-from hetero_ps.training.plugins import parse_kv
 from hetero_ps.observe.progress import Progress
 from hetero_ps.server.local_worker import LocalWorker
+from hetero_ps.training.plugins import parse_kv
 
 log = logging.getLogger("hetero_ps.server")
-_RUNNING: list = []   # the master of this process, once built: an interrupt says what it stopped
+_RUNNING: list = []  # the master of this process, once built: an interrupt says what it stopped
 _INTERRUPTED_WHILE: list[str] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = JobConfig()
     # allow_abbrev=False: a typo such as --epoch is an error, not silently --epochs
-    p = argparse.ArgumentParser(prog="python -m hetero_ps.server", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hetero_ps.server",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("cluster")
-    g.add_argument("--host", default=os.environ.get("HETERO_PS_HOST", "0.0.0.0"),
-                   help="address to listen on (default 0.0.0.0: every interface)")
-    g.add_argument("--port", "--master-port", dest="port", type=int, default=env_int("MASTER_PORT", 29500),
-                   help="port to listen on (env MASTER_PORT, default 29500; 0 picks a free one)")
-    g.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""),
-                   help="shared secret workers must know (env HETERO_PS_TOKEN)")
+    g.add_argument(
+        "--host",
+        default=os.environ.get("HETERO_PS_HOST", "0.0.0.0"),
+        help="address to listen on (default 0.0.0.0: every interface)",
+    )
+    g.add_argument(
+        "--port",
+        "--master-port",
+        dest="port",
+        type=int,
+        default=env_int("MASTER_PORT", 29500),
+        help="port to listen on (env MASTER_PORT, default 29500; 0 picks a free one)",
+    )
+    g.add_argument(
+        "--token",
+        default=os.environ.get("HETERO_PS_TOKEN", ""),
+        help="shared secret workers must know (env HETERO_PS_TOKEN)",
+    )
     g.add_argument("--port-file", default="", help="write the port actually bound here (useful with --port 0)")
-    g.add_argument("--world-size", type=int, default=env_int("WORLD_SIZE", 1),
-                   help="nodes in the job, the master included (env WORLD_SIZE, default 1)")
+    g.add_argument(
+        "--world-size",
+        type=int,
+        default=env_int("WORLD_SIZE", 1),
+        help="nodes in the job, the master included (env WORLD_SIZE, default 1)",
+    )
     g.add_argument("--no-local-worker", action="store_true", help="the master does not train itself")
     g.add_argument("--local-device", default="auto", help="device of the master's own worker (auto|cpu|cuda[:N])")
     g.add_argument("--local-slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
-    g.add_argument("--join-timeout", type=float, default=600.0,
-                   help="fail if the workers have not all joined after this many seconds (default 600)")
-    g.add_argument("--worker-timeout", type=float, default=120.0,
-                   help="declare a silent worker lost after this many seconds (default 120)")
-    g.add_argument("--backend", default="tcp", choices=["tcp", "gloo", "nccl"],
-                   help="accepted for the seed guide's scripts; hetero_ps always uses its own TCP transport")
+    g.add_argument(
+        "--join-timeout",
+        type=float,
+        default=600.0,
+        help="fail if the workers have not all joined after this many seconds (default 600)",
+    )
+    g.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=120.0,
+        help="declare a silent worker lost after this many seconds (default 120)",
+    )
+    g.add_argument(
+        "--backend",
+        default="tcp",
+        choices=["tcp", "gloo", "nccl"],
+        help="accepted for the seed guide's scripts; hetero_ps always uses its own TCP transport",
+    )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=d.model,
-                   help="simple_cnn | resnet50 | bert | gpt2 | package.module:factory (default simple_cnn)")
-    g.add_argument("--model-size", default=d.model_size, choices=["default", "tiny"],
-                   help="tiny: small bert/gpt2 that train on a CPU")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for a model factory (repeatable)")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="digits | synthetic_image | synthetic_text | cifar10 | package.module:factory")
-    g.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for a data-set factory (repeatable)")
-    g.add_argument("--data-dir", default=os.environ.get("HETERO_PS_DATA_DIR", ""),
-                   help="where file-based data sets live on every node (cifar10)")
+    g.add_argument(
+        "--model",
+        default=d.model,
+        help="simple_cnn | resnet50 | bert | gpt2 | package.module:factory (default simple_cnn)",
+    )
+    g.add_argument(
+        "--model-size",
+        default=d.model_size,
+        choices=["default", "tiny"],
+        help="tiny: small bert/gpt2 that train on a CPU",
+    )
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for a model factory (repeatable)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="digits | synthetic_image | synthetic_text | cifar10 | package.module:factory",
+    )
+    g.add_argument(
+        "--dataset-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for a data-set factory (repeatable)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=os.environ.get("HETERO_PS_DATA_DIR", ""),
+        help="where file-based data sets live on every node (cifar10)",
+    )
     g.add_argument("--loss", default="", help="package.module:fn(output, target) (default cross-entropy)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=32, help="batch size per device (default 32)")
     g.add_argument("--global-batch-size", type=int, default=0, help="the global batch B, overriding --batch-size")
-    g.add_argument("--worker-batch-sizes", default="",
-                   help="fixed per-rank split, e.g. 0:5,1:17,2:42 (must sum to the global batch)")
+    g.add_argument(
+        "--worker-batch-sizes",
+        default="",
+        help="fixed per-rank split, e.g. 0:5,1:17,2:42 (must sum to the global batch)",
+    )
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training split (default {d.epochs})")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the model init and every epoch's sample order")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help=f"the master's optimizer (default {d.optimizer}: SGD with momentum)")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help=f"the master's optimizer (default {d.optimizer}: SGD with momentum)",
+    )
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--momentum", type=float, default=d.momentum, help="momentum of --optimizer momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 (decoupled for adamw)")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-                   help=f"learning-rate schedule after warmup (default {d.lr_schedule})")
+    g.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=d.lr_schedule,
+        help=f"learning-rate schedule after warmup (default {d.lr_schedule})",
+    )
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
     g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="step schedule: decay every N steps")
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule: decay factor")
     g = p.add_argument_group("synchronisation and compression")
     g.add_argument("--sync", choices=SYNC_MODES, default=d.sync, help="bsp (default), ssp or asp")
-    g.add_argument("--staleness", type=int, default=d.staleness,
-                   help="SSP bound S: a worker may run at most S updates ahead of the slowest (default 2)")
-    g.add_argument("--staleness-scaling", choices=STALENESS_SCALINGS, default=d.staleness_scaling,
-                   help="SSP/ASP: scale a gradient of staleness t by 1/(1+t) (inverse), 1/sqrt(1+t), or not")
+    g.add_argument(
+        "--staleness",
+        type=int,
+        default=d.staleness,
+        help="SSP bound S: a worker may run at most S updates ahead of the slowest (default 2)",
+    )
+    g.add_argument(
+        "--staleness-scaling",
+        choices=STALENESS_SCALINGS,
+        default=d.staleness_scaling,
+        help="SSP/ASP: scale a gradient of staleness t by 1/(1+t) (inverse), 1/sqrt(1+t), or not",
+    )
     g.add_argument("--compression", default=d.compression, help="push codec: none|fp16|bf16|int8|topk:RATIO")
     g.add_argument("--pull-compression", default=d.pull_compression, help="pull codec: none|fp16|bf16")
     g.add_argument("--chunk-mb", type=float, default=d.chunk_bytes / 2**20, help="gradient chunk size on the wire")
     g = p.add_argument_group("load balancing")
-    g.add_argument("--enable-load-balancing", action="store_true",
-                   help="size each worker's batch to its speed (without it: equal shares)")
-    g.add_argument("--load-balance-policy", choices=[x for x in POLICIES if x != "uniform"], default="dynamic",
-                   help="proportional (join-time probe), dynamic (measured, default) or hybrid")
+    g.add_argument(
+        "--enable-load-balancing",
+        action="store_true",
+        help="size each worker's batch to its speed (without it: equal shares)",
+    )
+    g.add_argument(
+        "--load-balance-policy",
+        choices=[x for x in POLICIES if x != "uniform"],
+        default="dynamic",
+        help="proportional (join-time probe), dynamic (measured, default) or hybrid",
+    )
     g.add_argument("--rebalance-interval", type=int, default=d.rebalance_interval, help="steps between rebalances")
     g = p.add_argument_group("watching the run")
     g.add_argument("--dashboard-port", type=int, default=3000, help="live dashboard port (default 3000)")
     g.add_argument("--dashboard-host", default="", help="dashboard address (default: the same as --host)")
     g.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to experiments/NAME/tb")
-    g.add_argument("--eval-samples", type=int, default=0, metavar="N",
-                   help="evaluate on at most N samples of the eval split (default 0: all of it)")
+    g.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate on at most N samples of the eval split (default 0: all of it)",
+    )
     g = p.add_argument_group("experiment and output")
     g.add_argument("--experiment", default="", help="experiment name (default: timestamp-model-dataset)")
     g.add_argument("--experiments-dir", default="experiments", help="where experiments/NAME goes")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    g.add_argument("--log-format", choices=["plain", "json"], default="plain",
-                   help="plain lines (a progress bar on a terminal) or JSON lines")
+    g.add_argument(
+        "--log-format",
+        choices=["plain", "json"],
+        default="plain",
+        help="plain lines (a progress bar on a terminal) or JSON lines",
+    )
     return p
 
 
@@ -129,19 +227,40 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         raise ConfigError(f"--staleness must be >= 0, got {a.staleness}")
     if global_batch < trainers:
         raise ConfigError(f"a global batch of {global_batch} cannot be shared by {trainers} workers")
-    for spec, flag in ((a.compression, "--compression"), (a.pull_compression, "--pull-compression")):
-        parse_codec(spec)   # raises ConfigError with the valid choices
+    for spec in (a.compression, a.pull_compression):
+        parse_codec(spec)  # raises ConfigError with the valid choices
     if a.pull_compression.split(":")[0] not in ("none", "fp16", "bf16"):
         raise ConfigError("--pull-compression must be none, fp16 or bf16")
     return JobConfig(
-        model=a.model, model_size=a.model_size, model_args=parse_kv(a.model_arg, "--model-arg"),
-        dataset=a.dataset, dataset_args=parse_kv(a.dataset_arg, "--dataset-arg"), data_dir=a.data_dir, loss=a.loss,
-        optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, lr_step_size=a.lr_step_size,
-        lr_gamma=a.lr_gamma, global_batch=global_batch, epochs=a.epochs, max_steps=a.max_steps, seed=a.seed,
-        sync=a.sync, staleness=a.staleness, staleness_scaling=a.staleness_scaling, compression=a.compression, pull_compression=a.pull_compression,
-        load_balancing=a.enable_load_balancing, policy=a.load_balance_policy,
-        rebalance_interval=a.rebalance_interval, chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4)
+        model=a.model,
+        model_size=a.model_size,
+        model_args=parse_kv(a.model_arg, "--model-arg"),
+        dataset=a.dataset,
+        dataset_args=parse_kv(a.dataset_arg, "--dataset-arg"),
+        data_dir=a.data_dir,
+        loss=a.loss,
+        optimizer=a.optimizer,
+        lr=a.lr,
+        momentum=a.momentum,
+        weight_decay=a.weight_decay,
+        lr_schedule=a.lr_schedule,
+        warmup_steps=a.warmup_steps,
+        lr_step_size=a.lr_step_size,
+        lr_gamma=a.lr_gamma,
+        global_batch=global_batch,
+        epochs=a.epochs,
+        max_steps=a.max_steps,
+        seed=a.seed,
+        sync=a.sync,
+        staleness=a.staleness,
+        staleness_scaling=a.staleness_scaling,
+        compression=a.compression,
+        pull_compression=a.pull_compression,
+        load_balancing=a.enable_load_balancing,
+        policy=a.load_balance_policy,
+        rebalance_interval=a.rebalance_interval,
+        chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4,
+    )
 
 
 def parse_fixed_sizes(spec: str, global_batch: int, trainers: int) -> dict[int, int]:
@@ -158,11 +277,15 @@ def parse_fixed_sizes(spec: str, global_batch: int, trainers: int) -> dict[int, 
     if any(b < 1 for b in out.values()):
         raise ConfigError(f"--worker-batch-sizes {spec}: every size must be at least 1")
     if len(out) != trainers:
-        raise ConfigError(f"--worker-batch-sizes {spec} names {len(out)} rank(s), but the job has {trainers} "
-                          "training worker(s); give one size per worker")
+        raise ConfigError(
+            f"--worker-batch-sizes {spec} names {len(out)} rank(s), but the job has {trainers} "
+            "training worker(s); give one size per worker"
+        )
     if sum(out.values()) != global_batch:
-        raise ConfigError(f"--worker-batch-sizes {spec} sums to {sum(out.values())}, but the global batch is "
-                          f"{global_batch}; pass --global-batch-size {sum(out.values())} or change the sizes")
+        raise ConfigError(
+            f"--worker-batch-sizes {spec} sums to {sum(out.values())}, but the global batch is "
+            f"{global_batch}; pass --global-batch-size {sum(out.values())} or change the sizes"
+        )
     return out
 
 
@@ -177,12 +300,20 @@ async def run(a: argparse.Namespace) -> dict:
     if trainers < 1:
         raise ConfigError(f"WORLD_SIZE={a.world_size} with --no-local-worker leaves nobody to train")
     job = job_from_args(a, trainers)
-    fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)   # before any folder exists
+    fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)  # before any folder exists
     exp = Experiment(a.experiments_dir, a.experiment or None, job=job)
     add_file_log(exp.log_path("server"), "master", a.log_format)
-    cfg = ServerConfig(host=a.host, port=a.port, token=a.token, expected_workers=trainers,
-                       join_timeout=a.join_timeout, worker_timeout=a.worker_timeout,
-                       worker_batch_sizes=fixed_sizes, experiment=exp.name, eval_samples=a.eval_samples)
+    cfg = ServerConfig(
+        host=a.host,
+        port=a.port,
+        token=a.token,
+        expected_workers=trainers,
+        join_timeout=a.join_timeout,
+        worker_timeout=a.worker_timeout,
+        worker_batch_sizes=fixed_sizes,
+        experiment=exp.name,
+        eval_samples=a.eval_samples,
+    )
     if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
     sinks: list = []
@@ -204,20 +335,35 @@ async def run(a: argparse.Namespace) -> dict:
         await ps.start()
         if hub is not None:
             dashboard = await _start_dashboard(a, hub, ps, exp.name)
-        exp.write_config({"job": job.to_wire(), "world_size": a.world_size, "local_worker": local,
-                          "host": a.host, "port": a.port, "argv": sys.argv})
-        say(a, f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}", event="listening",
-            host=a.host, port=ps.port, experiment=exp.path)
+        exp.write_config(
+            {
+                "job": job.to_wire(),
+                "world_size": a.world_size,
+                "local_worker": local,
+                "host": a.host,
+                "port": a.port,
+                "argv": sys.argv,
+            }
+        )
+        say(
+            a,
+            f"hetero_ps master listening on {a.host}:{ps.port}; experiment {exp.path}",
+            event="listening",
+            host=a.host,
+            port=ps.port,
+            experiment=exp.path,
+        )
         if dashboard is not None:
             say(a, f"dashboard: {dashboard.url}", event="dashboard", url=dashboard.url)
         if a.port_file:
             tmp = a.port_file + ".tmp"
             with open(tmp, "w") as f:
                 f.write(f"{ps.port}\n")
-            os.replace(tmp, a.port_file)   # readers never see a half-written file
+            os.replace(tmp, a.port_file)  # readers never see a half-written file
         if local:
-            local_worker = LocalWorker(ps.port, a.token, a.local_device, a.experiments_dir, a.local_slowdown,
-                                       a.log_format)
+            local_worker = LocalWorker(
+                ps.port, a.token, a.local_device, a.experiments_dir, a.local_slowdown, a.log_format
+            )
         with ps.progress.redirect_logging():
             summary = await _train_watching(ps, local_worker)
         exp.save_checkpoint(ps.model.state_dict(), job)
@@ -247,9 +393,16 @@ async def run(a: argparse.Namespace) -> dict:
 async def _start_dashboard(a: argparse.Namespace, hub, ps, experiment: str):
     from hetero_ps.observe.dashboard import start_dashboard
 
-    hub.set_job({**ps.job.to_wire(), "experiment": experiment, "total_steps": ps.total_steps,
-                 "steps_per_epoch": ps.steps_per_epoch, "parameters": ps.numel})
-    return await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)   # a taken port: ConfigError
+    hub.set_job(
+        {
+            **ps.job.to_wire(),
+            "experiment": experiment,
+            "total_steps": ps.total_steps,
+            "steps_per_epoch": ps.steps_per_epoch,
+            "parameters": ps.numel,
+        }
+    )
+    return await start_dashboard(hub, a.dashboard_host or a.host, a.dashboard_port)  # a taken port: ConfigError
 
 
 async def _train_watching(ps, local_worker: LocalWorker | None) -> dict:
@@ -261,7 +414,7 @@ async def _train_watching(ps, local_worker: LocalWorker | None) -> dict:
     try:
         await asyncio.wait({train, watch}, return_when=asyncio.FIRST_COMPLETED)
         if watch.done():
-            watch.result()   # raises: the local worker died
+            watch.result()  # raises: the local worker died
         return train.result()
     finally:
         for task in (train, watch):
@@ -286,12 +439,12 @@ def _raise_interrupt(*_):
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_logging("master", a.log_level, a.log_format)
-    for sig in (signal.SIGTERM, signal.SIGINT):   # a clean shutdown (local worker reaped) that says what it stopped
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a clean shutdown (local worker reaped) that says what it stopped
         signal.signal(sig, _raise_interrupt)
     try:
         summary = asyncio.run(run(a))
     except KeyboardInterrupt:
-        if not _INTERRUPTED_WHILE:   # Ctrl-C: Python raised it, not our handler
+        if not _INTERRUPTED_WHILE:  # Ctrl-C: Python raised it, not our handler
             _INTERRUPTED_WHILE.append(_RUNNING[-1].phase if _RUNNING else "starting")
         where = f" while {_INTERRUPTED_WHILE[0]}"
         log.warning("stopped%s (Ctrl-C or SIGTERM); the experiment folder keeps what was written", where)
@@ -299,11 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     except HeteroPSError as exc:
         log.error("%s", exc)
         return 1
-    except OSError as exc:   # a port taken, an address not ours: the message says which and what to do
+    except OSError as exc:  # a port taken, an address not ours: the message says which and what to do
         log.debug("start failed", exc_info=True)
         log.error("%s", exc.strerror or exc)
         return 1
-    if a.log_format == "json":   # every stdout line is one JSON object
+    if a.log_format == "json":  # every stdout line is one JSON object
         print(json.dumps({"t": round(time.time(), 3), "event": "summary", "summary": summary}, default=str), flush=True)
     else:
         print(json.dumps(summary, indent=2, default=str), flush=True)

@@ -32,8 +32,10 @@ def check_control(header: dict[str, Any]) -> tuple[int, dict[str, float]]:
     knobs = {k: v for k, v in header.items() if k != "rank"}
     bad = [k for k in knobs if k not in CONTROL_KNOBS]
     if not isinstance(rank, int) or bad or not knobs:
-        raise RemoteError("bad_control", f"CONTROL needs an int rank and knobs from {sorted(CONTROL_KNOBS)}; "
-                          f"got rank={rank!r}, unknown={bad}")
+        raise RemoteError(
+            "bad_control",
+            f"CONTROL needs an int rank and knobs from {sorted(CONTROL_KNOBS)}; got rank={rank!r}, unknown={bad}",
+        )
     values: dict[str, float] = {}
     for k, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < CONTROL_KNOBS[k]:
@@ -43,8 +45,12 @@ def check_control(header: dict[str, Any]) -> tuple[int, dict[str, float]]:
 
 
 def _control(knobs: dict[str, float], ok: bool | None = None, rank: int | None = None) -> Control:
-    return Control(ok=ok, rank=rank, simulate_slowdown=knobs.get("simulate_slowdown"),
-                   simulate_bandwidth=knobs.get("simulate_bandwidth"))
+    return Control(
+        ok=ok,
+        rank=rank,
+        simulate_slowdown=knobs.get("simulate_slowdown"),
+        simulate_bandwidth=knobs.get("simulate_bandwidth"),
+    )
 
 
 class ControlDesk:

@@ -24,13 +24,11 @@ EVAL_BATCH = 64
 
 
 class Evaluator:
-    def __init__(self, job: JobConfig, model: torch.nn.Module, eval_set: Any, train_set: Any,
-                 max_samples: int = 0):
+    def __init__(self, job: JobConfig, model: torch.nn.Module, eval_set: Any, train_set: Any, max_samples: int = 0):
         self.job, self.eval_set, self.train_set = job, eval_set, train_set
-        self.max_samples = max_samples   # 0: the whole eval split (--eval-samples)
+        self.max_samples = max_samples  # 0: the whole eval split (--eval-samples)
         self.snapshot = copy.deepcopy(model)
-        self.has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                 for m in self.snapshot.modules())
+        self.has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.snapshot.modules())
         self.running = False
         self._stop = threading.Event()
 
@@ -45,12 +43,19 @@ class Evaluator:
         self.running = True
         try:
             loss, acc = await asyncio.to_thread(
-                evaluate, self.snapshot, self.eval_set, EVAL_BATCH, self.job, max_samples=self.max_samples,
-                calib_set=self.train_set if self.has_batchnorm else None, stop=self._stop)
+                evaluate,
+                self.snapshot,
+                self.eval_set,
+                EVAL_BATCH,
+                self.job,
+                max_samples=self.max_samples,
+                calib_set=self.train_set if self.has_batchnorm else None,
+                stop=self._stop,
+            )
         finally:
             self.running = False
         if self.has_batchnorm:
-            model.load_state_dict(self.snapshot.state_dict())   # keep the estimated statistics
+            model.load_state_dict(self.snapshot.state_dict())  # keep the estimated statistics
         return loss, acc, time.perf_counter() - t0
 
     def stop(self) -> None:

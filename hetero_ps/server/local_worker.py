@@ -20,14 +20,29 @@ TAIL_LINES = 20
 
 
 class LocalWorker:
-    def __init__(self, port: int, token: str, device: str, experiments_dir: str, slowdown: float,
-                 log_format: str):
-        env = dict(os.environ, HETERO_PS_TOKEN=token)   # never on the command line, where ps shows it
+    def __init__(self, port: int, token: str, device: str, experiments_dir: str, slowdown: float, log_format: str):
+        env = dict(os.environ, HETERO_PS_TOKEN=token)  # never on the command line, where ps shows it
         for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
-        cmd = [sys.executable, "-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(port),
-               "--rank", "0", "--device", device, "--experiments-dir", experiments_dir, "--log-format", log_format,
-               "--simulate-slowdown", str(slowdown)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hetero_ps.worker",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--rank",
+            "0",
+            "--device",
+            device,
+            "--experiments-dir",
+            experiments_dir,
+            "--log-format",
+            log_format,
+            "--simulate-slowdown",
+            str(slowdown),
+        ]
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._relay = threading.Thread(target=self._pass_through, name="local-worker-output", daemon=True)
@@ -44,13 +59,15 @@ class LocalWorker:
     async def watch(self, poll_s: float = 0.2) -> None:
         """Return never while it runs; raise when it exits with an error (with its last lines)."""
         while (rc := self.proc.poll()) is None or rc == 0:
-            if rc == 0:   # finished cleanly (the job is ending): nothing to watch any more
+            if rc == 0:  # finished cleanly (the job is ending): nothing to watch any more
                 await asyncio.Event().wait()
             await asyncio.sleep(poll_s)
-        await asyncio.to_thread(self._relay.join, 2.0)   # its last lines, before we quote them
+        await asyncio.to_thread(self._relay.join, 2.0)  # its last lines, before we quote them
         last = "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
-        raise HeteroPSError(f"the master's local worker (rank 0) exited with code {rc}; its last lines:\n{last}\n"
-                            "fix its cause, or run with --no-local-worker and start workers yourself")
+        raise HeteroPSError(
+            f"the master's local worker (rank 0) exited with code {rc}; its last lines:\n{last}\n"
+            "fix its cause, or run with --no-local-worker and start workers yourself"
+        )
 
     def stop(self, grace: float = 10.0) -> None:
         """Let it finish (it got BYE), else terminate, else kill."""

@@ -27,7 +27,7 @@ class ModelState:
         self.job = job
         self.model = models.build_model(job, info)
         self.flat = FlatParams(self.model)
-        self.param = torch.nn.Parameter(self.flat.params)   # shares storage with the model's views
+        self.param = torch.nn.Parameter(self.flat.params)  # shares storage with the model's views
         self.optimizer, self.lr_scheduler = optim.build_optimizer(job, self.param, total_steps)
         self.chunks = chunk_layout(self.flat.numel, job.chunk_bytes)
         self.decoders = [codecs.make_codec(job.compression, n) for _, n in self.chunks]
@@ -51,12 +51,14 @@ class ModelState:
         """``acc[chunk] += weight · decode(pushed chunk)``, after checking the push matches our chunking."""
         chunk = push.chunk
         if (push.offset, push.numel) != self.chunks[chunk]:
-            raise RemoteError("bad_chunk", f"chunk {chunk} ({push.offset}+{push.numel}) does "
-                              f"not match this model's chunking {self.chunks[chunk]}")
+            raise RemoteError(
+                "bad_chunk",
+                f"chunk {chunk} ({push.offset}+{push.numel}) does not match this model's chunking {self.chunks[chunk]}",
+            )
         if push.codec != self.job.compression:
             raise RemoteError("bad_codec", f"expected codec {self.job.compression}, got {push.codec!r}")
         off, n = self.chunks[chunk]
-        self.decoders[chunk].decode_accumulate(acc[off:off + n], push.codec_header(), segments, weight)
+        self.decoders[chunk].decode_accumulate(acc[off : off + n], push.codec_header(), segments, weight)
 
     def apply(self, grad: torch.Tensor) -> bool:
         """One optimizer update with ``grad``; skipped (False) if it holds NaN/Inf."""
@@ -83,11 +85,12 @@ class ModelState:
         snapshot = self.job.sync != "bsp"
         frames = []
         for i, (off, n) in enumerate(self.chunks):
-            fields, segments = self.encoders[i].encode(params[off:off + n])
+            fields, segments = self.encoders[i].encode(params[off : off + n])
             if snapshot:
                 segments = [bytes(memoryview(s).cast("B")) for s in segments]
-            header = params_from_codec(fields, version=self.version, chunk=i, offset=off, numel=n,
-                                       codec=self.job.pull_compression)
+            header = params_from_codec(
+                fields, version=self.version, chunk=i, offset=off, numel=n, codec=self.job.pull_compression
+            )
             frames.append(protocol.encode_frame(MsgType.PARAMS, header.to_header(), segments))
         self._params_frames = (self.version, frames)
         return frames

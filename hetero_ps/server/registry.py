@@ -16,24 +16,24 @@ if TYPE_CHECKING:
 class WorkerHandle:
     """The master's view of one worker."""
 
-    wid: int                       # unique for the life of the master (a rejoin gets a new one)
-    rank: int                      # the user's rank (RANK), unique among live workers
+    wid: int  # unique for the life of the master (a rejoin gets a new one)
+    rank: int  # the user's rank (RANK), unique among live workers
     host: str
     device: str
     profile: dict
-    conn: Any                      # transport.Connection
-    status: str = "joined"         # joined (waiting for its first step) | training | lost
+    conn: Any  # transport.Connection
+    status: str = "joined"  # joined (waiting for its first step) | training | lost
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
-    activity: str = "joined"       # what it was last doing, for "still waiting for ..." messages
+    activity: str = "joined"  # what it was last doing, for "still waiting for ..." messages
     activity_since: float = field(default_factory=time.monotonic)
-    batch: int = 0                 # its batch size in the current step
-    samples: int = 0               # samples it has computed so far
+    batch: int = 0  # its batch size in the current step
+    samples: int = 0  # samples it has computed so far
     steps: int = 0
-    ready: bool = False            # built the job and reported its calibration probe
-    params_version: int = -1       # the parameter version it last received
-    assignment: Assignment | None = None   # the work in flight for it, if any
-    clock: int = 0                 # SSP/ASP: updates it has pushed
+    ready: bool = False  # built the job and reported its calibration probe
+    params_version: int = -1  # the parameter version it last received
+    assignment: Assignment | None = None  # the work in flight for it, if any
+    clock: int = 0  # SSP/ASP: updates it has pushed
 
     def set_activity(self, what: str) -> None:
         self.activity, self.activity_since = what, time.monotonic()
@@ -54,8 +54,11 @@ class Registry:
         taken = {h.rank for h in self.workers.values()}
         if requested_rank >= 0:
             if requested_rank in taken:
-                raise RemoteError("rank_taken", f"rank {requested_rank} is already in use by a live worker; "
-                                  "give each worker its own RANK (or leave RANK unset to get a free one)")
+                raise RemoteError(
+                    "rank_taken",
+                    f"rank {requested_rank} is already in use by a live worker; "
+                    "give each worker its own RANK (or leave RANK unset to get a free one)",
+                )
             rank = requested_rank
         else:
             rank = 1

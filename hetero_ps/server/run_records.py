@@ -55,5 +55,5 @@ class RunRecords:
         for sink in self.sinks:
             try:
                 getattr(sink, f"add_{kind}")(rec)
-            except Exception:   # a broken view must never stop training
+            except Exception:  # a broken view must never stop training
                 log.exception("metrics sink %r failed on a %s record", sink, kind)

@@ -30,8 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hetero_ps.server.solver import (expected_staleness, predicted_step_time, round_preserving_sum,
-                                     solve_batch_sizes)
+from hetero_ps.server.solver import expected_staleness, predicted_step_time, round_preserving_sum, solve_batch_sizes
 
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 
@@ -82,23 +81,23 @@ class WorkerModel:
     other batch sizes refine ``r`` without a noisy two-point fit swinging ``c``.
     """
 
-    rate_hint: float = 0.0          # samples/s from the join-time probe or specs (0 = unknown)
-    max_batch: int = 0              # the largest batch that fits its memory (0 = no cap)
-    c_hint: float = 0.0             # fixed cost per step from the probe (s), a prior for ``fixed``
-    r_hint: float = 0.0             # per-sample rate from the probe (samples/s), 0 = use rate_hint
-    alpha: float = 0.1              # EWMA weight decay per observation (for the rate)
-    gate: float = 1.5               # an observation off the prediction by more than this factor is a suspect
-    regime_after: int = 3           # this many suspects in a row on one side = a new regime
-    keep: int = 30                  # observations kept per regime (for the fixed cost)
-    prior_sd: float = 0.1           # uncertainty of the probe's fixed cost, as a share of the step time
-    observations: list = field(default_factory=list)   # (batch, seconds) of the current regime, newest last
-    suspects: list = field(default_factory=list)       # consecutive off-model (batch, seconds, slower?)
-    rate: float = 0.0               # fitted samples/s (0 = not measured yet)
-    fixed: float = 0.0              # fitted fixed cost per step in seconds
-    count: int = 0                  # observations accepted or adopted over the model's life
-    rejected: int = 0               # observations held back as outliers and never adopted
-    regimes: int = 0                # regime changes detected
-    changed: bool = False           # a regime change the scheduler has not acted on yet
+    rate_hint: float = 0.0  # samples/s from the join-time probe or specs (0 = unknown)
+    max_batch: int = 0  # the largest batch that fits its memory (0 = no cap)
+    c_hint: float = 0.0  # fixed cost per step from the probe (s), a prior for ``fixed``
+    r_hint: float = 0.0  # per-sample rate from the probe (samples/s), 0 = use rate_hint
+    alpha: float = 0.1  # EWMA weight decay per observation (for the rate)
+    gate: float = 1.5  # an observation off the prediction by more than this factor is a suspect
+    regime_after: int = 3  # this many suspects in a row on one side = a new regime
+    keep: int = 30  # observations kept per regime (for the fixed cost)
+    prior_sd: float = 0.1  # uncertainty of the probe's fixed cost, as a share of the step time
+    observations: list = field(default_factory=list)  # (batch, seconds) of the current regime, newest last
+    suspects: list = field(default_factory=list)  # consecutive off-model (batch, seconds, slower?)
+    rate: float = 0.0  # fitted samples/s (0 = not measured yet)
+    fixed: float = 0.0  # fitted fixed cost per step in seconds
+    count: int = 0  # observations accepted or adopted over the model's life
+    rejected: int = 0  # observations held back as outliers and never adopted
+    regimes: int = 0  # regime changes detected
+    changed: bool = False  # a regime change the scheduler has not acted on yet
 
     @property
     def settled(self) -> bool:
@@ -117,12 +116,12 @@ class WorkerModel:
             q = seconds / self.predict(batch)
             if q > self.gate or q < 1.0 / self.gate:
                 return self._suspect(batch, seconds, q > 1.0)
-        if self.rate <= 0:   # the first observation: the probe's split of fixed vs per-sample time
+        if self.rate <= 0:  # the first observation: the probe's split of fixed vs per-sample time
             self.fixed = self._probe_fixed(batch, seconds)
         self.rejected += len(self.suspects)
         self.suspects = []
         self.observations.append((batch, seconds))
-        del self.observations[:-self.keep]
+        del self.observations[: -self.keep]
         self.count += 1
         if self.settled:
             self.fixed = self._fit_fixed()
@@ -136,7 +135,7 @@ class WorkerModel:
         return 0.8 * min(sizes) <= batch <= 1.25 * max(sizes)
 
     def _suspect(self, batch: int, seconds: float, slower: bool) -> str:
-        if self.suspects and self.suspects[-1][2] != slower:   # both sides: noise, not a regime
+        if self.suspects and self.suspects[-1][2] != slower:  # both sides: noise, not a regime
             self.rejected += len(self.suspects)
             self.suspects = []
         self.suspects.append((batch, seconds, slower))
@@ -155,7 +154,7 @@ class WorkerModel:
     def _fit_rate(self) -> None:
         obs = self.observations
         t_min = min(t for _, t in obs)
-        self.fixed = min(max(self.fixed, 0.0), 0.9 * t_min)   # keep every implied rate finite
+        self.fixed = min(max(self.fixed, 0.0), 0.9 * t_min)  # keep every implied rate finite
         w = [(1.0 - self.alpha) ** (len(obs) - 1 - k) for k in range(len(obs))]
         self.rate = trimmed_mean([b / (t - self.fixed) for b, t in obs], w)
 
@@ -197,7 +196,7 @@ class WorkerModel:
         ref = self.profile_model()
         if ref is None or ref[0] <= 0:
             return 0.0
-        c, r = ref   # the probe's split of a step into fixed and per-sample time, at the measured speed
+        c, r = ref  # the probe's split of a step into fixed and per-sample time, at the measured speed
         return c * seconds / (c + batch / r)
 
     def profile_model(self) -> tuple[float, float] | None:
@@ -213,20 +212,27 @@ class WorkerModel:
 class Decision:
     """A split and why it was chosen (logged as a metrics event)."""
 
-    sizes: dict            # worker id -> batch size
+    sizes: dict  # worker id -> batch size
     policy: str
     reason: str
     predicted_step_s: float = 0.0
     previous_predicted_s: float = 0.0
-    inputs: dict = field(default_factory=dict)   # worker id -> {"c": s, "r": samples/s, "source", ...}
+    inputs: dict = field(default_factory=dict)  # worker id -> {"c": s, "r": samples/s, "source", ...}
 
 
 class Scheduler:
     """Decides every worker's batch size; the server asks it each step (or each SSP/ASP task)."""
 
-    def __init__(self, global_batch: int, policy: str = "uniform", rebalance_interval: int = 10,
-                 min_batch: int = 1, min_gain: float = 0.03, warmup_observations: int = 3,
-                 fixed_sizes: dict | None = None):
+    def __init__(
+        self,
+        global_batch: int,
+        policy: str = "uniform",
+        rebalance_interval: int = 10,
+        min_batch: int = 1,
+        min_gain: float = 0.03,
+        warmup_observations: int = 3,
+        fixed_sizes: dict | None = None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
@@ -237,27 +243,30 @@ class Scheduler:
         self.min_batch = max(1, int(min_batch))
         self.min_gain = float(min_gain)
         self.warmup_observations = max(1, int(warmup_observations))
-        self.fixed_sizes = dict(fixed_sizes or {})   # rank -> size, from --worker-batch-sizes
+        self.fixed_sizes = dict(fixed_sizes or {})  # rank -> size, from --worker-batch-sizes
         self.models: dict[int, WorkerModel] = {}
         self.sizes: dict[int, int] = {}
-        self.source = ""                  # what the current split was computed from
+        self.source = ""  # what the current split was computed from
         self._last_solve_step = -1
-        self._follow_up = None            # step at which to re-check a freshly moved measured split
+        self._follow_up = None  # step at which to re-check a freshly moved measured split
         self._ranks: dict[int, int] = {}  # worker id -> rank, for readable reasons
 
     # -- membership -------------------------------------------------------------------------
-    def add_worker(self, wid: int, rate_hint: float = 0.0, max_batch: int = 0,
-                   c_hint: float = 0.0, r_hint: float = 0.0) -> None:
+    def add_worker(
+        self, wid: int, rate_hint: float = 0.0, max_batch: int = 0, c_hint: float = 0.0, r_hint: float = 0.0
+    ) -> None:
         """Count a ready worker. ``rate_hint`` is its probe's samples/s; ``c_hint``/``r_hint`` the
         probe's fitted fixed cost (s) and rate (samples/s), when it has them; ``max_batch`` its memory
         cap (0 = none)."""
+
         def num(x):
             x = float(x or 0.0)
             return x if math.isfinite(x) and x > 0 else 0.0
 
-        self.models[wid] = WorkerModel(rate_hint=num(rate_hint), max_batch=max(0, int(max_batch or 0)),
-                                       c_hint=num(c_hint), r_hint=num(r_hint))
-        self.sizes = {}   # membership changed: next assign() re-solves
+        self.models[wid] = WorkerModel(
+            rate_hint=num(rate_hint), max_batch=max(0, int(max_batch or 0)), c_hint=num(c_hint), r_hint=num(r_hint)
+        )
+        self.sizes = {}  # membership changed: next assign() re-solves
 
     def remove_worker(self, wid: int) -> None:
         self.models.pop(wid, None)
@@ -270,8 +279,9 @@ class Scheduler:
             self.models[wid].observe(batch, seconds)
 
     # -- decisions ----------------------------------------------------------------------------
-    def assign(self, step: int, workers: list[int], total: int | None = None,
-               ranks: dict[int, int] | None = None) -> tuple[dict[int, int], Decision | None]:
+    def assign(
+        self, step: int, workers: list[int], total: int | None = None, ranks: dict[int, int] | None = None
+    ) -> tuple[dict[int, int], Decision | None]:
         """The sizes for this step, and a Decision when the split changed (else None).
 
         ``total`` is this step's batch: the global batch, or the remainder at an epoch's end, which
@@ -303,7 +313,7 @@ class Scheduler:
         return dict(zip(wids, partial)), decision
 
     def _why_rebalance(self, step: int, wids: list[int]) -> str:
-        if self.source == "fixed":   # --worker-batch-sizes: the user's split, never second-guessed
+        if self.source == "fixed":  # --worker-batch-sizes: the user's split, never second-guessed
             return ""
         ms = [self.models[w] for w in wids]
         if self.source != "measured" and self._warm(ms):
@@ -330,7 +340,7 @@ class Scheduler:
         total, n = self.global_batch, len(wids)
         lo = [max(1, min(self.min_batch, total // n))] * n
         hi = [max(lo[0], self.models[w].max_batch or total) for w in wids]
-        if sum(hi) < total:   # memory caps cannot hold the batch: ignore them rather than fail
+        if sum(hi) < total:  # memory caps cannot hold the batch: ignore them rather than fail
             hi = [total] * n
         return lo, hi
 
@@ -353,8 +363,7 @@ class Scheduler:
         if len(wids) > total:
             raise ValueError(f"{len(wids)} workers cannot share a global batch of {total}")
         fixed = self.fixed_sizes
-        if fixed and ranks and all(ranks.get(w) in fixed for w in wids) \
-                and sum(fixed[ranks[w]] for w in wids) == total:
+        if fixed and ranks and all(ranks.get(w) in fixed for w in wids) and sum(fixed[ranks[w]] for w in wids) == total:
             self.source = "fixed"
             return self._adopt({w: fixed[ranks[w]] for w in wids}, "fixed", f"{why}; --worker-batch-sizes")
         lo, hi = self._bounds(wids)
@@ -366,11 +375,16 @@ class Scheduler:
         if same_members and source == self.source:
             t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids])
             if t_old - t_new <= self.min_gain * t_old:
-                return None   # hysteresis: not worth moving samples around
+                return None  # hysteresis: not worth moving samples around
             self.source = source
-            return self._adopt(dict(zip(wids, new)), self.policy,
-                               f"{why}; {source} model predicts {t_old * 1e3:.1f} ms -> {t_new * 1e3:.1f} ms",
-                               t_new, t_old, inputs)
+            return self._adopt(
+                dict(zip(wids, new)),
+                self.policy,
+                f"{why}; {source} model predicts {t_old * 1e3:.1f} ms -> {t_new * 1e3:.1f} ms",
+                t_new,
+                t_old,
+                inputs,
+            )
         t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids]) if same_members else 0.0
         self.source = source
         policy = self.policy if source != "uniform" else "uniform"
@@ -378,16 +392,37 @@ class Scheduler:
 
     def _describe(self, w: int, c: float, r: float, source: str) -> dict:
         m = self.models[w]
-        return {"c": c, "r": r, "source": source, "observations": m.count, "rejected": m.rejected,
-                "regimes": m.regimes, "rate_hint": m.rate_hint, "max_batch": m.max_batch}
+        return {
+            "c": c,
+            "r": r,
+            "source": source,
+            "observations": m.count,
+            "rejected": m.rejected,
+            "regimes": m.regimes,
+            "rate_hint": m.rate_hint,
+            "max_batch": m.max_batch,
+        }
 
-    def _adopt(self, sizes: dict[int, int], policy: str, reason: str, t_new: float = 0.0,
-               t_old: float = 0.0, inputs: dict | None = None) -> Decision:
+    def _adopt(
+        self,
+        sizes: dict[int, int],
+        policy: str,
+        reason: str,
+        t_new: float = 0.0,
+        t_old: float = 0.0,
+        inputs: dict | None = None,
+    ) -> Decision:
         moved = self.source == "measured" and self.sizes and sizes != self.sizes
         self._follow_up = self._last_solve_step + self.warmup_observations if moved else None
         self.sizes = sizes
-        return Decision(sizes=dict(sizes), policy=policy, reason=reason, predicted_step_s=t_new,
-                        previous_predicted_s=t_old, inputs=inputs or {})
+        return Decision(
+            sizes=dict(sizes),
+            policy=policy,
+            reason=reason,
+            predicted_step_s=t_new,
+            previous_predicted_s=t_old,
+            inputs=inputs or {},
+        )
 
     # -- SSP/ASP --------------------------------------------------------------------------------
     def expected_staleness(self, workers: list[int] | None = None) -> dict[int, float]:

@@ -51,21 +51,22 @@ log = logging.getLogger("hetero_ps.server")
 class ServerConfig:
     """How the master runs (the job itself is a JobConfig)."""
 
-    host: str = "0.0.0.0"              # address to listen on
-    port: int = 29500                  # MASTER_PORT
-    token: str = ""                    # shared secret (HETERO_PS_TOKEN)
-    expected_workers: int = 1          # start training once this many workers are ready
-    join_timeout: float = 600.0        # give up if they are not ready after this long
-    worker_timeout: float = 120.0      # a worker silent this long is declared lost
-    straggler_warn_s: float = 10.0     # log who we are waiting for after this long in a step
-    worker_batch_sizes: dict[int, int] = field(default_factory=dict)   # rank -> fixed batch size
-    experiment: str = ""               # experiment name (for the welcome and logs)
-    eval_samples: int = 0              # evaluate on at most this many samples (0: the whole eval split)
+    host: str = "0.0.0.0"  # address to listen on
+    port: int = 29500  # MASTER_PORT
+    token: str = ""  # shared secret (HETERO_PS_TOKEN)
+    expected_workers: int = 1  # start training once this many workers are ready
+    join_timeout: float = 600.0  # give up if they are not ready after this long
+    worker_timeout: float = 120.0  # a worker silent this long is declared lost
+    straggler_warn_s: float = 10.0  # log who we are waiting for after this long in a step
+    worker_batch_sizes: dict[int, int] = field(default_factory=dict)  # rank -> fixed batch size
+    experiment: str = ""  # experiment name (for the welcome and logs)
+    eval_samples: int = 0  # evaluate on at most this many samples (0: the whole eval split)
 
 
 class ParameterServer:
-    def __init__(self, job: JobConfig, cfg: ServerConfig, experiment: Any = None, sinks: Any = (),
-                 progress: Any = None):
+    def __init__(
+        self, job: JobConfig, cfg: ServerConfig, experiment: Any = None, sinks: Any = (), progress: Any = None
+    ):
         self.job, self.cfg = job, cfg
         self.records = RunRecords(experiment, sinks, progress)
         self.train_set, self.eval_set, self.info = data.load_datasets(job)
@@ -77,8 +78,7 @@ class ParameterServer:
         self.evaluator = Evaluator(job, self.state.model, self.eval_set, self.train_set, cfg.eval_samples)
         self.training = False
         policy = job.policy if job.load_balancing else "uniform"
-        self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval,
-                                   fixed_sizes=cfg.worker_batch_sizes)
+        self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval, fixed_sizes=cfg.worker_batch_sizes)
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
         self.control = ControlDesk(self.admission.registry, self.records.event, cfg.worker_timeout)
         self._server: Any = None
@@ -103,12 +103,22 @@ class ParameterServer:
     # -- connections ------------------------------------------------------------------------
     async def start(self) -> None:
         self._server = await transport.start_server(
-            self.cfg.host, self.cfg.port, token=self.cfg.token, on_hello=self._on_hello,
-            on_connection=self._serve)
-        log.info("master listening on %s:%d — model %s (%d parameters), data %s (%d train / %d eval), "
-                 "global batch %d, %d steps, %s", self.cfg.host, self.port, self.job.model, self.numel,
-                 self.job.dataset, len(self.train_set), len(self.eval_set), self.job.global_batch,
-                 self.total_steps, self.job.sync.upper())
+            self.cfg.host, self.cfg.port, token=self.cfg.token, on_hello=self._on_hello, on_connection=self._serve
+        )
+        log.info(
+            "master listening on %s:%d — model %s (%d parameters), data %s (%d train / %d eval), "
+            "global batch %d, %d steps, %s",
+            self.cfg.host,
+            self.port,
+            self.job.model,
+            self.numel,
+            self.job.dataset,
+            len(self.train_set),
+            len(self.eval_set),
+            self.job.global_batch,
+            self.total_steps,
+            self.job.sync.upper(),
+        )
 
     async def close(self) -> None:
         self.evaluator.stop()
@@ -133,8 +143,14 @@ class ParameterServer:
         h = self.admission.admit(hello, conn)
         conn.worker = h
         conn.set_payload_allocator(self._push_allocator())
-        return Welcome(worker_id=h.wid, rank=h.rank, job=self.job.to_wire(), numel=self.numel,
-                       experiment=self.cfg.experiment, total_steps=self.total_steps)
+        return Welcome(
+            worker_id=h.wid,
+            rank=h.rank,
+            job=self.job.to_wire(),
+            numel=self.numel,
+            experiment=self.cfg.experiment,
+            total_steps=self.total_steps,
+        )
 
     def _push_allocator(self) -> Any:
         """Each worker's chunks land in one receive buffer that lives as long as the connection."""
@@ -144,7 +160,7 @@ class ParameterServer:
         def allocate(msg_type: MsgType, header: dict[str, Any], nbytes: int) -> memoryview | None:
             nonlocal buf
             if msg_type != MsgType.PUSH or nbytes > cap:
-                return None   # the decoder allocates (within its limits); the handler rejects bad headers
+                return None  # the decoder allocates (within its limits); the handler rejects bad headers
             if len(buf) < nbytes:
                 buf = bytearray(cap)
             return memoryview(buf)[:nbytes]
@@ -181,7 +197,7 @@ class ParameterServer:
         except RemoteError as exc:
             reason = str(exc)
             await conn.send_error(exc.code, exc.message)
-        except RemoteProtocolError as exc:   # a malformed header: tell the worker which field, then drop it
+        except RemoteProtocolError as exc:  # a malformed header: tell the worker which field, then drop it
             reason = f"protocol error: {exc}"
             await conn.send_error("protocol_error", str(exc))
         except (TransportError, HeteroPSError) as exc:
@@ -193,7 +209,7 @@ class ParameterServer:
     def _on_push(self, h: WorkerHandle, push: Push, segments: Any) -> None:
         a = h.assignment
         if a is None or not a.is_current(push.step, push.attempt):
-            return   # a push for an aborted attempt: its samples are being redone
+            return  # a push for an aborted attempt: its samples are being redone
         a.take_chunk(h.wid, push.chunk, h.name)
         h.set_activity(f"pushing step {a.step} (chunk {push.chunk + 1}/{self.n_chunks})")
         self.state.accumulate(push, segments, a.acc_np, a.weight(h.wid))
@@ -209,7 +225,8 @@ class ParameterServer:
         a.add_report(h.wid, m.report)
         util = m.report.util
         self.records.worker_utilisation(
-            h.rank, **{k: util.get(k) for k in ("cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")})
+            h.rank, **{k: util.get(k) for k in ("cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")}
+        )
         self._maybe_done(h, a)
 
     def _maybe_done(self, h: WorkerHandle, a: Assignment) -> None:
@@ -258,8 +275,9 @@ class ParameterServer:
         return self.admission.next_change()
 
     def split_batch(self, workers: list[WorkerHandle], total: int | None = None) -> dict[int, int]:
-        sizes, decision = self.scheduler.assign(self.step, [h.wid for h in workers], total,
-                                                ranks={h.wid: h.rank for h in workers})
+        sizes, decision = self.scheduler.assign(
+            self.step, [h.wid for h in workers], total, ranks={h.wid: h.rank for h in workers}
+        )
         if decision is not None:
             self._record_decision(decision)
         return sizes
@@ -281,8 +299,9 @@ class ParameterServer:
 
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]
-        header = Schedule(step=a.step, attempt=a.attempt, epoch=epoch, offset=offset, count=count,
-                          version=self.version, total=a.total).to_header()
+        header = Schedule(
+            step=a.step, attempt=a.attempt, epoch=epoch, offset=offset, count=count, version=self.version, total=a.total
+        ).to_header()
         h.batch = count
         h.assignment = a
         h.set_activity(f"computing step {a.step} ({count} samples)")
@@ -303,8 +322,13 @@ class ParameterServer:
             for wid in a.waiting_for():
                 h = self.admission.registry.workers.get(wid)
                 if h:
-                    log.warning("step %d: still waiting for %s — last: %s (%.0f s ago)",
-                                a.step, h.name, h.activity, now - h.activity_since)
+                    log.warning(
+                        "step %d: still waiting for %s — last: %s (%.0f s ago)",
+                        a.step,
+                        h.name,
+                        h.activity,
+                        now - h.activity_since,
+                    )
 
     def apply_update(self, grad: torch.Tensor) -> bool:
         return self.state.apply(grad)
@@ -332,20 +356,43 @@ class ParameterServer:
         if not self.job.eval_every_epoch:
             return
         step = self.step
-        log.info("epoch %d/%d: evaluating on %s eval samples", epoch + 1, self.job.epochs,
-                 min(self.cfg.eval_samples, len(self.eval_set)) if self.cfg.eval_samples else len(self.eval_set))
+        log.info(
+            "epoch %d/%d: evaluating on %s eval samples",
+            epoch + 1,
+            self.job.epochs,
+            min(self.cfg.eval_samples, len(self.eval_set)) if self.cfg.eval_samples else len(self.eval_set),
+        )
         loss, acc, eval_s = await self.evaluator.score(self.state.model)
-        self.records.add_epoch(EpochRecord(epoch=epoch, step=step, eval_loss=loss, eval_accuracy=acc,
-                                           eval_s=eval_s, elapsed_s=time.time() - self.records.started))
-        log.info("epoch %d/%d done: eval loss %.4f, accuracy %s", epoch + 1, self.job.epochs, loss,
-                 "n/a" if acc is None else f"{100 * acc:.2f} %")   # counted from 1, as the progress line does
+        self.records.add_epoch(
+            EpochRecord(
+                epoch=epoch,
+                step=step,
+                eval_loss=loss,
+                eval_accuracy=acc,
+                eval_s=eval_s,
+                elapsed_s=time.time() - self.records.started,
+            )
+        )
+        log.info(
+            "epoch %d/%d done: eval loss %.4f, accuracy %s",
+            epoch + 1,
+            self.job.epochs,
+            loss,
+            "n/a" if acc is None else f"{100 * acc:.2f} %",
+        )  # counted from 1, as the progress line does
 
     def _record_decision(self, d: Decision) -> None:
         sizes = {str(self.rank_of(w)): b for w, b in d.sizes.items()}
         log.info("batch split (%s): %s — %s", d.policy, sizes, d.reason)
-        self.emit_event("schedule", policy=d.policy, sizes=sizes, reason=d.reason,
-                        predicted_step_s=d.predicted_step_s, previous_predicted_s=d.previous_predicted_s,
-                        inputs={str(self.rank_of(w)): v for w, v in d.inputs.items()})
+        self.emit_event(
+            "schedule",
+            policy=d.policy,
+            sizes=sizes,
+            reason=d.reason,
+            predicted_step_s=d.predicted_step_s,
+            previous_predicted_s=d.previous_predicted_s,
+            inputs={str(self.rank_of(w)): v for w, v in d.inputs.items()},
+        )
 
     # -- the run ------------------------------------------------------------------------------
     async def train(self) -> dict[str, Any]:
@@ -367,6 +414,15 @@ class ParameterServer:
                 pass
         probes = [float(h.profile.get("probe_samples_per_s") or 0) for h in live]
         return RunSummary.of_run(
-            experiment=self.cfg.experiment, model=self.job.model, dataset=self.job.dataset, parameters=self.numel,
-            epochs=epochs, train_s=train_s, history=self.records.history, evaluations=self.records.evaluations,
-            probes=probes, compression=self.job.compression, sync=self.job.sync).to_json()
+            experiment=self.cfg.experiment,
+            model=self.job.model,
+            dataset=self.job.dataset,
+            parameters=self.numel,
+            epochs=epochs,
+            train_s=train_s,
+            history=self.records.history,
+            evaluations=self.records.evaluations,
+            probes=probes,
+            compression=self.job.compression,
+            sync=self.job.sync,
+        ).to_json()

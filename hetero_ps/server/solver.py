@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _check(c: Sequence[float], r: Sequence[float], lo: Sequence[float], hi: Sequence[float], total: float) -> int:
@@ -49,40 +49,39 @@ def _check(c: Sequence[float], r: Sequence[float], lo: Sequence[float], hi: Sequ
     return n
 
 
-def solve_time(c: Sequence[float], r: Sequence[float], total: float,
-               lo: Sequence[float], hi: Sequence[float]) -> float:
+def solve_time(c: Sequence[float], r: Sequence[float], total: float, lo: Sequence[float], hi: Sequence[float]) -> float:
     """The common finishing time ``T`` of the bounded equal-time split (see the module docstring)."""
     n = _check(c, r, lo, hi, total)
     # Worker i is at lo below T = c_i + lo_i / r_i, at hi above c_i + hi_i / r_i, linear between.
     # At equal times a worker leaves lo before anyone's hi is processed, so lo == hi stays consistent.
-    events = sorted([(c[i] + lo[i] / r[i], 0, i) for i in range(n)] +
-                    [(c[i] + hi[i] / r[i], 1, i) for i in range(n)])
+    events = sorted([(c[i] + lo[i] / r[i], 0, i) for i in range(n)] + [(c[i] + hi[i] / r[i], 1, i) for i in range(n)])
     # Below the first breakpoint every worker sits at lo: sum(b) = sum(lo).
-    fixed = float(sum(lo))        # contribution of pinned workers
-    slope = 0.0                   # Σ r_i over the workers between their bounds
-    offset = 0.0                  # Σ r_i c_i over the same workers
+    fixed = float(sum(lo))  # contribution of pinned workers
+    slope = 0.0  # Σ r_i over the workers between their bounds
+    offset = 0.0  # Σ r_i c_i over the same workers
     prev_t = events[0][0]
-    if fixed >= total:            # every worker at its minimum already fills the batch
+    if fixed >= total:  # every worker at its minimum already fills the batch
         return prev_t
     for t, kind, i in events:
         if slope > 0:
             at_t = fixed + slope * t - offset
-            if at_t >= total:     # the crossing lies in [prev_t, t]
+            if at_t >= total:  # the crossing lies in [prev_t, t]
                 return (total - fixed + offset) / slope
-        if kind == 0:             # i leaves lo and starts growing
+        if kind == 0:  # i leaves lo and starts growing
             fixed -= lo[i]
             slope += r[i]
             offset += r[i] * c[i]
-        else:                     # i reaches hi and stops growing
+        else:  # i reaches hi and stops growing
             fixed += hi[i]
             slope -= r[i]
             offset -= r[i] * c[i]
         prev_t = t
-    return prev_t   # sum(hi) == total: everyone at hi
+    return prev_t  # sum(hi) == total: everyone at hi
 
 
-def solve_continuous(c: Sequence[float], r: Sequence[float], total: float,
-                     lo: Sequence[float], hi: Sequence[float]) -> list[float]:
+def solve_continuous(
+    c: Sequence[float], r: Sequence[float], total: float, lo: Sequence[float], hi: Sequence[float]
+) -> list[float]:
     """Real-valued shares with equal predicted times under bounds. See the module docstring."""
     t = solve_time(c, r, total, lo, hi)
     shares = [min(max(r[i] * (t - c[i]), lo[i]), hi[i]) for i in range(len(r))]
@@ -101,7 +100,7 @@ def round_preserving_sum(x: Sequence[float], total: int, lo: Sequence[int], hi: 
         raise ValueError(f"bounds cannot hold a sum of {total}: sum(lo)={sum(lo)}, sum(hi)={sum(hi)}")
     base = [min(max(int(math.floor(v)), lo[i]), hi[i]) for i, v in enumerate(x)]
     short = total - sum(base)
-    order = sorted(range(len(x)), key=lambda i: (x[i] - math.floor(x[i])), reverse=short > 0)
+    order = sorted(range(len(x)), key=lambda i: x[i] - math.floor(x[i]), reverse=short > 0)
     step = 1 if short > 0 else -1
     while short != 0:
         moved = False
@@ -113,13 +112,14 @@ def round_preserving_sum(x: Sequence[float], total: int, lo: Sequence[int], hi: 
                 base[i] = nb
                 short -= step
                 moved = True
-        if not moved:   # unreachable given the check above; kept as a guard against an endless loop
+        if not moved:  # unreachable given the check above; kept as a guard against an endless loop
             raise ValueError(f"cannot round {list(x)} to a sum of {total} within bounds")
     return base
 
 
-def round_min_makespan(x: Sequence[float], total: int, c: Sequence[float], r: Sequence[float],
-                       lo: Sequence[int], hi: Sequence[int]) -> list[int]:
+def round_min_makespan(
+    x: Sequence[float], total: int, c: Sequence[float], r: Sequence[float], lo: Sequence[int], hi: Sequence[int]
+) -> list[int]:
     """Integers near ``x`` summing to ``total`` within bounds, with the smallest ``max_i c_i + b_i/r_i``.
 
     From the floors (clipped to the bounds) each missing sample goes to the worker that would finish
@@ -155,8 +155,9 @@ def round_min_makespan(x: Sequence[float], total: int, c: Sequence[float], r: Se
     return base
 
 
-def solve_batch_sizes(c: Sequence[float], r: Sequence[float], total: int,
-                      lo: Sequence[int] | None = None, hi: Sequence[int] | None = None) -> list[int]:
+def solve_batch_sizes(
+    c: Sequence[float], r: Sequence[float], total: int, lo: Sequence[int] | None = None, hi: Sequence[int] | None = None
+) -> list[int]:
     """Integer batch sizes summing to ``total`` with (nearly) equal predicted step times.
 
     ``c`` are fixed costs in seconds, ``r`` rates in samples/s, ``lo``/``hi`` per-worker bounds

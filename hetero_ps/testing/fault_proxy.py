@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 class Fault:
     """What happens to the bytes of one direction. None disables each fault."""
 
-    drop_after: int | None = None      # forward this many bytes, then close both sides
-    stall_after: int | None = None     # forward this many bytes, then forward nothing more (no close)
-    corrupt_at: int | None = None      # XOR 0xFF into the byte at this offset
+    drop_after: int | None = None  # forward this many bytes, then close both sides
+    stall_after: int | None = None  # forward this many bytes, then forward nothing more (no close)
+    corrupt_at: int | None = None  # XOR 0xFF into the byte at this offset
     throttle_bps: float | None = None  # forward at most this many bytes per second
 
     def __post_init__(self) -> None:
@@ -46,15 +46,22 @@ class FaultProxy:
     ``proxy.port``.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, upstream: Fault = NO_FAULT,
-                 downstream: Fault = NO_FAULT, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        upstream: Fault = NO_FAULT,
+        downstream: Fault = NO_FAULT,
+        host: str = "127.0.0.1",
+    ):
         self.target = (target_host, target_port)
         self.upstream = upstream
         self.downstream = downstream
         self.host = host
         self.port = 0
-        self.fault_hit = asyncio.Event()   # set when any drop/stall/corrupt happens
-        self.faults: list[str] = []        # what happened, in words
+        self.fault_hit = asyncio.Event()  # set when any drop/stall/corrupt happens
+        self.faults: list[str] = []  # what happened, in words
         self.forwarded = {"upstream": 0, "downstream": 0}  # bytes, all connections
         self.connections = 0
         self._lsock: socket.socket | None = None
@@ -62,7 +69,7 @@ class FaultProxy:
         self._socks: set[socket.socket] = set()
         self._accept_task: asyncio.Task | None = None
 
-    async def start(self) -> "FaultProxy":
+    async def start(self) -> FaultProxy:
         loop = asyncio.get_running_loop()
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -74,7 +81,7 @@ class FaultProxy:
         self._accept_task = loop.create_task(self._accept_loop())
         return self
 
-    async def __aenter__(self) -> "FaultProxy":
+    async def __aenter__(self) -> FaultProxy:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+
+
 class LocalCluster:
     """A master and workers as real processes on 127.0.0.1, for tests and benchmarks.
 
@@ -22,8 +24,15 @@ class LocalCluster:
             summary = c.summary()
     """
 
-    def __init__(self, workdir, server_args, workers=(), token: str = "test-token", env: dict | None = None,
-                 start_timeout: float = 60.0):
+    def __init__(
+        self,
+        workdir,
+        server_args,
+        workers=(),
+        token: str = "test-token",
+        env: dict | None = None,
+        start_timeout: float = 60.0,
+    ):
 
         self.workdir = os.fspath(workdir)
         self.server_args = list(server_args)
@@ -38,7 +47,7 @@ class LocalCluster:
         self.port = 0
         self._logs: list = []
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 
@@ -49,14 +58,34 @@ class LocalCluster:
 
         log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
         self._logs.append(log)
-        return subprocess.Popen([sys.executable, *args], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                env=env or self.env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or self.env,
+            start_new_session=True,
+        )
 
     def start(self) -> None:
 
         port_file = os.path.join(self.workdir, "port")
-        self.server = self._spawn("server", ["-m", "hetero_ps.server", "--host", "127.0.0.1", "--port", "0",
-                                             "--port-file", port_file, "--dashboard-port", "0", *self.server_args])
+        self.server = self._spawn(
+            "server",
+            [
+                "-m",
+                "hetero_ps.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-file",
+                port_file,
+                "--dashboard-port",
+                "0",
+                *self.server_args,
+            ],
+        )
         deadline = time.monotonic() + self.start_timeout
         while not os.path.exists(port_file):
             if self.server.poll() is not None:
@@ -71,8 +100,11 @@ class LocalCluster:
             self.add_worker(args)
 
     def add_worker(self, args: list[str], env: dict | None = None):
-        p = self._spawn(f"worker{len(self.workers)}", ["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1",
-                                                       "--master-port", str(self.port), *args], env)
+        p = self._spawn(
+            f"worker{len(self.workers)}",
+            ["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(self.port), *args],
+            env,
+        )
         self.workers.append(p)
         return p
 
@@ -82,7 +114,9 @@ class LocalCluster:
         try:
             return self.server.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"the master did not finish within {timeout} s:\n{self.output('server')[-4000:]}")
+            raise TimeoutError(
+                f"the master did not finish within {timeout} s:\n{self.output('server')[-4000:]}"
+            ) from None
 
     def output(self, name: str) -> str:
 

@@ -39,8 +39,9 @@ async def send_control(host: str, port: int, token: str, rank: int, knobs: dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetero_ps.control", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hetero_ps.control", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT") or 29500))
     p.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""))
@@ -48,13 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simulate-slowdown", type=float, help="its compute takes F times as long (F >= 1)")
     p.add_argument("--simulate-bandwidth", type=float, metavar="MBIT", help="pace its link (0 = off)")
     a = p.parse_args(argv)
-    knobs = {k: v for k, v in (("simulate_slowdown", a.simulate_slowdown),
-                               ("simulate_bandwidth", a.simulate_bandwidth)) if v is not None}
+    knobs = {
+        k: v
+        for k, v in (("simulate_slowdown", a.simulate_slowdown), ("simulate_bandwidth", a.simulate_bandwidth))
+        if v is not None
+    }
     if not knobs:
         p.error("give at least one of --simulate-slowdown, --simulate-bandwidth")
     # the worker refuses anything else (messages.Control), so say it here, before anything is sent
-    if not all(math.isfinite(v) for v in knobs.values()) or knobs.get("simulate_slowdown", 1.0) < 1.0 \
-            or knobs.get("simulate_bandwidth", 0.0) < 0.0:
+    if (
+        not all(math.isfinite(v) for v in knobs.values())
+        or knobs.get("simulate_slowdown", 1.0) < 1.0
+        or knobs.get("simulate_bandwidth", 0.0) < 0.0
+    ):
         p.error("--simulate-slowdown must be a number >= 1 and --simulate-bandwidth a number >= 0")
     try:
         ack = asyncio.run(send_control(a.master_addr, a.master_port, a.token, a.rank, knobs))

@@ -34,10 +34,25 @@ from dataclasses import dataclass, field
 
 from hetero_ps.errors import DataError
 
-PHASES = (("compute_s", "compute", "#2f6fde"), ("encode_s", "encode", "#945ecf"), ("push_s", "push", "#e8743b"),
-          ("wait_s", "wait", "#aab3bf"), ("pull_s", "pull", "#13a4b4"))
-RANK_COLORS = ("#2f6fde", "#e8743b", "#19a979", "#945ecf", "#d64545", "#13a4b4", "#c98a00", "#ed4a7b",
-               "#6f7d8c", "#7aa329")
+PHASES = (
+    ("compute_s", "compute", "#2f6fde"),
+    ("encode_s", "encode", "#945ecf"),
+    ("push_s", "push", "#e8743b"),
+    ("wait_s", "wait", "#aab3bf"),
+    ("pull_s", "pull", "#13a4b4"),
+)
+RANK_COLORS = (
+    "#2f6fde",
+    "#e8743b",
+    "#19a979",
+    "#945ecf",
+    "#d64545",
+    "#13a4b4",
+    "#c98a00",
+    "#ed4a7b",
+    "#6f7d8c",
+    "#7aa329",
+)
 FIGSIZE = (9.0, 4.2)
 DPI = 110
 
@@ -62,7 +77,7 @@ def read_jsonl(path: str, required: bool = True) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:    # no newline after it: the writer was interrupted
+            if i == len(lines) - 1:  # no newline after it: the writer was interrupted
                 break
             raise DataError(f"{path}:{i + 1}: not a JSON record ({exc.msg})") from None
         if not isinstance(rec, dict):
@@ -111,10 +126,15 @@ def load_experiment(path: str, ideal: float | None = None) -> Experiment:
     for i, r in enumerate(steps):
         if not isinstance(r.get("step"), int) or not isinstance(r.get("workers", {}), dict):
             raise DataError(f"{path}/metrics/steps.jsonl: record {i + 1} has no integer 'step' or a bad 'workers'")
-    exp = Experiment(path=path, name=os.path.basename(path), config=_read_json(os.path.join(path, "config.json")),
-                     summary=_read_json(os.path.join(path, "summary.json")), steps=steps,
-                     epochs=read_jsonl(os.path.join(metrics, "epochs.jsonl"), required=False),
-                     events=read_jsonl(os.path.join(metrics, "events.jsonl"), required=False))
+    exp = Experiment(
+        path=path,
+        name=os.path.basename(path),
+        config=_read_json(os.path.join(path, "config.json")),
+        summary=_read_json(os.path.join(path, "summary.json")),
+        steps=steps,
+        epochs=read_jsonl(os.path.join(metrics, "epochs.jsonl"), required=False),
+        events=read_jsonl(os.path.join(metrics, "events.jsonl"), required=False),
+    )
     exp.ranks = sorted({int(r) for s in steps for r in s.get("workers", {})})
     exp.ideal, exp.ideal_source = _ideal(exp, ideal)
     return exp
@@ -131,8 +151,7 @@ def _ideal(exp: Experiment, given: float | None) -> tuple[float | None, str]:
         if e.get("event") == "worker_joined":
             p = (e.get("profile") or {}).get("probe_samples_per_s")
             probes[e.get("rank")] = p
-    if probes and all(isinstance(p, (int, float)) and p > 0 for p in probes.values()) \
-            and set(probes) >= set(exp.ranks):
+    if probes and all(isinstance(p, (int, float)) and p > 0 for p in probes.values()) and set(probes) >= set(exp.ranks):
         return float(sum(probes.values())), "sum of the workers' calibration probes"
     return None, ""
 
@@ -179,8 +198,12 @@ def phase_means(exp: Experiment) -> dict:
     out = {}
     for r in exp.ranks:
         out[r] = {k: _mean([v for v in worker_series(exp, r, k) if v is not None]) for k, _, _ in PHASES}
-    out["all"] = {k: _mean([_mean([w.get(k) or 0.0 for w in s.get("workers", {}).values()])
-                            for s in exp.steps if s.get("workers")]) for k, _, _ in PHASES}
+    out["all"] = {
+        k: _mean(
+            [_mean([w.get(k) or 0.0 for w in s.get("workers", {}).values()]) for s in exp.steps if s.get("workers")]
+        )
+        for k, _, _ in PHASES
+    }
     return out
 
 
@@ -261,10 +284,20 @@ def fig_throughput(exp: Experiment, out_dir: str) -> str:
     x = [s["step"] for s in exp.steps]
     w = _window(len(x))
     for r in exp.ranks:
-        ax.plot(x, [_nan(v) for v in smooth(worker_series(exp, r, "throughput"), w)], color=rank_color(r),
-                linewidth=1.3, label=f"rank {r}")
-    ax.plot(x, [_nan(v) for v in smooth([s.get("samples_per_s") for s in exp.steps], w)], color="#1c2430",
-            linewidth=2.2, label="total")
+        ax.plot(
+            x,
+            [_nan(v) for v in smooth(worker_series(exp, r, "throughput"), w)],
+            color=rank_color(r),
+            linewidth=1.3,
+            label=f"rank {r}",
+        )
+    ax.plot(
+        x,
+        [_nan(v) for v in smooth([s.get("samples_per_s") for s in exp.steps], w)],
+        color="#1c2430",
+        linewidth=2.2,
+        label="total",
+    )
     if exp.ideal:
         ax.axhline(exp.ideal, color="#6b7684", linestyle="--", linewidth=1.4, label="ideal (Σ solo rates)")
     ax.set_ylim(bottom=0)
@@ -279,9 +312,15 @@ def fig_batch_shares(exp: Experiment, out_dir: str) -> str:
     fig, (ax,) = _figure()
     x = [s["step"] for s in exp.steps]
     ys = [[v or 0.0 for v in worker_series(exp, r, "share")] for r in exp.ranks]
-    ax.stackplot(x, ys, colors=[rank_color(r) for r in exp.ranks], labels=[f"rank {r}" for r in exp.ranks],
-                 alpha=0.9, linewidth=0)
-    for e, _, _ in decisions(exp)[1:61]:     # where the split changed
+    ax.stackplot(
+        x,
+        ys,
+        colors=[rank_color(r) for r in exp.ranks],
+        labels=[f"rank {r}" for r in exp.ranks],
+        alpha=0.9,
+        linewidth=0,
+    )
+    for e, _, _ in decisions(exp)[1:61]:  # where the split changed
         if isinstance(e.get("step"), int):
             ax.axvline(e["step"], color="white", linewidth=0.8, alpha=0.9)
     ax.set_ylim(0, 100)
@@ -310,8 +349,15 @@ def fig_loss_accuracy(exp: Experiment, out_dir: str) -> str:
         ax2.plot([e["step"] for e in acc], [100 * e["eval_accuracy"] for e in acc], "o-", color="#19a979")
         ax2.set_ylabel("%")
     else:
-        ax2.text(0.5, 0.5, "accuracy not measured\nfor this task" if exp.epochs else "no evaluation recorded",
-                 ha="center", va="center", transform=ax2.transAxes, color="#6b7684")
+        ax2.text(
+            0.5,
+            0.5,
+            "accuracy not measured\nfor this task" if exp.epochs else "no evaluation recorded",
+            ha="center",
+            va="center",
+            transform=ax2.transAxes,
+            color="#6b7684",
+        )
     ax2.set_xlabel("step")
     ax2.set_title("Eval accuracy (per epoch)")
     return _save(fig, out_dir, "loss_accuracy.png")
@@ -332,8 +378,10 @@ def fig_time_split(exp: Experiment, out_dir: str) -> str:
     _legend_outside(fig, ax, len(PHASES))
     x = [s["step"] for s in exp.steps]
     w = _window(len(x))
-    ys = [smooth([_mean([wk.get(k) or 0.0 for wk in s.get("workers", {}).values()]) for s in exp.steps], w)
-          for k, _, _ in PHASES]
+    ys = [
+        smooth([_mean([wk.get(k) or 0.0 for wk in s.get("workers", {}).values()]) for s in exp.steps], w)
+        for k, _, _ in PHASES
+    ]
     ax2.stackplot(x, [[v or 0.0 for v in y] for y in ys], colors=[c for _, _, c in PHASES], linewidth=0)
     ax2.set_xlabel("step")
     ax2.set_ylabel("seconds (mean of workers)")
@@ -368,17 +416,21 @@ def _table(header: list, rows: list) -> list:
 
 
 def _summary_rows(t: dict, ideal_source: str) -> list:
-    return [("throughput", f"{_fmt(t['samples_per_s'])} samples/s"),
-            ("ideal throughput", f"{_fmt(t['ideal_samples_per_s'])} samples/s ({ideal_source})"
-             if t["ideal_samples_per_s"] else "unknown"),
-            ("efficiency (throughput / ideal)", _fmt(t["efficiency"], "%")),
-            ("final eval accuracy", _fmt(t["final_eval_accuracy"], "%")),
-            ("final eval loss", _fmt(t["final_eval_loss"])),
-            ("final train loss", _fmt(t["final_loss"])),
-            ("communication overhead", _fmt(t["communication_overhead"], "%")),
-            ("steps / samples", f"{t['steps']} / {t['samples']}"),
-            ("training time", _fmt(t["train_s"], "s")),
-            ("steps skipped (non-finite) / retried", f"{t['skipped_steps']} / {t['retried_steps']}")]
+    return [
+        ("throughput", f"{_fmt(t['samples_per_s'])} samples/s"),
+        (
+            "ideal throughput",
+            f"{_fmt(t['ideal_samples_per_s'])} samples/s ({ideal_source})" if t["ideal_samples_per_s"] else "unknown",
+        ),
+        ("efficiency (throughput / ideal)", _fmt(t["efficiency"], "%")),
+        ("final eval accuracy", _fmt(t["final_eval_accuracy"], "%")),
+        ("final eval loss", _fmt(t["final_eval_loss"])),
+        ("final train loss", _fmt(t["final_loss"])),
+        ("communication overhead", _fmt(t["communication_overhead"], "%")),
+        ("steps / samples", f"{t['steps']} / {t['samples']}"),
+        ("training time", _fmt(t["train_s"], "s")),
+        ("steps skipped (non-finite) / retried", f"{t['skipped_steps']} / {t['retried_steps']}"),
+    ]
 
 
 def _worker_rows(exp: Experiment) -> list:
@@ -390,17 +442,27 @@ def _worker_rows(exp: Experiment) -> list:
         batches = [v for v in worker_series(exp, r, "batch") if v is not None]
         sent = sum(v or 0 for v in worker_series(exp, r, "bytes_out"))
         recv = sum(v or 0 for v in worker_series(exp, r, "bytes_in"))
-        rows.append([r, _fmt(wi.get("host") or joined.get("host")), _fmt(wi.get("device") or joined.get("device")),
-                     len(batches), _fmt(_mean(batches)),
-                     _fmt(_mean([v for v in worker_series(exp, r, "share") if v is not None]) / 100, "%"),
-                     _fmt(_mean([v for v in worker_series(exp, r, "throughput") if v is not None])),
-                     *(_fmt(means[r][k], "s") for k, _, _ in PHASES), _fmt(sent, "B"), _fmt(recv, "B")])
+        rows.append(
+            [
+                r,
+                _fmt(wi.get("host") or joined.get("host")),
+                _fmt(wi.get("device") or joined.get("device")),
+                len(batches),
+                _fmt(_mean(batches)),
+                _fmt(_mean([v for v in worker_series(exp, r, "share") if v is not None]) / 100, "%"),
+                _fmt(_mean([v for v in worker_series(exp, r, "throughput") if v is not None])),
+                *(_fmt(means[r][k], "s") for k, _, _ in PHASES),
+                _fmt(sent, "B"),
+                _fmt(recv, "B"),
+            ]
+        )
     return rows
 
 
 def _prediction(before, after) -> str:
     """A decision's predicted step time, "before → after"; 0 means the policy had no model (uniform,
     or nothing measured yet), which is shown as unknown rather than as a 0 ms step."""
+
     def known(v) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
@@ -412,10 +474,12 @@ def _prediction(before, after) -> str:
 def _event_lines(exp: Experiment, limit: int = 25) -> list:
     n_sched = sum(1 for e in exp.events if e.get("event") == "schedule")
     folded = decisions(exp)
-    lines = [f"{n_sched} load-balancing decision(s), {max(0, len(folded) - 1)} of which changed the split "
-             "(repeats of the same split are folded into one row)."]
+    lines = [
+        f"{n_sched} load-balancing decision(s), {max(0, len(folded) - 1)} of which changed the split "
+        "(repeats of the same split are folded into one row)."
+    ]
     if folded:
-        shown = folded if len(folded) <= limit else folded[:limit - 5] + folded[-5:]
+        shown = folded if len(folded) <= limit else folded[: limit - 5] + folded[-5:]
         rows = []
         for e, n, last in shown:
             sizes = ", ".join(f"r{r}={b}" for r, b in sorted((e.get("sizes") or {}).items(), key=lambda kv: int(kv[0])))
@@ -431,8 +495,10 @@ def _event_lines(exp: Experiment, limit: int = 25) -> list:
         lines.append("")
         for e in other[:100]:
             detail = e.get("reason") or e.get("device") or ", ".join(e.get("workers") or [])
-            lines.append(f"- step {e.get('step')}: {e['event'].replace('_', ' ')}"
-                         f"{' rank ' + str(e['rank']) if 'rank' in e else ''}{' — ' + str(detail) if detail else ''}")
+            lines.append(
+                f"- step {e.get('step')}: {e['event'].replace('_', ' ')}"
+                f"{' rank ' + str(e['rank']) if 'rank' in e else ''}{' — ' + str(detail) if detail else ''}"
+            )
         lines.append("")
     return lines
 
@@ -442,16 +508,42 @@ def write_report(exp_path: str, out_dir: str | None = None, ideal: float | None 
     exp = load_experiment(exp_path, ideal)
     out_dir = out_dir or os.path.join(exp.path, "report")
     os.makedirs(out_dir, exist_ok=True)
-    figs = [("Throughput", fig_throughput(exp, out_dir)), ("Batch-size shares", fig_batch_shares(exp, out_dir)),
-            ("Loss and accuracy", fig_loss_accuracy(exp, out_dir)), ("Time split", fig_time_split(exp, out_dir))]
+    figs = [
+        ("Throughput", fig_throughput(exp, out_dir)),
+        ("Batch-size shares", fig_batch_shares(exp, out_dir)),
+        ("Loss and accuracy", fig_loss_accuracy(exp, out_dir)),
+        ("Time split", fig_time_split(exp, out_dir)),
+    ]
     t = totals(exp)
-    md = [f"# Experiment `{exp.name}`", "",
-          f"Generated by `python -m hetero_ps.report` on {datetime.datetime.now():%Y-%m-%d %H:%M} from `{exp.path}`.", "",
-          "## Summary", ""] + _table(["", ""], _summary_rows(t, exp.ideal_source))
-    md += ["## Workers", "", "Throughput is each worker's contribution (its batch / step time); times are means "
-           "per step.", ""]
-    md += _table(["rank", "host", "device", "steps", "mean batch", "mean share", "samples/s",
-                  *(n for _, n, _ in PHASES), "sent", "received"], _worker_rows(exp))
+    md = [
+        f"# Experiment `{exp.name}`",
+        "",
+        f"Generated by `python -m hetero_ps.report` on {datetime.datetime.now():%Y-%m-%d %H:%M} from `{exp.path}`.",
+        "",
+        "## Summary",
+        "",
+    ] + _table(["", ""], _summary_rows(t, exp.ideal_source))
+    md += [
+        "## Workers",
+        "",
+        "Throughput is each worker's contribution (its batch / step time); times are means per step.",
+        "",
+    ]
+    md += _table(
+        [
+            "rank",
+            "host",
+            "device",
+            "steps",
+            "mean batch",
+            "mean share",
+            "samples/s",
+            *(n for _, n, _ in PHASES),
+            "sent",
+            "received",
+        ],
+        _worker_rows(exp),
+    )
     md += ["## Load balancing", ""] + _event_lines(exp)
     md += ["## Figures", ""]
     for title, name in figs:
@@ -471,6 +563,7 @@ def write_comparison(a_path: str, b_path: str, out_dir: str | None = None) -> st
         raise DataError(f"--compare needs two different experiments, got {a.path} twice")
     out_dir = out_dir or os.path.join(os.path.dirname(a.path), f"compare-{a.name}-vs-{b.name}")
     os.makedirs(out_dir, exist_ok=True)
+
     def label(e):
         return e.name if a.name != b.name else e.path
 
@@ -478,8 +571,13 @@ def write_comparison(a_path: str, b_path: str, out_dir: str | None = None) -> st
     fig, (ax,) = _figure()
     for e, c in ((a, "#2f6fde"), (b, "#e8743b")):
         t = _train_time(e)
-        ax.plot(t, [_nan(v) for v in smooth([s.get("samples_per_s") for s in e.steps], _window(len(t)))], color=c,
-                linewidth=1.8, label=label(e))
+        ax.plot(
+            t,
+            [_nan(v) for v in smooth([s.get("samples_per_s") for s in e.steps], _window(len(t)))],
+            color=c,
+            linewidth=1.8,
+            label=label(e),
+        )
         if e.ideal:
             ax.axhline(e.ideal, color=c, linestyle="--", linewidth=1, label=f"{label(e)} ideal")
     ax.set_ylim(bottom=0)
@@ -490,13 +588,15 @@ def write_comparison(a_path: str, b_path: str, out_dir: str | None = None) -> st
     fig, (ax, ax2) = _figure(2, (11.0, 4.0))
     for e, c in ((a, "#2f6fde"), (b, "#e8743b")):
         t = _train_time(e)
-        ax.plot(t, [_nan(v) for v in smooth([s.get("loss") for s in e.steps], _window(len(t)))], color=c,
-                label=label(e))
+        ax.plot(
+            t, [_nan(v) for v in smooth([s.get("loss") for s in e.steps], _window(len(t)))], color=c, label=label(e)
+        )
         at = {s["step"]: x for s, x in zip(e.steps, t)}
         acc = [p for p in e.epochs if p.get("eval_accuracy") is not None and p.get("step", 0) - 1 in at]
         if acc:
-            ax2.plot([at[p["step"] - 1] for p in acc], [100 * p["eval_accuracy"] for p in acc], "o-", color=c,
-                     label=label(e))
+            ax2.plot(
+                [at[p["step"] - 1] for p in acc], [100 * p["eval_accuracy"] for p in acc], "o-", color=c, label=label(e)
+            )
     ax.set(xlabel="training time (s)", title="Train loss")
     ax2.set(xlabel="training time (s)", ylabel="%", title="Eval accuracy")
     _legend_outside(fig, ax, 2)
@@ -514,15 +614,25 @@ def write_comparison(a_path: str, b_path: str, out_dir: str | None = None) -> st
     f_split = _save(fig, out_dir, "time_split.png")
 
     ta, tb = totals(a), totals(b)
-    rows = [(name, va, vb) for (name, va), (_, vb) in zip(_summary_rows(ta, a.ideal_source),
-                                                           _summary_rows(tb, b.ideal_source))]
+    rows = [
+        (name, va, vb)
+        for (name, va), (_, vb) in zip(_summary_rows(ta, a.ideal_source), _summary_rows(tb, b.ideal_source))
+    ]
     if ta["samples_per_s"] and tb["samples_per_s"]:
         rows.insert(1, ("throughput ratio (B / A)", "1", f"{tb['samples_per_s'] / ta['samples_per_s']:.3f}"))
-    diff = [(k, _fmt(a.config.get(k)), _fmt(b.config.get(k))) for k in sorted(set(a.config) | set(b.config))
-            if a.config.get(k) != b.config.get(k)]
-    md = [f"# `{a.name}` (A) vs `{b.name}` (B)", "",
-          f"Generated by `python -m hetero_ps.report --compare` on {datetime.datetime.now():%Y-%m-%d %H:%M}.", "",
-          "## Summary", ""] + _table(["", f"A: {a.name}", f"B: {b.name}"], rows)
+    diff = [
+        (k, _fmt(a.config.get(k)), _fmt(b.config.get(k)))
+        for k in sorted(set(a.config) | set(b.config))
+        if a.config.get(k) != b.config.get(k)
+    ]
+    md = [
+        f"# `{a.name}` (A) vs `{b.name}` (B)",
+        "",
+        f"Generated by `python -m hetero_ps.report --compare` on {datetime.datetime.now():%Y-%m-%d %H:%M}.",
+        "",
+        "## Summary",
+        "",
+    ] + _table(["", f"A: {a.name}", f"B: {b.name}"], rows)
     md += ["## Configuration differences", ""]
     md += _table(["setting", "A", "B"], diff) if diff else ["The two configurations are the same.", ""]
     md += ["## Figures", ""]
@@ -544,13 +654,18 @@ def _train_time(exp: Experiment) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetero_ps.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hetero_ps.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("experiment", nargs="?", help="an experiment folder (experiments/NAME)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="overlay two experiment folders")
     p.add_argument("--out", default="", help="where to write (default: NAME/report/ or compare-A-vs-B/ beside A)")
-    p.add_argument("--ideal", type=float, default=None,
-                   help="ideal samples/s (Σ of each worker's solo rate), if summary.json lacks it")
+    p.add_argument(
+        "--ideal",
+        type=float,
+        default=None,
+        help="ideal samples/s (Σ of each worker's solo rate), if summary.json lacks it",
+    )
     args = p.parse_args(argv)
     if not args.experiment and not args.compare:
         p.error("give an experiment folder, or --compare A B")

@@ -1,1 +1,2 @@
-"""Training pieces shared by master and workers: models, data sets, plug-ins, sampler, flat buffers, optimizers, the local trainer."""
+"""Training pieces shared by master and workers: models, data sets, plug-ins, sampler, flat buffers,
+optimizers, the local trainer."""

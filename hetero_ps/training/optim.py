@@ -42,11 +42,13 @@ def lr_factor(job, total_steps: int | None):
     if warmup < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {warmup}")
     if sched == "cosine" and not total_steps:
-        raise ConfigError("the cosine schedule needs the total number of steps (epochs × steps per epoch, "
-                          "or --max-steps)")
+        raise ConfigError(
+            "the cosine schedule needs the total number of steps (epochs × steps per epoch, or --max-steps)"
+        )
     if sched == "step" and (job.lr_step_size <= 0 or not job.lr_gamma > 0):
-        raise ConfigError(f"the step schedule needs lr_step_size > 0 and lr_gamma > 0, got "
-                          f"{job.lr_step_size} and {job.lr_gamma}")
+        raise ConfigError(
+            f"the step schedule needs lr_step_size > 0 and lr_gamma > 0, got {job.lr_step_size} and {job.lr_gamma}"
+        )
     total = int(total_steps or 0)
     step_size, gamma = int(job.lr_step_size), float(job.lr_gamma)
 

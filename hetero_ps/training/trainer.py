@@ -40,11 +40,11 @@ from hetero_ps.training.plugins import load_callable
 class StepStats:
     """What one ``compute_gradient`` did."""
 
-    loss: float            # mean loss over the samples (NaN/Inf if it was)
-    count: int             # samples
-    compute_s: float       # wall seconds: fetch + forward + backward (+ device sync)
-    nonfinite: bool        # the loss or the gradient has a NaN or Inf
-    data_s: float = 0.0    # of which: fetching and moving the batch
+    loss: float  # mean loss over the samples (NaN/Inf if it was)
+    count: int  # samples
+    compute_s: float  # wall seconds: fetch + forward + backward (+ device sync)
+    nonfinite: bool  # the loss or the gradient has a NaN or Inf
+    data_s: float = 0.0  # of which: fetching and moving the batch
 
 
 def resolve_loss(job):
@@ -76,9 +76,11 @@ def batch_loss(out, y, loss_fn=None) -> torch.Tensor:
     else:
         logits = _logits(out)
         if logits is None:
-            raise TypeError(f"cannot compute a loss from a {type(out).__name__}: return logits, an object "
-                            "with .loss, or set job.loss to module:fn(output, target)")
-        if logits.dim() > 2 and y.dim() == logits.dim() - 1:   # (B, T, V) vs (B, T)
+            raise TypeError(
+                f"cannot compute a loss from a {type(out).__name__}: return logits, an object "
+                "with .loss, or set job.loss to module:fn(output, target)"
+            )
+        if logits.dim() > 2 and y.dim() == logits.dim() - 1:  # (B, T, V) vs (B, T)
             loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
         else:
             loss = F.cross_entropy(logits, y)
@@ -97,13 +99,14 @@ def _grads_finite(g: torch.Tensor) -> bool:
 class LocalTrainer:
     """Computes mean gradients into ``flat.grads`` for slices of the training set."""
 
-    def __init__(self, job, model: torch.nn.Module, flat, train_set, info=None, device="cpu",
-                 micro_batch: int = 0):
+    def __init__(self, job, model: torch.nn.Module, flat, train_set, info=None, device="cpu", micro_batch: int = 0):
         self.job, self.model, self.flat, self.train_set, self.info = job, model, flat, train_set, info
         self.device = torch.device(device)
         if flat.device != self.device:
-            raise ValueError(f"model parameters are on {flat.device} but the trainer runs on {self.device}: "
-                             "move the model before building FlatParams")
+            raise ValueError(
+                f"model parameters are on {flat.device} but the trainer runs on {self.device}: "
+                "move the model before building FlatParams"
+            )
         self.micro_batch = int(micro_batch)
         self.task = getattr(model, "hetero_ps_task", "plain")
         self.loss_fn = resolve_loss(job)
@@ -121,7 +124,7 @@ class LocalTrainer:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         data_s = 0.0
         for s in range(0, b, step):
-            part = idx[s:s + step]
+            part = idx[s : s + step]
             td = time.perf_counter()
             x, y = collate(self.train_set, part)
             x, y = to_device(x, self.device), to_device(y, self.device)
@@ -130,10 +133,11 @@ class LocalTrainer:
             w = len(part) / b
             (loss * w).backward()
             total += loss.detach().float() * w
-        loss_value = float(total)   # syncs the device
+        loss_value = float(total)  # syncs the device
         finite = math.isfinite(loss_value) and _grads_finite(self.flat.grads)
-        return StepStats(loss=loss_value, count=b, compute_s=time.perf_counter() - t0,
-                         nonfinite=not finite, data_s=data_s)
+        return StepStats(
+            loss=loss_value, count=b, compute_s=time.perf_counter() - t0, nonfinite=not finite, data_s=data_s
+        )
 
 
 def _accuracy_counts(task: str, out, x, y) -> tuple[int, int] | None:
@@ -141,7 +145,7 @@ def _accuracy_counts(task: str, out, x, y) -> tuple[int, int] | None:
     logits = _logits(out)
     if logits is None:
         return None
-    if task == "lm":   # next-token accuracy: position t predicts token t + 1
+    if task == "lm":  # next-token accuracy: position t predicts token t + 1
         pred = logits[:, :-1].argmax(-1)
         return int((pred == x[:, 1:]).sum()), pred.numel()
     if not isinstance(y, torch.Tensor) or y.is_floating_point():
@@ -162,32 +166,38 @@ def _check(stop: threading.Event | None) -> None:
         raise EvaluationStopped()
 
 
-def recalibrate_batchnorm(model: torch.nn.Module, data, batches: int = 20, batch_size: int = 256,
-                          device=None, seed: int = 0, stop: threading.Event | None = None) -> bool:
+def recalibrate_batchnorm(
+    model: torch.nn.Module,
+    data,
+    batches: int = 20,
+    batch_size: int = 256,
+    device=None,
+    seed: int = 0,
+    stop: threading.Event | None = None,
+) -> bool:
     """Re-estimate BatchNorm running statistics with the current weights ("precise BN").
 
     Resets every BatchNorm's running mean/var, then averages the batch statistics of up to
     ``batches`` batches of ``data`` (a fixed seeded sample) in training mode, without gradients.
     Returns False (and does nothing) when the model has no BatchNorm with running statistics.
     """
-    bns = [m for m in model.modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return False
     device = device or next(model.parameters()).device
     task = getattr(model, "hetero_ps_task", "plain")
     momenta = [m.momentum for m in bns]
     was_training = model.training
-    order = np.random.default_rng(seed).permutation(len(data))[:batches * batch_size]
+    order = np.random.default_rng(seed).permutation(len(data))[: batches * batch_size]
     try:
         for m in bns:
-            m.reset_running_stats()   # in place: flat buffer views stay valid
-            m.momentum = None         # cumulative average over the batches below
+            m.reset_running_stats()  # in place: flat buffer views stay valid
+            m.momentum = None  # cumulative average over the batches below
         model.train()
         with torch.no_grad():
             for s in range(0, len(order), batch_size):
-                _check(stop)   # between batches: a shutdown never waits for the whole pass
-                x, y = collate(data, order[s:s + batch_size])
+                _check(stop)  # between batches: a shutdown never waits for the whole pass
+                x, y = collate(data, order[s : s + batch_size])
                 _forward(model, task, to_device(x, device), to_device(y, device))
     finally:
         for m, mom in zip(bns, momenta):
@@ -196,8 +206,17 @@ def recalibrate_batchnorm(model: torch.nn.Module, data, batches: int = 20, batch
     return True
 
 
-def evaluate(model: torch.nn.Module, eval_set, batch_size: int = 256, job=None, *, device=None,
-             calib_set=None, max_samples: int = 0, stop: threading.Event | None = None) -> tuple[float, float | None]:
+def evaluate(
+    model: torch.nn.Module,
+    eval_set,
+    batch_size: int = 256,
+    job=None,
+    *,
+    device=None,
+    calib_set=None,
+    max_samples: int = 0,
+    stop: threading.Event | None = None,
+) -> tuple[float, float | None]:
     """``(mean loss, accuracy)`` of ``model`` on ``eval_set`` (accuracy None when not meaningful).
 
     Accuracy is top-1 for classification and next-token accuracy for language models. With
@@ -212,8 +231,15 @@ def evaluate(model: torch.nn.Module, eval_set, batch_size: int = 256, job=None, 
     loss_fn = resolve_loss(job) if job is not None else None
     if calib_set is not None:
         batches = 20 if max_samples <= 0 else max(1, math.ceil(max_samples / batch_size))
-        recalibrate_batchnorm(model, calib_set, batches=batches, batch_size=batch_size, device=device,
-                              seed=getattr(job, "seed", 0), stop=stop)
+        recalibrate_batchnorm(
+            model,
+            calib_set,
+            batches=batches,
+            batch_size=batch_size,
+            device=device,
+            seed=getattr(job, "seed", 0),
+            stop=stop,
+        )
     n = len(eval_set) if max_samples <= 0 else min(max_samples, len(eval_set))
     if n == 0:
         raise ValueError("cannot evaluate on an empty data set")

@@ -61,8 +61,7 @@ class CodecId(IntEnum):
     TOPK = 4
 
 
-NAMES = {"none": CodecId.NONE, "fp16": CodecId.FP16, "bf16": CodecId.BF16, "int8": CodecId.INT8,
-         "topk": CodecId.TOPK}
+NAMES = {"none": CodecId.NONE, "fp16": CodecId.FP16, "bf16": CodecId.BF16, "int8": CodecId.INT8, "topk": CodecId.TOPK}
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,8 @@ class CodecSpec:
     """A parsed ``--compression`` value."""
 
     id: CodecId
-    ratio: float = 0.0     # topk: fraction of the entries sent per chunk
-    block: int = 0         # int8: values per scale
+    ratio: float = 0.0  # topk: fraction of the entries sent per chunk
+    block: int = 0  # int8: values per scale
 
     def __str__(self) -> str:
         if self.id == CodecId.TOPK:
@@ -115,6 +114,7 @@ def parse_codec(spec: str) -> CodecSpec:
 
 # -- helpers ---------------------------------------------------------------------------------------
 
+
 def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a).cast("B")
 
@@ -138,8 +138,7 @@ def _view(seg, dtype, count: int, what: str) -> np.ndarray:
     except TypeError:
         raise RemoteProtocolError(f"{what}: segment is not a buffer ({type(seg).__name__})") from None
     if mv.nbytes != want:
-        raise RemoteProtocolError(f"{what}: expected {want} bytes ({count} × {np.dtype(dtype).name}), "
-                                  f"got {mv.nbytes}")
+        raise RemoteProtocolError(f"{what}: expected {want} bytes ({count} × {np.dtype(dtype).name}), got {mv.nbytes}")
     if not mv.c_contiguous:
         raise RemoteProtocolError(f"{what}: segment is not contiguous")
     # Any alignment is fine: the kernels take unaligned pointers (csrc/kernels.h).
@@ -160,26 +159,23 @@ class Codec(ABC):
 
     # subclasses implement these three -------------------------------------------------------------
     @abstractmethod
-    def _encode(self, src: np.ndarray) -> tuple[dict, list]:
-        ...
+    def _encode(self, src: np.ndarray) -> tuple[dict, list]: ...
 
     @abstractmethod
     def _parse(self, header: dict, segments: list) -> tuple:
         """Validate the peer's header and segments; return the decoded-view arguments."""
 
     @abstractmethod
-    def _accumulate(self, acc: np.ndarray, parsed: tuple, weight: float) -> None:
-        ...
+    def _accumulate(self, acc: np.ndarray, parsed: tuple, weight: float) -> None: ...
 
     @abstractmethod
-    def _decode_into(self, out: np.ndarray, parsed: tuple) -> None:
-        ...
+    def _decode_into(self, out: np.ndarray, parsed: tuple) -> None: ...
 
     def max_encoded_bytes(self) -> int:
         """Upper bound on the payload bytes of one encoded chunk (for receive-buffer limits)."""
         return 4 * self.numel
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - a hook: most codecs carry no state, so doing nothing is right
         """Forget any state carried between steps (top-k's residual)."""
 
     # the public API ------------------------------------------------------------------------------
@@ -219,8 +215,10 @@ class Codec(ABC):
     def _check_local(self, a: np.ndarray, what: str, writable: bool = False) -> None:
         # A wrong local buffer is our own bug, not the peer's: ValueError.
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 1 or a.size != self.numel:
-            raise ValueError(f"{what} must be a 1-D float32 array of {self.numel} values, got "
-                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+            raise ValueError(
+                f"{what} must be a 1-D float32 array of {self.numel} values, got "
+                f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
+            )
         if not a.flags.c_contiguous or (writable and not a.flags.writeable):
             raise ValueError(f"{what} must be C-contiguous{' and writable' if writable else ''}")
 
@@ -255,7 +253,7 @@ class NoneCodec(Codec):
 
     def _decode_into(self, out, parsed):
         g = parsed[0]
-        if g.ctypes.data != out.ctypes.data:   # the transport may already have received into `out`
+        if g.ctypes.data != out.ctypes.data:  # the transport may already have received into `out`
             np.copyto(out, g)
 
 
@@ -371,8 +369,10 @@ class TopKCodec(Codec):
         if self.residual is None:
             self.residual = np.zeros(self.numel, dtype=np.float32)
         idx, vals = kernels.topk_error_feedback(src, self.residual, self.k)
-        return {"k": int(len(idx))}, [_bytes(np.ascontiguousarray(idx, dtype=np.int32)),
-                                      _bytes(np.ascontiguousarray(vals, dtype=np.float32))]
+        return {"k": int(len(idx))}, [
+            _bytes(np.ascontiguousarray(idx, dtype=np.int32)),
+            _bytes(np.ascontiguousarray(vals, dtype=np.float32)),
+        ]
 
     def _parse(self, header, segments):
         k = _int_field(header, "k", 1, self.numel)
@@ -392,7 +392,7 @@ class TopKCodec(Codec):
 
 
 _missing = set(CodecId) - set(_CODECS)
-if _missing:   # not an assert: must hold under python -O too
+if _missing:  # not an assert: must hold under python -O too
     raise ImportError(f"codecs without an implementation: {sorted(c.name for c in _missing)}")
 
 

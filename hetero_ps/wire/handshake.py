@@ -27,7 +27,6 @@ from hetero_ps.wire.messages import NONCE_BYTES, Auth, Challenge, Hello
 from hetero_ps.wire.protocol import PROTOCOL_VERSION, Message, MsgType, raise_if_error
 
 
-
 class Connection(Protocol):
     """What the handshake needs of a connection (``transport.Connection`` is one)."""
 
@@ -36,6 +35,7 @@ class Connection(Protocol):
     async def send(self, msg_type: MsgType, header: dict[str, Any]) -> None: ...
     async def recv(self) -> Message: ...
     async def send_error(self, code: str, message: str) -> None: ...
+
 
 __all__ = [
     "CLIENT_LABEL",
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_LABEL = b"hetero_ps/v1/client"
 SERVER_LABEL = b"hetero_ps/v1/server"
-SERVER_MAC_KEY = "server_mac"   # added to WELCOME by the transport, never seen by the application
+SERVER_MAC_KEY = "server_mac"  # added to WELCOME by the transport, never seen by the application
 
 
 def token_bytes(token: str | bytes) -> bytes:
@@ -98,7 +98,8 @@ async def client_handshake(conn: Connection, token: str | bytes, caller: dict[st
     if not isinstance(proof, bytes) or not hmac.compare_digest(proof, server_mac(token, cn, sn)):
         raise AuthenticationError(
             f"the server at {conn.peer} accepted us but could not prove it knows the token: it is not "
-            "the hetero_ps master you meant, or it was started with a different token")
+            "the hetero_ps master you meant, or it was started with a different token"
+        )
     return header
 
 
@@ -109,7 +110,7 @@ class ServerSide:
     def __init__(self, conn: Connection, token: bytes):
         self.conn = conn
         self.token = token
-        self.hello_fields: dict[str, Any] = {}   # HELLO without client_nonce: what on_hello is given
+        self.hello_fields: dict[str, Any] = {}  # HELLO without client_nonce: what on_hello is given
         self._cn = b""
         self._sn = b""
 
@@ -121,9 +122,12 @@ class ServerSide:
             await conn.send_error("protocol_error", f"expected HELLO, got {first.type.name}")
             return False
         h = first.header
-        if h.get("protocol") != PROTOCOL_VERSION:   # before any other check: a newer peer's HELLO may differ
-            await conn.send_error("version_mismatch", f"the peer announces protocol version "
-                                  f"{h.get('protocol')!r}, this server speaks version {PROTOCOL_VERSION}")
+        if h.get("protocol") != PROTOCOL_VERSION:  # before any other check: a newer peer's HELLO may differ
+            await conn.send_error(
+                "version_mismatch",
+                f"the peer announces protocol version "
+                f"{h.get('protocol')!r}, this server speaks version {PROTOCOL_VERSION}",
+            )
             return False
         try:
             hello = Hello.from_header(h)
@@ -139,8 +143,11 @@ class ServerSide:
         mac = auth.header.get("mac")
         if not isinstance(mac, bytes) or not hmac.compare_digest(mac, client_mac(self.token, self._sn, self._cn)):
             log.warning("rejected %s (host %r): wrong token", conn.peer, h.get("host"))
-            await conn.send_error("auth_failed", "wrong token: the master rejected this node's HMAC proof; "
-                                  "set HETERO_PS_TOKEN (or --token) to the master's token")
+            await conn.send_error(
+                "auth_failed",
+                "wrong token: the master rejected this node's HMAC proof; "
+                "set HETERO_PS_TOKEN (or --token) to the master's token",
+            )
             return False
         self.hello_fields = {k: v for k, v in h.items() if k != "client_nonce"}
         return True
@@ -148,4 +155,3 @@ class ServerSide:
     def welcome_header(self, fields: dict[str, Any]) -> dict[str, Any]:
         """The WELCOME header: the application's fields plus the server's proof."""
         return {**fields, SERVER_MAC_KEY: server_mac(self.token, self._cn, self._sn)}
-

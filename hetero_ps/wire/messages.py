@@ -48,12 +48,13 @@ __all__ = [
 ]
 
 NONCE_BYTES = 32
-MAC_BYTES = 32                      # HMAC-SHA256
-CODEC_PARAM_KEYS = ("block", "k")   # a codec's own parameters in PUSH/PARAMS (int8's block, topk's k)
+MAC_BYTES = 32  # HMAC-SHA256
+CODEC_PARAM_KEYS = ("block", "k")  # a codec's own parameters in PUSH/PARAMS (int8's block, topk's k)
 _U64 = 2**64 - 1
 
 
 # -- field readers: each names MSG.field in its error ------------------------------------------------
+
 
 def _fail(msg: str, key: str, what: str, value: object) -> RemoteProtocolError:
     shown = repr(value)
@@ -175,29 +176,41 @@ class WireMessage:
 
 # -- handshake -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Hello(WireMessage):
     """Client -> server, first frame. The transport fills ``protocol``, ``software`` and ``client_nonce``;
     the caller's own fields (a worker's rank, host, device, profile; a control client's role) come first."""
 
     TYPE: ClassVar[MsgType] = MsgType.HELLO
-    rank: int | None = None                 # -1 lets the master choose
+    rank: int | None = None  # -1 lets the master choose
     host: str | None = None
     device: str | None = None
-    profile: dict[str, Any] | None = None   # the hardware profile
-    role: str | None = None                 # "control" for a control client
+    profile: dict[str, Any] | None = None  # the hardware profile
+    role: str | None = None  # "control" for a control client
     protocol: int = PROTOCOL_VERSION
     software: str = hetero_ps.__version__
     client_nonce: bytes = b""
 
     def caller_fields(self) -> dict[str, Any]:
         """The fields the application sets (what ``transport.connect(hello=...)`` takes)."""
-        return _without_none([("rank", self.rank), ("host", self.host), ("device", self.device),
-                              ("profile", self.profile), ("role", self.role)])
+        return _without_none(
+            [
+                ("rank", self.rank),
+                ("host", self.host),
+                ("device", self.device),
+                ("profile", self.profile),
+                ("role", self.role),
+            ]
+        )
 
     def to_header(self) -> dict[str, Any]:
-        return {**self.caller_fields(), "protocol": self.protocol, "software": self.software,
-                "client_nonce": self.client_nonce}
+        return {
+            **self.caller_fields(),
+            "protocol": self.protocol,
+            "software": self.software,
+            "client_nonce": self.client_nonce,
+        }
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Hello:
@@ -208,10 +221,16 @@ class Hello(WireMessage):
     def from_fields(cls, header: Mapping[str, Any], client_nonce: bytes = b"") -> Hello:
         """Read HELLO without its nonce: what ``start_server``'s ``on_hello`` is given."""
         h = _as_map(header, "HELLO")
-        return cls(rank=_opt_int(h, "HELLO", "rank", -1, 2**31 - 1), host=_opt_str(h, "HELLO", "host"),
-                   device=_opt_str(h, "HELLO", "device"), profile=_opt_map(h, "HELLO", "profile"),
-                   role=_opt_str(h, "HELLO", "role"), protocol=_int(h, "HELLO", "protocol", 0, 0xFFFF),
-                   software=_str(h, "HELLO", "software"), client_nonce=client_nonce)
+        return cls(
+            rank=_opt_int(h, "HELLO", "rank", -1, 2**31 - 1),
+            host=_opt_str(h, "HELLO", "host"),
+            device=_opt_str(h, "HELLO", "device"),
+            profile=_opt_map(h, "HELLO", "profile"),
+            role=_opt_str(h, "HELLO", "role"),
+            protocol=_int(h, "HELLO", "protocol", 0, 0xFFFF),
+            software=_str(h, "HELLO", "software"),
+            client_nonce=client_nonce,
+        )
 
 
 @dataclass(frozen=True)
@@ -254,21 +273,32 @@ class Welcome(WireMessage):
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
     worker_id: int
     rank: int
-    job: dict[str, Any]        # JobConfig.to_wire()
-    numel: int                 # a worker whose model has another size refuses to train
+    job: dict[str, Any]  # JobConfig.to_wire()
+    numel: int  # a worker whose model has another size refuses to train
     experiment: str
     total_steps: int
 
     def to_header(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "rank": self.rank, "job": self.job, "numel": self.numel,
-                "experiment": self.experiment, "total_steps": self.total_steps}
+        return {
+            "worker_id": self.worker_id,
+            "rank": self.rank,
+            "job": self.job,
+            "numel": self.numel,
+            "experiment": self.experiment,
+            "total_steps": self.total_steps,
+        }
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Welcome:
         h = _as_map(header, "WELCOME")
-        return cls(worker_id=_int(h, "WELCOME", "worker_id"), rank=_int(h, "WELCOME", "rank", 0, 2**31 - 1),
-                   job=_map(h, "WELCOME", "job"), numel=_int(h, "WELCOME", "numel"),
-                   experiment=_str(h, "WELCOME", "experiment"), total_steps=_int(h, "WELCOME", "total_steps"))
+        return cls(
+            worker_id=_int(h, "WELCOME", "worker_id"),
+            rank=_int(h, "WELCOME", "rank", 0, 2**31 - 1),
+            job=_map(h, "WELCOME", "job"),
+            numel=_int(h, "WELCOME", "numel"),
+            experiment=_str(h, "WELCOME", "experiment"),
+            total_steps=_int(h, "WELCOME", "total_steps"),
+        )
 
 
 @dataclass(frozen=True)
@@ -276,7 +306,7 @@ class ControlWelcome(WireMessage):
     """Server -> control client: the WELCOME a HELLO with ``role: "control"`` gets instead of the job."""
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
-    workers: list[int]         # the live workers' ranks
+    workers: list[int]  # the live workers' ranks
     role: str = "control"
 
     def to_header(self) -> dict[str, Any]:
@@ -298,6 +328,7 @@ class ControlWelcome(WireMessage):
 
 # -- training ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Schedule(WireMessage):
     """Server -> worker: compute the mean gradient over ``perm_epoch[offset : offset+count]``."""
@@ -309,19 +340,31 @@ class Schedule(WireMessage):
     offset: int
     count: int
     version: int
-    total: int                 # the weight's divisor: samples in the BSP step, or the global batch
+    total: int  # the weight's divisor: samples in the BSP step, or the global batch
 
     def to_header(self) -> dict[str, Any]:
-        return {"step": self.step, "attempt": self.attempt, "epoch": self.epoch, "offset": self.offset,
-                "count": self.count, "version": self.version, "total": self.total}
+        return {
+            "step": self.step,
+            "attempt": self.attempt,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "count": self.count,
+            "version": self.version,
+            "total": self.total,
+        }
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Schedule:
         h = _as_map(header, "SCHEDULE")
-        return cls(step=_int(h, "SCHEDULE", "step"), attempt=_int(h, "SCHEDULE", "attempt"),
-                   epoch=_int(h, "SCHEDULE", "epoch"), offset=_int(h, "SCHEDULE", "offset"),
-                   count=_int(h, "SCHEDULE", "count"), version=_int(h, "SCHEDULE", "version"),
-                   total=_int(h, "SCHEDULE", "total", 1))
+        return cls(
+            step=_int(h, "SCHEDULE", "step"),
+            attempt=_int(h, "SCHEDULE", "attempt"),
+            epoch=_int(h, "SCHEDULE", "epoch"),
+            offset=_int(h, "SCHEDULE", "offset"),
+            count=_int(h, "SCHEDULE", "count"),
+            version=_int(h, "SCHEDULE", "version"),
+            total=_int(h, "SCHEDULE", "total", 1),
+        )
 
 
 def _codec_fields(h: Mapping[str, Any], msg: str) -> dict[str, int]:
@@ -338,13 +381,21 @@ class Push(WireMessage):
     chunk: int
     offset: int
     numel: int
-    codec: str                 # the job's codec spec ("int8:64", "topk:0.01", ...)
+    codec: str  # the job's codec spec ("int8:64", "topk:0.01", ...)
     codec_id: int
-    codec_fields: dict[str, int] = field(default_factory=dict)   # block (int8) or k (topk)
+    codec_fields: dict[str, int] = field(default_factory=dict)  # block (int8) or k (topk)
 
     def to_header(self) -> dict[str, Any]:
-        return {"step": self.step, "attempt": self.attempt, "chunk": self.chunk, "offset": self.offset,
-                "numel": self.numel, "codec": self.codec, "codec_id": self.codec_id, **self.codec_fields}
+        return {
+            "step": self.step,
+            "attempt": self.attempt,
+            "chunk": self.chunk,
+            "offset": self.offset,
+            "numel": self.numel,
+            "codec": self.codec,
+            "codec_id": self.codec_id,
+            **self.codec_fields,
+        }
 
     def codec_header(self) -> dict[str, Any]:
         """What ``Codec.decode_*`` reads."""
@@ -353,10 +404,16 @@ class Push(WireMessage):
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Push:
         h = _as_map(header, "PUSH")
-        return cls(step=_int(h, "PUSH", "step"), attempt=_int(h, "PUSH", "attempt"),
-                   chunk=_int(h, "PUSH", "chunk"), offset=_int(h, "PUSH", "offset"),
-                   numel=_int(h, "PUSH", "numel"), codec=_str(h, "PUSH", "codec"),
-                   codec_id=_int(h, "PUSH", "codec_id", 0, 255), codec_fields=_codec_fields(h, "PUSH"))
+        return cls(
+            step=_int(h, "PUSH", "step"),
+            attempt=_int(h, "PUSH", "attempt"),
+            chunk=_int(h, "PUSH", "chunk"),
+            offset=_int(h, "PUSH", "offset"),
+            numel=_int(h, "PUSH", "numel"),
+            codec=_str(h, "PUSH", "codec"),
+            codec_id=_int(h, "PUSH", "codec_id", 0, 255),
+            codec_fields=_codec_fields(h, "PUSH"),
+        )
 
 
 @dataclass(frozen=True)
@@ -373,8 +430,15 @@ class Params(WireMessage):
     codec_fields: dict[str, int] = field(default_factory=dict)
 
     def to_header(self) -> dict[str, Any]:
-        return {"version": self.version, "chunk": self.chunk, "offset": self.offset, "numel": self.numel,
-                "codec": self.codec, "codec_id": self.codec_id, **self.codec_fields}
+        return {
+            "version": self.version,
+            "chunk": self.chunk,
+            "offset": self.offset,
+            "numel": self.numel,
+            "codec": self.codec,
+            "codec_id": self.codec_id,
+            **self.codec_fields,
+        }
 
     def codec_header(self) -> dict[str, Any]:
         """What ``Codec.decode_*`` reads."""
@@ -383,10 +447,15 @@ class Params(WireMessage):
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Params:
         h = _as_map(header, "PARAMS")
-        return cls(version=_int(h, "PARAMS", "version"), chunk=_int(h, "PARAMS", "chunk"),
-                   offset=_int(h, "PARAMS", "offset"), numel=_int(h, "PARAMS", "numel"),
-                   codec=_str(h, "PARAMS", "codec"), codec_id=_int(h, "PARAMS", "codec_id", 0, 255),
-                   codec_fields=_codec_fields(h, "PARAMS"))
+        return cls(
+            version=_int(h, "PARAMS", "version"),
+            chunk=_int(h, "PARAMS", "chunk"),
+            offset=_int(h, "PARAMS", "offset"),
+            numel=_int(h, "PARAMS", "numel"),
+            codec=_str(h, "PARAMS", "codec"),
+            codec_id=_int(h, "PARAMS", "codec_id", 0, 255),
+            codec_fields=_codec_fields(h, "PARAMS"),
+        )
 
 
 _C = TypeVar("_C", Push, Params)
@@ -401,15 +470,16 @@ def _encoded(cls: type[_C], fields_: Mapping[str, Any], **head: Any) -> _C:
     return cls(codec_id=int(fields_["codec_id"]), codec_fields=extra, **head)
 
 
-def push_from_codec(fields_: Mapping[str, Any], *, step: int, attempt: int, chunk: int, offset: int,
-                    numel: int, codec: str) -> Push:
+def push_from_codec(
+    fields_: Mapping[str, Any], *, step: int, attempt: int, chunk: int, offset: int, numel: int, codec: str
+) -> Push:
     """The PUSH for one chunk, given what its codec's ``encode()`` returned."""
-    return _encoded(Push, fields_, step=step, attempt=attempt, chunk=chunk, offset=offset, numel=numel,
-                    codec=codec)
+    return _encoded(Push, fields_, step=step, attempt=attempt, chunk=chunk, offset=offset, numel=numel, codec=codec)
 
 
-def params_from_codec(fields_: Mapping[str, Any], *, version: int, chunk: int, offset: int, numel: int,
-                      codec: str) -> Params:
+def params_from_codec(
+    fields_: Mapping[str, Any], *, version: int, chunk: int, offset: int, numel: int, codec: str
+) -> Params:
     """The PARAMS for one chunk, given what its codec's ``encode()`` returned."""
     return _encoded(Params, fields_, version=version, chunk=chunk, offset=offset, numel=numel, codec=codec)
 
@@ -434,18 +504,18 @@ class StepReport:
     """METRICS' ``report``: what a worker measured for one assignment. ``wait_s``, ``pull_s`` and
     ``bytes_in`` are about the interval before it (from its previous push until this SCHEDULE)."""
 
-    loss: float                # mean loss over the slice; NaN or Inf when it was
+    loss: float  # mean loss over the slice; NaN or Inf when it was
     samples: int
     compute_s: float
     encode_s: float
     push_s: float
     bytes_out: int
-    nonfinite: bool            # the loss or the gradient held a NaN or Inf
-    version: int               # the parameter version computed on
+    nonfinite: bool  # the loss or the gradient held a NaN or Inf
+    version: int  # the parameter version computed on
     wait_s: float
     pull_s: float
     bytes_in: int
-    util: dict[str, Any]       # cpu_util, mem_bytes, gpu_util, gpu_mem_bytes (None when unknown)
+    util: dict[str, Any]  # cpu_util, mem_bytes, gpu_util, gpu_mem_bytes (None when unknown)
 
     def to_map(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -453,12 +523,20 @@ class StepReport:
     @classmethod
     def from_map(cls, report: Mapping[str, Any], where: str = "METRICS.report") -> StepReport:
         r = _as_map(report, where)
-        return cls(loss=_float(r, where, "loss", finite=False), samples=_int(r, where, "samples"),
-                   compute_s=_float(r, where, "compute_s", 0.0), encode_s=_float(r, where, "encode_s", 0.0),
-                   push_s=_float(r, where, "push_s", 0.0), bytes_out=_int(r, where, "bytes_out"),
-                   nonfinite=_bool(r, where, "nonfinite"), version=_int(r, where, "version"),
-                   wait_s=_float(r, where, "wait_s"), pull_s=_float(r, where, "pull_s", 0.0),
-                   bytes_in=_int(r, where, "bytes_in"), util=_map(r, where, "util"))
+        return cls(
+            loss=_float(r, where, "loss", finite=False),
+            samples=_int(r, where, "samples"),
+            compute_s=_float(r, where, "compute_s", 0.0),
+            encode_s=_float(r, where, "encode_s", 0.0),
+            push_s=_float(r, where, "push_s", 0.0),
+            bytes_out=_int(r, where, "bytes_out"),
+            nonfinite=_bool(r, where, "nonfinite"),
+            version=_int(r, where, "version"),
+            wait_s=_float(r, where, "wait_s"),
+            pull_s=_float(r, where, "pull_s", 0.0),
+            bytes_in=_int(r, where, "bytes_in"),
+            util=_map(r, where, "util"),
+        )
 
 
 @dataclass(frozen=True)
@@ -468,7 +546,7 @@ class Metrics(WireMessage):
 
     TYPE: ClassVar[MsgType] = MsgType.METRICS
     ready: bool | None = None
-    probe: dict[str, Any] | None = None     # calibration: probe_samples_per_s, probe_c_s, probe_r, max_batch
+    probe: dict[str, Any] | None = None  # calibration: probe_samples_per_s, probe_c_s, probe_r, max_batch
     step: int | None = None
     attempt: int | None = None
     report: StepReport | None = None
@@ -479,16 +557,26 @@ class Metrics(WireMessage):
 
     def to_header(self) -> dict[str, Any]:
         report = None if self.report is None else self.report.to_map()
-        return _without_none([("ready", self.ready), ("probe", self.probe), ("step", self.step),
-                              ("attempt", self.attempt), ("report", report)])
+        return _without_none(
+            [
+                ("ready", self.ready),
+                ("probe", self.probe),
+                ("step", self.step),
+                ("attempt", self.attempt),
+                ("report", report),
+            ]
+        )
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Metrics:
         h = _as_map(header, "METRICS")
         if h.get("ready") is not None:
             return cls(ready=_bool(h, "METRICS", "ready"), probe=_opt_map(h, "METRICS", "probe") or {})
-        return cls(step=_int(h, "METRICS", "step"), attempt=_int(h, "METRICS", "attempt"),
-                   report=StepReport.from_map(_map(h, "METRICS", "report")))
+        return cls(
+            step=_int(h, "METRICS", "step"),
+            attempt=_int(h, "METRICS", "attempt"),
+            report=StepReport.from_map(_map(h, "METRICS", "report")),
+        )
 
 
 @dataclass(frozen=True)
@@ -548,12 +636,13 @@ class Control(WireMessage):
     KNOBS: ClassVar[tuple[str, ...]] = ("simulate_slowdown", "simulate_bandwidth")
     ok: bool | None = None
     rank: int | None = None
-    simulate_slowdown: float | None = None    # compute takes this many times as long (>= 1)
-    simulate_bandwidth: float | None = None   # Mbit/s, 0 = the real link
+    simulate_slowdown: float | None = None  # compute takes this many times as long (>= 1)
+    simulate_bandwidth: float | None = None  # Mbit/s, 0 = the real link
 
     def knobs(self) -> dict[str, float]:
-        return _without_none([("simulate_slowdown", self.simulate_slowdown),
-                              ("simulate_bandwidth", self.simulate_bandwidth)])
+        return _without_none(
+            [("simulate_slowdown", self.simulate_slowdown), ("simulate_bandwidth", self.simulate_bandwidth)]
+        )
 
     def to_header(self) -> dict[str, Any]:
         return {**_without_none([("ok", self.ok), ("rank", self.rank)]), **self.knobs()}
@@ -561,14 +650,17 @@ class Control(WireMessage):
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Control:
         h = _as_map(header, "CONTROL")
-        return cls(ok=_opt_bool(h, "CONTROL", "ok"), rank=_opt_int(h, "CONTROL", "rank", 0, 2**31 - 1),
-                   simulate_slowdown=_opt_float(h, "CONTROL", "simulate_slowdown", 1.0),
-                   simulate_bandwidth=_opt_float(h, "CONTROL", "simulate_bandwidth", 0.0))
+        return cls(
+            ok=_opt_bool(h, "CONTROL", "ok"),
+            rank=_opt_int(h, "CONTROL", "rank", 0, 2**31 - 1),
+            simulate_slowdown=_opt_float(h, "CONTROL", "simulate_slowdown", 1.0),
+            simulate_bandwidth=_opt_float(h, "CONTROL", "simulate_bandwidth", 0.0),
+        )
 
 
 MESSAGES: dict[MsgType, type[WireMessage]] = {
-    cls.TYPE: cls for cls in (Hello, Challenge, Auth, Welcome, Schedule, Push, Params, Pull, Metrics,
-                              Heartbeat, Error, Bye, Control)
+    cls.TYPE: cls
+    for cls in (Hello, Challenge, Auth, Welcome, Schedule, Push, Params, Pull, Metrics, Heartbeat, Error, Bye, Control)
 }
 
 

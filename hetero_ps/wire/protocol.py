@@ -53,30 +53,30 @@ MAGIC = b"HTPS"
 PROTOCOL_VERSION = 1
 PREFIX = struct.Struct("<4sHBBIQII")
 PREFIX_SIZE = PREFIX.size  # 28
-CRC_PREFIX_BYTES = 24      # the header CRC covers prefix[0:24] (everything before itself) + header
+CRC_PREFIX_BYTES = 24  # the header CRC covers prefix[0:24] (everything before itself) + header
 FLAG_PAYLOAD_CRC = 0x01
 KNOWN_FLAGS = FLAG_PAYLOAD_CRC
-SEG_KEY = "seg"            # reserved header key: the segment lengths, written by the encoder
+SEG_KEY = "seg"  # reserved header key: the segment lengths, written by the encoder
 _MAX_U32 = 2**32 - 1
-_READ_CHUNK = 64 << 10     # how much a prefix/header read may ask for (bounds any over-read)
+_READ_CHUNK = 64 << 10  # how much a prefix/header read may ask for (bounds any over-read)
 
 
 class MsgType(enum.IntEnum):
     """Message types (the prefix's type byte). docs/PROTOCOL.md lists each one's header keys."""
 
-    HELLO = 1        # client -> server: protocol/software versions, client nonce, who I am
-    CHALLENGE = 2    # server -> client: server nonce
-    AUTH = 3         # client -> server: HMAC proving the client knows the token
-    WELCOME = 4      # server -> client: HMAC proving the server knows the token + the job
-    SCHEDULE = 5     # server -> worker: what to compute next (batch size, sample slice)
-    PUSH = 6         # worker -> server: one encoded gradient chunk
-    PARAMS = 7       # server -> worker: one encoded parameter chunk
-    PULL = 8         # worker -> server: ask for parameters
-    METRICS = 9      # worker -> server: timings and counters
-    HEARTBEAT = 10   # either way: liveness
-    ERROR = 11       # either way: a fatal error, the sender closes afterwards
-    BYE = 12         # either way: orderly goodbye
-    CONTROL = 13     # server -> worker: out-of-band commands
+    HELLO = 1  # client -> server: protocol/software versions, client nonce, who I am
+    CHALLENGE = 2  # server -> client: server nonce
+    AUTH = 3  # client -> server: HMAC proving the client knows the token
+    WELCOME = 4  # server -> client: HMAC proving the server knows the token + the job
+    SCHEDULE = 5  # server -> worker: what to compute next (batch size, sample slice)
+    PUSH = 6  # worker -> server: one encoded gradient chunk
+    PARAMS = 7  # server -> worker: one encoded parameter chunk
+    PULL = 8  # worker -> server: ask for parameters
+    METRICS = 9  # worker -> server: timings and counters
+    HEARTBEAT = 10  # either way: liveness
+    ERROR = 11  # either way: a fatal error, the sender closes afterwards
+    BYE = 12  # either way: orderly goodbye
+    CONTROL = 13  # server -> worker: out-of-band commands
 
 
 @dataclass(frozen=True)
@@ -88,22 +88,31 @@ class Limits:
     authenticated ones.
     """
 
-    max_header_bytes: int = 1 << 20          # msgpack header H of an authenticated peer's frame
-    max_payload_bytes: int = 4 << 30         # payload P of one frame
-    max_segments: int = 65536                # entries of the "seg" list
-    max_str_len: int = 1 << 20               # one msgpack str in a header
-    max_bin_len: int = 1 << 20               # one msgpack bin in a header
-    max_array_len: int = 1 << 17             # one msgpack array (>= max_segments: "seg" is one)
-    max_map_len: int = 1 << 16               # one msgpack map
+    max_header_bytes: int = 1 << 20  # msgpack header H of an authenticated peer's frame
+    max_payload_bytes: int = 4 << 30  # payload P of one frame
+    max_segments: int = 65536  # entries of the "seg" list
+    max_str_len: int = 1 << 20  # one msgpack str in a header
+    max_bin_len: int = 1 << 20  # one msgpack bin in a header
+    max_array_len: int = 1 << 17  # one msgpack array (>= max_segments: "seg" is one)
+    max_map_len: int = 1 << 16  # one msgpack map
     max_unauth_header_bytes: int = 64 << 10  # header H before authentication
-    max_unauth_payload_bytes: int = 0        # payload P before authentication (HELLO/AUTH carry none)
-    frame_timeout: float = 30.0              # a frame whose first byte arrived must finish within this...
-    min_frame_rate: float = float(1 << 20)   # ...plus its size / this many bytes/s (so big frames get time)
-    handshake_timeout: float = 10.0          # HELLO -> WELCOME, all of it
+    max_unauth_payload_bytes: int = 0  # payload P before authentication (HELLO/AUTH carry none)
+    frame_timeout: float = 30.0  # a frame whose first byte arrived must finish within this...
+    min_frame_rate: float = float(1 << 20)  # ...plus its size / this many bytes/s (so big frames get time)
+    handshake_timeout: float = 10.0  # HELLO -> WELCOME, all of it
 
     def __post_init__(self) -> None:
-        for name in ("max_header_bytes", "max_payload_bytes", "max_segments", "max_str_len", "max_bin_len",
-                     "max_array_len", "max_map_len", "max_unauth_header_bytes", "max_unauth_payload_bytes"):
+        for name in (
+            "max_header_bytes",
+            "max_payload_bytes",
+            "max_segments",
+            "max_str_len",
+            "max_bin_len",
+            "max_array_len",
+            "max_map_len",
+            "max_unauth_header_bytes",
+            "max_unauth_payload_bytes",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"Limits.{name} must be a non-negative int, got {v!r}")
@@ -136,7 +145,7 @@ class Frame:
 
     type: MsgType
     buffers: tuple  # tuple[bytes | memoryview, ...]
-    nbytes: int     # sum of the buffers' lengths: 28 + H + P
+    nbytes: int  # sum of the buffers' lengths: 28 + H + P
 
 
 @dataclass(frozen=True)
@@ -159,19 +168,23 @@ class Message:
 
 # -- encoding ------------------------------------------------------------------------------------
 
+
 def _as_bytes_view(seg: object, i: int) -> memoryview:
-    torch = sys.modules.get("torch")   # a tensor cannot exist unless torch was imported
+    torch = sys.modules.get("torch")  # a tensor cannot exist unless torch was imported
     if torch is not None and isinstance(seg, torch.Tensor):
         if seg.device.type != "cpu" or not seg.is_contiguous():
-            raise LocalProtocolError(f"segment {i} is a {seg.device} tensor that is not a contiguous CPU tensor; "
-                                     "copy it to a contiguous CPU buffer first")
-        seg = seg.detach().reshape(-1).view(torch.uint8).numpy()   # a view, any dtype (bfloat16 too)
+            raise LocalProtocolError(
+                f"segment {i} is a {seg.device} tensor that is not a contiguous CPU tensor; "
+                "copy it to a contiguous CPU buffer first"
+            )
+        seg = seg.detach().reshape(-1).view(torch.uint8).numpy()  # a view, any dtype (bfloat16 too)
     try:
         mv = memoryview(seg)
     except TypeError:
         raise LocalProtocolError(
             f"segment {i} is a {type(seg).__name__}, which does not expose a buffer; pass bytes, a bytearray, "
-            "a memoryview, a numpy array or a CPU torch tensor") from None
+            "a memoryview, a numpy array or a CPU torch tensor"
+        ) from None
     if not mv.c_contiguous:
         raise LocalProtocolError(f"segment {i} is not C-contiguous; copy it first (numpy.ascontiguousarray)")
     if mv.format != "B" or mv.ndim != 1:
@@ -182,8 +195,14 @@ def _as_bytes_view(seg: object, i: int) -> memoryview:
     return mv
 
 
-def encode_frame(msg_type: int, header: dict, segments: Iterable = (), *, payload_checksum: bool = True,
-                 limits: Limits = DEFAULT_LIMITS) -> Frame:
+def encode_frame(
+    msg_type: int,
+    header: dict,
+    segments: Iterable = (),
+    *,
+    payload_checksum: bool = True,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Frame:
     """Encode one frame. The segments are referenced, not copied.
 
     ``header`` is a dict with str keys whose values are msgpack-native (str, bytes, int, float, bool,
@@ -216,8 +235,10 @@ def encode_frame(msg_type: int, header: dict, segments: Iterable = (), *, payloa
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"{mt.name} header cannot be encoded with msgpack: {exc}") from None
     if len(hbytes) > limits.max_header_bytes:
-        raise LocalProtocolError(f"{mt.name} header is {len(hbytes)} bytes, over the limit of "
-                                 f"{limits.max_header_bytes}; tensor data belongs in segments")
+        raise LocalProtocolError(
+            f"{mt.name} header is {len(hbytes)} bytes, over the limit of "
+            f"{limits.max_header_bytes}; tensor data belongs in segments"
+        )
     flags, pcrc = 0, 0
     if payload_checksum:
         flags |= FLAG_PAYLOAD_CRC
@@ -234,8 +255,9 @@ def raise_if_error(msg: Message) -> Message:
     """Return ``msg`` unless it is an ERROR frame, which becomes ``RemoteError(code, message)``."""
     if msg.type == MsgType.ERROR:
         code, text = msg.header.get("code"), msg.header.get("message")
-        raise RemoteError(code if isinstance(code, str) and code else "error",
-                          text if isinstance(text, str) else repr(text))
+        raise RemoteError(
+            code if isinstance(code, str) and code else "error", text if isinstance(text, str) else repr(text)
+        )
     return msg
 
 
@@ -257,8 +279,9 @@ def _check_header_values(header: dict) -> None:
         elif isinstance(v, list):
             stack.extend(v)
         elif not isinstance(v, _ALLOWED_SCALARS):
-            raise RemoteProtocolError(f"header holds a {type(v).__name__}; only maps, arrays, str, bin, "
-                                      "int, float, bool and nil are allowed")
+            raise RemoteProtocolError(
+                f"header holds a {type(v).__name__}; only maps, arrays, str, bin, int, float, bool and nil are allowed"
+            )
 
 
 # decoder states
@@ -273,9 +296,11 @@ def _not_hetero_ps(start: bytes) -> RemoteProtocolError:
         return RemoteProtocolError(
             f"the peer speaks HTTP ({start!r}), not the hetero_ps protocol: this is a web port (the master's "
             "dashboard is on --dashboard-port, 3000 by default); point workers at the master's port "
-            "(MASTER_PORT, --port, 29500 by default), which the master prints as 'listening on HOST:PORT'")
-    return RemoteProtocolError(f"not a hetero_ps frame: starts with {start!r} instead of {MAGIC!r} "
-                               "(is another program talking to this port?)")
+            "(MASTER_PORT, --port, 29500 by default), which the master prints as 'listening on HOST:PORT'"
+        )
+    return RemoteProtocolError(
+        f"not a hetero_ps frame: starts with {start!r} instead of {MAGIC!r} (is another program talking to this port?)"
+    )
 
 
 class FrameDecoder:
@@ -296,8 +321,8 @@ class FrameDecoder:
         self.limits = limits
         self.authenticated = authenticated
         self._alloc: PayloadAllocator | None = None
-        self._stage = bytearray(_READ_CHUNK)   # prefix + header bytes (and any over-read)
-        self._r = 0                            # unparsed bytes are _stage[_r:_w]
+        self._stage = bytearray(_READ_CHUNK)  # prefix + header bytes (and any over-read)
+        self._r = 0  # unparsed bytes are _stage[_r:_w]
         self._w = 0
         self._state = _PREFIX
         self._pending: Message | None = None
@@ -354,7 +379,7 @@ class FrameDecoder:
         """A writable view for the next received bytes; call ``buffer_updated(n)`` after writing n."""
         self._raise_if_dead()
         if self._state == _PAYLOAD and self._pending is None:
-            view = self._dest[self._filled:]
+            view = self._dest[self._filled :]
             self._view_is_payload = True
         else:
             avail = self._w - self._r
@@ -363,7 +388,7 @@ class FrameDecoder:
             if free < need or free < 1024:
                 self._make_room(avail, max(need, _READ_CHUNK))
                 free = len(self._stage) - self._w
-            view = memoryview(self._stage)[self._w:self._w + max(need, min(free, _READ_CHUNK))]
+            view = memoryview(self._stage)[self._w : self._w + max(need, min(free, _READ_CHUNK))]
             self._view_is_payload = False
         self._view_len = len(view)
         return view
@@ -376,7 +401,7 @@ class FrameDecoder:
         self._view_len = 0
         if self._view_is_payload:
             if self._flags & FLAG_PAYLOAD_CRC:
-                self._crc = checksum(self._dest[self._filled:self._filled + nbytes], self._crc)
+                self._crc = checksum(self._dest[self._filled : self._filled + nbytes], self._crc)
             self._filled += nbytes
         else:
             self._w += nbytes
@@ -398,10 +423,10 @@ class FrameDecoder:
         # Never resize in place: a view handed out earlier may still exist, and a bytearray with
         # exports cannot be resized. Moving the unread bytes to the front keeps the size.
         if self._r and len(self._stage) - avail >= want:
-            self._stage[:avail] = self._stage[self._r:self._w]
+            self._stage[:avail] = self._stage[self._r : self._w]
         else:
             new = bytearray(max(avail + want, 2 * len(self._stage)))
-            new[:avail] = self._stage[self._r:self._w]
+            new[:avail] = self._stage[self._r : self._w]
             self._stage = new
         self._r, self._w = 0, avail
 
@@ -430,15 +455,17 @@ class FrameDecoder:
         if avail < PREFIX_SIZE:
             # fail fast on a peer that is not speaking this protocol at all
             k = min(avail, len(MAGIC))
-            if st[self._r:self._r + k] != MAGIC[:k]:
-                raise _not_hetero_ps(bytes(st[self._r:self._r + k]))
+            if st[self._r : self._r + k] != MAGIC[:k]:
+                raise _not_hetero_ps(bytes(st[self._r : self._r + k]))
             return False
         magic, version, mtype, flags, hlen, plen, pcrc, hcrc = PREFIX.unpack_from(st, self._r)
         if magic != MAGIC:
             raise _not_hetero_ps(bytes(magic))
         if version != PROTOCOL_VERSION:
-            raise VersionMismatch(f"the peer speaks hetero_ps protocol version {version}, this side speaks "
-                                  f"version {PROTOCOL_VERSION}; install the same hetero_ps version on every node")
+            raise VersionMismatch(
+                f"the peer speaks hetero_ps protocol version {version}, this side speaks "
+                f"version {PROTOCOL_VERSION}; install the same hetero_ps version on every node"
+            )
         if flags & ~KNOWN_FLAGS:
             raise RemoteProtocolError(f"unknown flag bits 0x{flags & ~KNOWN_FLAGS:02x} in the frame prefix")
         if not flags & FLAG_PAYLOAD_CRC and pcrc:
@@ -463,27 +490,40 @@ class FrameDecoder:
         lim = self.limits
         st = memoryview(self._stage)
         hstart = self._r + PREFIX_SIZE
-        hview = st[hstart:hstart + self._hlen]
-        crc = checksum(hview, checksum(st[self._r:self._r + CRC_PREFIX_BYTES]))
+        hview = st[hstart : hstart + self._hlen]
+        crc = checksum(hview, checksum(st[self._r : self._r + CRC_PREFIX_BYTES]))
         if crc != self._hcrc:
-            raise ChecksumError(f"frame header checksum mismatch (got 0x{self._hcrc:08x}, computed 0x{crc:08x}): "
-                                "the bytes were corrupted on the way")
+            raise ChecksumError(
+                f"frame header checksum mismatch (got 0x{self._hcrc:08x}, computed 0x{crc:08x}): "
+                "the bytes were corrupted on the way"
+            )
         try:
             self._type = MsgType(self._mtype_raw)
         except ValueError:
             raise UnknownMessage(f"unknown message type {self._mtype_raw} (this side knows 1-{max(MsgType)})") from None
         try:
-            header = msgpack.unpackb(hview, raw=False, strict_map_key=True, use_list=True,
-                                     max_str_len=lim.max_str_len, max_bin_len=lim.max_bin_len,
-                                     max_array_len=lim.max_array_len, max_map_len=lim.max_map_len,
-                                     max_ext_len=0)
+            header = msgpack.unpackb(
+                hview,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                max_str_len=lim.max_str_len,
+                max_bin_len=lim.max_bin_len,
+                max_array_len=lim.max_array_len,
+                max_map_len=lim.max_map_len,
+                max_ext_len=0,
+            )
         except Exception as exc:  # msgpack raises ValueError subclasses, OutOfData, TypeError...
             text = str(exc)
             if "max_ext_len" in text:
-                raise RemoteProtocolError(f"{self._type.name} header holds a msgpack ext type; none is allowed") from None
+                raise RemoteProtocolError(
+                    f"{self._type.name} header holds a msgpack ext type; none is allowed"
+                ) from None
             if "exceeds max" in text:
                 raise LimitExceeded(f"{self._type.name} header: {text}") from None
-            raise RemoteProtocolError(f"{self._type.name} header is not valid msgpack: {type(exc).__name__}: {text}") from None
+            raise RemoteProtocolError(
+                f"{self._type.name} header is not valid msgpack: {type(exc).__name__}: {text}"
+            ) from None
         finally:
             hview.release()
             st.release()
@@ -498,8 +538,9 @@ class FrameDecoder:
             if self._plen:
                 raise RemoteProtocolError(f'{self._type.name} frame has a payload but no "{SEG_KEY}" header key')
             seg = []
-        elif (not isinstance(seg, list) or len(seg) > lim.max_segments
-              or not all(type(x) is int and x >= 0 for x in seg)):
+        elif (
+            not isinstance(seg, list) or len(seg) > lim.max_segments or not all(type(x) is int and x >= 0 for x in seg)
+        ):
             if isinstance(seg, list) and len(seg) > lim.max_segments:
                 raise LimitExceeded(f"{len(seg)} segments, over the limit of {lim.max_segments}")
             raise RemoteProtocolError(f'"{SEG_KEY}" must be a list of non-negative ints')
@@ -516,7 +557,7 @@ class FrameDecoder:
         # bytes already read past the header (over-read) go to the destination first
         k = min(self._w - self._r, self._plen)
         if k:
-            self._dest[:k] = self._stage[self._r:self._r + k]
+            self._dest[:k] = self._stage[self._r : self._r + k]
             if self._flags & FLAG_PAYLOAD_CRC:
                 self._crc = checksum(self._dest[:k])
             self._r += k
@@ -541,15 +582,17 @@ class FrameDecoder:
 
     def _finish_payload(self) -> None:
         if self._flags & FLAG_PAYLOAD_CRC and self._crc != self._pcrc:
-            raise ChecksumError(f"{self._type.name} payload checksum mismatch (got 0x{self._pcrc:08x}, "
-                                f"computed 0x{self._crc:08x}): the bytes were corrupted on the way")
+            raise ChecksumError(
+                f"{self._type.name} payload checksum mismatch (got 0x{self._pcrc:08x}, "
+                f"computed 0x{self._crc:08x}): the bytes were corrupted on the way"
+            )
         dest, self._dest = self._dest, None
         self._complete(dest)
 
     def _complete(self, payload: memoryview) -> None:
         segs, off = [], 0
         for n in self._seg:
-            segs.append(payload[off:off + n])
+            segs.append(payload[off : off + n])
             off += n
         self._pending = Message(self._type, self._header, tuple(segs))
         self._state = _PREFIX

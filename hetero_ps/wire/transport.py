@@ -77,6 +77,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 def _socket_buffer_bytes() -> int:
     """SO_SNDBUF/SO_RCVBUF asked for every connection (Linux doubles it): ``HETERO_PS_SOCKET_BUFFER``,
     default 1 MiB; 0 keeps the kernel's autotuning. bench_transport measured the choice (PROTOCOL.md)."""
@@ -91,11 +92,11 @@ def _socket_buffer_bytes() -> int:
 
 
 SOCKET_BUFFER_BYTES = _socket_buffer_bytes()
-PAYLOAD_CRC_ENV = "HETERO_PS_PAYLOAD_CRC"   # auto (default: on unless the peer is loopback) | on | off
-_IOV_MAX = 1024             # buffers per sendmsg call (Linux's IOV_MAX)
-_CLOSE_WAIT = 2.0           # s a close waits for in-flight socket calls to notice the shutdown
-_ERROR_SEND_TIMEOUT = 2.0   # s we try to deliver an ERROR frame before closing anyway
-_LINGER = 0.5               # s after an ERROR we read and discard, so the peer gets it before a reset
+PAYLOAD_CRC_ENV = "HETERO_PS_PAYLOAD_CRC"  # auto (default: on unless the peer is loopback) | on | off
+_IOV_MAX = 1024  # buffers per sendmsg call (Linux's IOV_MAX)
+_CLOSE_WAIT = 2.0  # s a close waits for in-flight socket calls to notice the shutdown
+_ERROR_SEND_TIMEOUT = 2.0  # s we try to deliver an ERROR frame before closing anyway
+_LINGER = 0.5  # s after an ERROR we read and discard, so the peer gets it before a reset
 
 _ERROR_CODES = (
     (LimitExceeded, "limit_exceeded"),
@@ -159,8 +160,15 @@ class Connection:
     attributes may be set on it by the application (the server stores its worker handle there).
     """
 
-    def __init__(self, sock: socket.socket, *, peer: str, limits: Limits = DEFAULT_LIMITS,
-                 authenticated: bool = False, payload_checksum: bool | None = None):
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        peer: str,
+        limits: Limits = DEFAULT_LIMITS,
+        authenticated: bool = False,
+        payload_checksum: bool | None = None,
+    ):
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self.peer = peer
@@ -204,8 +212,15 @@ class Connection:
         self._dec.set_payload_allocator(fn)
 
     # -- sending -------------------------------------------------------------------------------
-    async def send(self, msg_type: int, header: dict, segments: Iterable = (), *,
-                   payload_checksum: bool | None = None, timeout: float | None = None) -> None:
+    async def send(
+        self,
+        msg_type: int,
+        header: dict,
+        segments: Iterable = (),
+        *,
+        payload_checksum: bool | None = None,
+        timeout: float | None = None,
+    ) -> None:
         """Encode and send one frame; returns when the kernel holds all of it (see ``send_frame``).
 
         ``payload_checksum`` None uses the connection's ``payload_checksum`` attribute.
@@ -225,7 +240,7 @@ class Connection:
             raise ConnectionClosed(f"connection to {self.peer} is closed")
         writing = False
         try:
-            async with asyncio.timeout(timeout) as cm:   # covers waiting for the lock too
+            async with asyncio.timeout(timeout) as cm:  # covers waiting for the lock too
                 async with self._send_lock:
                     if self._closed:
                         raise ConnectionClosed(f"connection to {self.peer} is closed")
@@ -237,15 +252,17 @@ class Connection:
                         self._io_exit()
                     writing = False
         except TimeoutError:
-            if not cm.expired():   # ETIMEDOUT from the socket itself
+            if not cm.expired():  # ETIMEDOUT from the socket itself
                 self._abort()
                 raise ConnectionClosed(f"connection to {self.peer} timed out while sending") from None
             if writing:
                 self._abort()
-            raise TransportTimeout(f"sending {frame.type.name} ({frame.nbytes} bytes) to {self.peer} took longer "
-                                   f"than {timeout} s" + ("; the connection is closed" if writing else "")) from None
+            raise TransportTimeout(
+                f"sending {frame.type.name} ({frame.nbytes} bytes) to {self.peer} took longer "
+                f"than {timeout} s" + ("; the connection is closed" if writing else "")
+            ) from None
         except asyncio.CancelledError:
-            if writing:   # half a frame may be out: the stream is unusable
+            if writing:  # half a frame may be out: the stream is unusable
                 self._abort()
             raise
         except OSError as exc:
@@ -260,7 +277,7 @@ class Connection:
         views = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
         i = 0
         while i < len(views):
-            batch = views[i:i + _IOV_MAX]
+            batch = views[i : i + _IOV_MAX]
             try:
                 n = self._sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
@@ -278,8 +295,7 @@ class Connection:
         """Send ERROR{code, message} (best effort, bounded in time) and close the connection."""
         if not self._closed:
             try:
-                await self.send(MsgType.ERROR, Error(str(code), str(message)).to_header(),
-                                timeout=_ERROR_SEND_TIMEOUT)
+                await self.send(MsgType.ERROR, Error(str(code), str(message)).to_header(), timeout=_ERROR_SEND_TIMEOUT)
                 await self._linger()
             except (TransportError, ProtocolError) as exc:
                 log.debug("could not deliver ERROR %s to %s: %s", code, self.peer, exc)
@@ -366,7 +382,8 @@ class Connection:
             self._abort()
             raise TransportTimeout(
                 f"{self.peer} sent only part of a frame in {self._loop.time() - start:.1f} s "
-                f"(frame_timeout {self.limits.frame_timeout} s); the connection is closed") from None
+                f"(frame_timeout {self.limits.frame_timeout} s); the connection is closed"
+            ) from None
 
     async def _read_some(self) -> None:
         view = self._dec.get_buffer()
@@ -438,6 +455,7 @@ class Connection:
 
 # -- client ----------------------------------------------------------------------------------------
 
+
 async def _open_socket(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
     try:
@@ -460,8 +478,15 @@ async def _open_socket(host: str, port: int) -> socket.socket:
     raise ConnectionClosed(f"cannot connect to {host}:{port}: {last}")
 
 
-async def connect(host: str, port: int, *, token: str | bytes, hello: Hello | dict, limits: Limits = DEFAULT_LIMITS,
-                  timeout: float = 10.0) -> tuple[Connection, Message]:
+async def connect(
+    host: str,
+    port: int,
+    *,
+    token: str | bytes,
+    hello: Hello | dict,
+    limits: Limits = DEFAULT_LIMITS,
+    timeout: float = 10.0,
+) -> tuple[Connection, Message]:
     """Connect, authenticate both ways and return ``(connection, WELCOME message)``.
 
     ``hello`` adds the caller's fields to HELLO: a ``messages.Hello`` (its ``caller_fields()``), or a
@@ -487,8 +512,9 @@ async def connect(host: str, port: int, *, token: str | bytes, hello: Hello | di
     except TimeoutError:
         if not cm.expired():
             raise
-        raise TransportTimeout(f"no complete handshake with {host}:{port} within {timeout} s "
-                               "(is it a hetero_ps master, and reachable?)") from None
+        raise TransportTimeout(
+            f"no complete handshake with {host}:{port} within {timeout} s (is it a hetero_ps master, and reachable?)"
+        ) from None
     finally:
         if conn is not None and not ok:
             await conn.close()
@@ -503,8 +529,15 @@ OnConnection = Callable[[Connection], Awaitable[None]]
 class Server:
     """A listening socket; every authenticated connection runs ``on_connection`` in its own task."""
 
-    def __init__(self, lsock: socket.socket, *, token: str | bytes, on_hello: OnHello,
-                 on_connection: OnConnection, limits: Limits):
+    def __init__(
+        self,
+        lsock: socket.socket,
+        *,
+        token: str | bytes,
+        on_hello: OnHello,
+        on_connection: OnConnection,
+        limits: Limits,
+    ):
         self._lsock = lsock
         self._token = token_bytes(token)
         self._on_hello = on_hello
@@ -526,7 +559,7 @@ class Server:
         """Live connections (authenticated or still in their handshake)."""
         return frozenset(self._conns)
 
-    async def __aenter__(self) -> "Server":
+    async def __aenter__(self) -> Server:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -615,8 +648,7 @@ class Server:
         if not isinstance(welcome, dict) or "server_mac" in welcome:
             raise LocalProtocolError("on_hello must return a dict without the key 'server_mac'")
         try:
-            await conn.send(MsgType.WELCOME, side.welcome_header(welcome),
-                            timeout=lim.handshake_timeout)
+            await conn.send(MsgType.WELCOME, side.welcome_header(welcome), timeout=lim.handshake_timeout)
         except TransportError as exc:
             # on_hello has admitted the peer: on_connection still runs, finds the connection closed
             # and does its clean-up
@@ -625,15 +657,24 @@ class Server:
         return True
 
 
-async def start_server(host: str, port: int, *, token: str | bytes, on_hello: OnHello,
-                       on_connection: OnConnection, limits: Limits = DEFAULT_LIMITS, backlog: int = 128) -> Server:
+async def start_server(
+    host: str,
+    port: int,
+    *,
+    token: str | bytes,
+    on_hello: OnHello,
+    on_connection: OnConnection,
+    limits: Limits = DEFAULT_LIMITS,
+    backlog: int = 128,
+) -> Server:
     """Listen on ``host:port`` (port 0 picks a free one: see ``Server.port``).
 
     For each client: the handshake (bounded by ``limits.handshake_timeout``), then
     ``await on_hello(conn, hello_fields)`` returns the WELCOME fields: a dict, a ``messages.Welcome``
     or a ``messages.ControlWelcome``. ``hello_fields`` is HELLO without its nonce (``Hello.from_fields``
     reads it). Raise ``RemoteError`` to refuse with an ERROR frame. The client reads WELCOME before
-    authenticating it, so it must fit in ``limits.max_unauth_header_bytes``. Then ``on_connection(conn)`` runs in that connection's task.
+    authenticating it, so it must fit in ``limits.max_unauth_header_bytes``. Then ``on_connection(conn)``
+    runs in that connection's task.
     Once ``on_hello`` has returned, ``on_connection`` always runs, even if the WELCOME could not be
     delivered (it then finds the connection closed), so clean-up in it is reliable. An exception in
     it is logged and closes that connection only.
@@ -649,6 +690,9 @@ async def start_server(host: str, port: int, *, token: str | bytes, on_hello: On
         lsock.listen(backlog)
     except OSError as exc:
         lsock.close()
-        raise OSError(exc.errno, f"cannot listen on {host or '*'}:{port}: {exc.strerror} "
-                                 "(is another master running there? pick another --port)") from None
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {host or '*'}:{port}: {exc.strerror} "
+            "(is another master running there? pick another --port)",
+        ) from None
     return Server(lsock, token=token, on_hello=on_hello, on_connection=on_connection, limits=limits)

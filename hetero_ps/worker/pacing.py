@@ -29,8 +29,7 @@ def _rate_bytes(mbit: float | None) -> float:
         return 0.0
     mbit = float(mbit)
     if not (mbit > 0 and math.isfinite(mbit)):
-        raise ValueError(f"a simulated bandwidth must be a positive number of Mbit/s (or 0 for unlimited), "
-                         f"got {mbit}")
+        raise ValueError(f"a simulated bandwidth must be a positive number of Mbit/s (or 0 for unlimited), got {mbit}")
     return mbit * 1e6 / 8.0
 
 
@@ -43,11 +42,11 @@ class BandwidthPacer:
         self.burst = float(burst)
         self._clock = clock
         self._rate = _rate_bytes(mbit)
-        self._credit = self.burst        # bytes that may go without waiting (negative: debt)
+        self._credit = self.burst  # bytes that may go without waiting (negative: debt)
         self._stamp = clock()
         self._changed: asyncio.Event | None = None
-        self.bytes_paced = 0             # total bytes accounted
-        self.seconds_waited = 0.0        # total time callers were told to wait
+        self.bytes_paced = 0  # total bytes accounted
+        self.seconds_waited = 0.0  # total time callers were told to wait
 
     @property
     def mbit(self) -> float:
@@ -65,10 +64,10 @@ class BandwidthPacer:
     def set_rate(self, mbit: float | None) -> None:
         """Change the bandwidth now (0 or None: unlimited); waiting callers re-plan with it."""
         rate = _rate_bytes(mbit)
-        self._refill()                   # credit earned so far was earned at the old rate
+        self._refill()  # credit earned so far was earned at the old rate
         self._rate = rate
         if not rate:
-            self._credit = self.burst    # unlimited: forgive any debt
+            self._credit = self.burst  # unlimited: forgive any debt
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -104,7 +103,7 @@ class BandwidthPacer:
             changed = self._changed
             try:
                 await asyncio.wait_for(changed.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             wait = self._debt_wait()
         return self._clock() - t0

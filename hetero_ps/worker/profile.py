@@ -44,9 +44,15 @@ def _gpus() -> list[dict]:
     gpus = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        gpus.append({"index": i, "name": p.name, "memory_bytes": int(p.total_memory),
-                     "compute_capability": f"{p.major}.{p.minor}"})
-    try:   # utilisation needs NVML (nvidia-ml-py); absent drivers only lose this field
+        gpus.append(
+            {
+                "index": i,
+                "name": p.name,
+                "memory_bytes": int(p.total_memory),
+                "compute_capability": f"{p.major}.{p.minor}",
+            }
+        )
+    try:  # utilisation needs NVML (nvidia-ml-py); absent drivers only lose this field
         import pynvml
 
         pynvml.nvmlInit()
@@ -89,7 +95,8 @@ def resolve_device(requested: str) -> str:
             raise ConfigError(
                 f"--device {requested} was requested but CUDA is not available here "
                 f"(torch {torch.__version__}, torch.cuda.is_available() is False). Install an NVIDIA driver "
-                "and a CUDA build of torch, or run with --device cpu (or auto).")
+                "and a CUDA build of torch, or run with --device cpu (or auto)."
+            )
         idx = int(requested.split(":", 1)[1]) if ":" in requested else 0
         if idx >= torch.cuda.device_count():
             raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
@@ -124,7 +131,7 @@ def calibrate(trainer, n_samples: int, batch_sizes=(8, 32), slowdown: float = 1.
     if not (slowdown > 0 and math.isfinite(slowdown)):
         raise ValueError(f"slowdown must be a positive number, got {slowdown}")
     sizes = sorted({max(1, min(int(b), n_samples)) for b in batch_sizes})
-    if len(sizes) < 2:   # a tiny data set: fall back to what it has
+    if len(sizes) < 2:  # a tiny data set: fall back to what it has
         sizes = sorted({1, max(1, n_samples)}) if n_samples > 1 else [1]
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -141,14 +148,14 @@ def calibrate(trainer, n_samples: int, batch_sizes=(8, 32), slowdown: float = 1.
             t0 = time.perf_counter()
             trainer.compute_gradient(idx)
             _sync(device)
-            if k:   # run 0 is the warm-up
+            if k:  # run 0 is the warm-up
                 best = min(best, time.perf_counter() - t0)
         seconds.append(best)
     if len(sizes) >= 2:
         b1, b2, t1, t2 = sizes[0], sizes[-1], seconds[0], seconds[-1]
         slope = (t2 - t1) / (b2 - b1)
         c = t1 - b1 * slope
-        if slope <= 0 or c < 0:   # noise beat the signal: a pure rate through the origin
+        if slope <= 0 or c < 0:  # noise beat the signal: a pure rate through the origin
             c, slope = 0.0, t2 / b2
     else:
         b2, t2 = sizes[0], seconds[0]
@@ -177,7 +184,7 @@ class _SavedBytes:
             if key not in self.seen and st.data_ptr():
                 self.seen.add(key)
                 self.nbytes += st.nbytes()
-        except (RuntimeError, NotImplementedError):   # sparse or exotic tensors: count the tensor
+        except (RuntimeError, NotImplementedError):  # sparse or exotic tensors: count the tensor
             self.nbytes += t.numel() * t.element_size()
         return t
 

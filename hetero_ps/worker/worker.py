@@ -63,19 +63,19 @@ log = logging.getLogger("hetero_ps.worker")
 class WorkerConfig:
     """How this node reaches the master and behaves; the job itself comes from the master."""
 
-    master_addr: str = "127.0.0.1"     # the master's address (MASTER_ADDR)
-    master_port: int = 29500           # the master's port (MASTER_PORT)
-    token: str = ""                    # shared secret (HETERO_PS_TOKEN)
-    rank: int = -1                     # RANK; -1 lets the master pick
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    connect_timeout: float = 60.0      # give up reaching the master after this many seconds
-    simulate_slowdown: float = 1.0     # compute takes this many times as long (heterogeneity in tests)
-    simulate_bandwidth: float = 0.0    # pace pushes and pulls to this many Mbit/s (0 = the real link)
-    calibrate: bool = True             # probe the job's model at join so the first split fits
-    torch_threads: int = 0             # torch.set_num_threads (0 = torch's default)
-    experiments_dir: str = "experiments"   # where this node writes its log (experiment name from master)
-    profile_steps: int = 0             # record a torch.profiler trace of this many steps (after one warm-up)
-    log_format: str = "plain"          # plain | json (progress output)
+    master_addr: str = "127.0.0.1"  # the master's address (MASTER_ADDR)
+    master_port: int = 29500  # the master's port (MASTER_PORT)
+    token: str = ""  # shared secret (HETERO_PS_TOKEN)
+    rank: int = -1  # RANK; -1 lets the master pick
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    connect_timeout: float = 60.0  # give up reaching the master after this many seconds
+    simulate_slowdown: float = 1.0  # compute takes this many times as long (heterogeneity in tests)
+    simulate_bandwidth: float = 0.0  # pace pushes and pulls to this many Mbit/s (0 = the real link)
+    calibrate: bool = True  # probe the job's model at join so the first split fits
+    torch_threads: int = 0  # torch.set_num_threads (0 = torch's default)
+    experiments_dir: str = "experiments"  # where this node writes its log (experiment name from master)
+    profile_steps: int = 0  # record a torch.profiler trace of this many steps (after one warm-up)
+    log_format: str = "plain"  # plain | json (progress output)
 
 
 async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport.Connection, object]:
@@ -89,17 +89,24 @@ async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport
     while True:
         attempt += 1
         try:
-            return await transport.connect(cfg.master_addr, cfg.master_port, token=cfg.token, hello=hello,
-                                           timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            return await transport.connect(
+                cfg.master_addr,
+                cfg.master_port,
+                token=cfg.token,
+                hello=hello,
+                timeout=min(10.0, max(1.0, deadline - time.monotonic())),
+            )
         except (OSError, TransportError) as exc:
             last = exc
         if time.monotonic() + delay > deadline:
             raise ConnectionClosed(
                 f"could not reach the master at {cfg.master_addr}:{cfg.master_port} after {attempt} attempts "
                 f"in {cfg.connect_timeout:.0f} s (last error: {last}). Is `python -m hetero_ps.server` running "
-                f"there, is MASTER_ADDR right, and is the port open (e.g. `sudo ufw allow {cfg.master_port}/tcp`)?")
-        log.info("master %s:%d not reachable yet (%s); retrying in %.1f s",
-                 cfg.master_addr, cfg.master_port, last, delay)
+                f"there, is MASTER_ADDR right, and is the port open (e.g. `sudo ufw allow {cfg.master_port}/tcp`)?"
+            )
+        log.info(
+            "master %s:%d not reachable yet (%s); retrying in %.1f s", cfg.master_addr, cfg.master_port, last, delay
+        )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
 
@@ -118,11 +125,11 @@ class Worker:
         self.samples_done = 0
         self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         self._push_done_at = 0.0
-        self.on_welcome = None   # callback(experiment, rank): the CLI adds the experiment's log file
+        self.on_welcome = None  # callback(experiment, rank): the CLI adds the experiment's log file
         self._proc = psutil.Process()
         self.pacer = None
         self._set_bandwidth(cfg.simulate_bandwidth)
-        self._feedback, self._feedback_step = None, -1   # top-k residuals before the current step
+        self._feedback, self._feedback_step = None, -1  # top-k residuals before the current step
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
@@ -130,16 +137,24 @@ class Worker:
         from hetero_ps.training.flat import FlatParams
         from hetero_ps.training.trainer import LocalTrainer
 
-        hello = Hello(rank=self.cfg.rank, host=socket.gethostname(), device=self.device,
-                      profile=hardware_profile(self.device))
+        hello = Hello(
+            rank=self.cfg.rank, host=socket.gethostname(), device=self.device, profile=hardware_profile(self.device)
+        )
         self.conn, welcome = await connect_with_retry(self.cfg, hello)
         w = await self._parse(Welcome, welcome.header)
         self.wid, self.rank = w.worker_id, w.rank
         self.job = JobConfig.from_wire(w.job)
         if self.on_welcome:
             self.on_welcome(w.experiment, self.rank)
-        log.info("joined master %s:%d as rank %d (worker id %d) on %s; experiment %s",
-                 self.cfg.master_addr, self.cfg.master_port, self.rank, self.wid, self.device, w.experiment)
+        log.info(
+            "joined master %s:%d as rank %d (worker id %d) on %s; experiment %s",
+            self.cfg.master_addr,
+            self.cfg.master_port,
+            self.rank,
+            self.wid,
+            self.device,
+            w.experiment,
+        )
         try:
             train_set, _, info = data.load_datasets(self.job)
             model = models.build_model(self.job, info).to(self.device)
@@ -147,19 +162,23 @@ class Worker:
             if self.flat.numel != w.numel:
                 raise ConfigError(
                     f"this node builds {self.job.model} with {self.flat.numel} parameters but the master's has "
-                    f"{w.numel}: the two nodes run different code or library versions")
+                    f"{w.numel}: the two nodes run different code or library versions"
+                )
             self.trainer = LocalTrainer(self.job, model, self.flat, train_set, info, self.device)
         except (HeteroPSError, ImportError, RuntimeError) as exc:
             await self.conn.send_error("job_setup_failed", f"rank {self.rank}: {exc}")
             raise HeteroPSError(f"cannot set up the job: {exc}") from exc
         self.sampler = data_sampler(self.job, len(train_set))
-        self.progress = Progress(w.total_steps, f"worker[{self.rank}]", self.cfg.log_format,
-                                 epochs=self.job.epochs)
+        self.progress = Progress(w.total_steps, f"worker[{self.rank}]", self.cfg.log_format, epochs=self.job.epochs)
         self.profiler = None
         if self.cfg.profile_steps:
             self.profiler = StepProfiler(
                 os.path.join(self.cfg.experiments_dir, w.experiment or "default", "profiles"),
-                steps=self.cfg.profile_steps, rank=self.rank, skip=1, device=self.device)
+                steps=self.cfg.profile_steps,
+                rank=self.rank,
+                skip=1,
+                device=self.device,
+            )
         self._setup_codecs()
         self.conn.set_payload_allocator(self._allocate)
         ready = Metrics(ready=True, probe=await self._calibrate(len(train_set)))
@@ -184,10 +203,14 @@ class Worker:
         if not self.cfg.calibrate:
             return {}
         probe = await asyncio.to_thread(calibrate, self.trainer, n_samples, slowdown=self.slowdown)
-        probe["max_batch"] = await asyncio.to_thread(estimate_max_batch, self.trainer, self.device,
-                                                     max(self.job.global_batch // 4, 8))
-        log.info("calibration: %.0f samples/s, largest batch %s", probe.get("probe_samples_per_s", 0.0),
-                 probe["max_batch"] or "unbounded")
+        probe["max_batch"] = await asyncio.to_thread(
+            estimate_max_batch, self.trainer, self.device, max(self.job.global_batch // 4, 8)
+        )
+        log.info(
+            "calibration: %.0f samples/s, largest batch %s",
+            probe.get("probe_samples_per_s", 0.0),
+            probe["max_batch"] or "unbounded",
+        )
         return probe
 
     # -- buffers and codecs -------------------------------------------------------------------
@@ -206,10 +229,15 @@ class Worker:
         if msg_type != MsgType.PARAMS or header.get("codec") != "none":
             return None
         off, numel = header.get("offset"), header.get("numel")
-        if not (isinstance(off, int) and isinstance(numel, int) and 0 <= off and off + numel <= self.flat.numel
-                and nbytes == 4 * numel):
-            return None   # let the decoder allocate; the handler rejects the header with a clear error
-        return memoryview(self.params_np[off:off + numel]).cast("B")
+        if not (
+            isinstance(off, int)
+            and isinstance(numel, int)
+            and off >= 0
+            and off + numel <= self.flat.numel
+            and nbytes == 4 * numel
+        ):
+            return None  # let the decoder allocate; the handler rejects the header with a clear error
+        return memoryview(self.params_np[off : off + numel]).cast("B")
 
     # -- the loop -------------------------------------------------------------------------------
     async def _loop(self) -> dict:
@@ -218,7 +246,7 @@ class Worker:
             t = msg.type
             if t == MsgType.PARAMS:
                 self._on_params(await self._parse(Params, msg.header), msg.segments)
-                if self.pacer is not None:   # a simulated slow link: the pull takes its time
+                if self.pacer is not None:  # a simulated slow link: the pull takes its time
                     self._prev["pull_s"] += await self.pacer.pace(sum(memoryview(seg).nbytes for seg in msg.segments))
             elif t == MsgType.SCHEDULE:
                 await self._on_schedule(await self._parse(Schedule, msg.header))
@@ -241,9 +269,11 @@ class Worker:
         if p.chunk >= len(self.chunks) or self.chunks[p.chunk] != (off, numel):
             raise ConfigError(f"master sent a parameter chunk {p.chunk} ({off}+{numel}) this node does not have")
         if p.codec != "none":
-            self.pull_codecs[p.chunk].decode_into(self.params_cpu[off:off + numel].numpy(), p.codec_header(), segments)
+            self.pull_codecs[p.chunk].decode_into(
+                self.params_cpu[off : off + numel].numpy(), p.codec_header(), segments
+            )
         elif not _same_buffer(segments[0], self.params_np, off):
-            self.params_np[off:off + numel] = np.frombuffer(segments[0], dtype=np.float32)
+            self.params_np[off : off + numel] = np.frombuffer(segments[0], dtype=np.float32)
         if p.chunk == len(self.chunks) - 1:
             if self.device != "cpu":
                 self.flat.params.copy_(self.params_cpu, non_blocking=False)
@@ -275,7 +305,7 @@ class Worker:
         except ValueError as exc:
             await self.conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
             raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
-        if self._push_done_at:   # from our last push to this schedule: barrier, optimizer and pull
+        if self._push_done_at:  # from our last push to this schedule: barrier, optimizer and pull
             self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
         t0 = time.perf_counter()
         if self.profiler is not None and not self.profiler.done:
@@ -285,7 +315,7 @@ class Worker:
         else:
             stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
         compute_s = time.perf_counter() - t0
-        if self.slowdown > 1.0:   # a slower machine, simulated: stretch the compute time
+        if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
             await asyncio.sleep(compute_s * (self.slowdown - 1.0))
             compute_s *= self.slowdown
         if self.device != "cpu":
@@ -297,10 +327,11 @@ class Worker:
         nbytes = 0
         for i, (off, numel) in enumerate(self.chunks):
             te = time.perf_counter()
-            fields, segments = self.push_codecs[i].encode(grads[off:off + numel])
+            fields, segments = self.push_codecs[i].encode(grads[off : off + numel])
             tp = time.perf_counter()
-            push = push_from_codec(fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel,
-                                   codec=self.job.compression)
+            push = push_from_codec(
+                fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel, codec=self.job.compression
+            )
             await self.conn.send(MsgType.PUSH, push.to_header(), segments)
             sent = sum(memoryview(s).nbytes for s in segments)
             if self.pacer is not None:
@@ -309,10 +340,20 @@ class Worker:
             push_s += time.perf_counter() - tp
             nbytes += sent
         # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
-        report = StepReport(loss=float(stats.loss), samples=stats.count, compute_s=compute_s, encode_s=encode_s,
-                            push_s=push_s, bytes_out=nbytes, nonfinite=bool(stats.nonfinite),
-                            version=getattr(self, "version", 0), wait_s=prev["wait_s"], pull_s=prev["pull_s"],
-                            bytes_in=prev["bytes_in"], util=self._utilisation())
+        report = StepReport(
+            loss=float(stats.loss),
+            samples=stats.count,
+            compute_s=compute_s,
+            encode_s=encode_s,
+            push_s=push_s,
+            bytes_out=nbytes,
+            nonfinite=bool(stats.nonfinite),
+            version=getattr(self, "version", 0),
+            wait_s=prev["wait_s"],
+            pull_s=prev["pull_s"],
+            bytes_in=prev["bytes_in"],
+            util=self._utilisation(),
+        )
         await self.conn.send(MsgType.METRICS, Metrics(step=step, attempt=attempt, report=report).to_header())
         self._push_done_at = time.perf_counter()
         self.steps_done += 1
@@ -331,7 +372,7 @@ class Worker:
         if attempt > 0 and self._feedback_step == step:
             for c, saved in zip(topk, self._feedback):
                 if saved is None:
-                    c.reset()            # the aborted attempt was the first ever: nothing was owed
+                    c.reset()  # the aborted attempt was the first ever: nothing was owed
                 else:
                     c.residual[:] = saved
             return
@@ -344,13 +385,17 @@ class Worker:
 
     def _utilisation(self) -> dict:
         """CPU/GPU utilisation and memory of this node, for the dashboard's worker table."""
-        u = {"cpu_util": psutil.cpu_percent(interval=None), "mem_bytes": self._proc.memory_info().rss,
-             "gpu_util": None, "gpu_mem_bytes": None}
+        u = {
+            "cpu_util": psutil.cpu_percent(interval=None),
+            "mem_bytes": self._proc.memory_info().rss,
+            "gpu_util": None,
+            "gpu_mem_bytes": None,
+        }
         if self.device.startswith("cuda"):
             u["gpu_mem_bytes"] = int(torch.cuda.memory_allocated(self.device))
             try:
                 u["gpu_util"] = float(torch.cuda.utilization(self.device))
-            except Exception:   # needs NVML; the memory figure is still right
+            except Exception:  # needs NVML; the memory figure is still right
                 pass
         return u
 
@@ -358,8 +403,10 @@ class Worker:
 def _same_buffer(view: memoryview, arr: np.ndarray, off: int) -> bool:
     """True when the payload already landed in ``arr`` at ``off`` (the zero-copy allocator path)."""
     try:
-        return np.frombuffer(view, dtype=np.float32).__array_interface__["data"][0] == \
-            arr[off:].__array_interface__["data"][0]
+        return (
+            np.frombuffer(view, dtype=np.float32).__array_interface__["data"][0]
+            == arr[off:].__array_interface__["data"][0]
+        )
     except ValueError:
         return False
 

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from hetero_ps.observe.dashboard.hub import MetricsHub
 from hetero_ps.errors import ConfigError
+from hetero_ps.observe.dashboard.hub import MetricsHub
 
 log = logging.getLogger("hetero_ps.observe.dashboard")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-PING_S = 15.0             # an SSE comment this often keeps proxies from closing an idle stream
-DEFAULT_PAGE = 2000       # step records per /api/metrics answer unless ?limit= says otherwise
+PING_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+DEFAULT_PAGE = 2000  # step records per /api/metrics answer unless ?limit= says otherwise
 MAX_PAGE = 10_000
 HUB_KEY = web.AppKey("hub", MetricsHub)
 STREAMS_KEY = web.AppKey("streams", set)
@@ -49,8 +49,7 @@ def _dumps(obj) -> str:
 
 
 def _json(obj) -> web.Response:
-    return web.Response(text=_dumps(obj), content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(text=_dumps(obj), content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -60,7 +59,7 @@ def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) 
     try:
         v = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"?{name}= must be an integer, got {raw!r}")
+        raise web.HTTPBadRequest(text=f"?{name}= must be an integer, got {raw!r}") from None
     return max(lo, min(hi, v))
 
 
@@ -79,8 +78,9 @@ async def _metrics(request: web.Request) -> web.Response:
     steps = hub.steps_since(since, limit + 1)
     more = len(steps) > limit
     steps = steps[:limit]
-    return _json({"steps": steps, "epochs": hub.epochs(), "more": more,
-                  "last_step": steps[-1]["step"] if steps else since})
+    return _json(
+        {"steps": steps, "epochs": hub.epochs(), "more": more, "last_step": steps[-1]["step"] if steps else since}
+    )
 
 
 async def _events(request: web.Request) -> web.Response:
@@ -92,22 +92,23 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB_KEY]
     q = hub.subscribe()
     request.app[STREAMS_KEY].add(q)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                       "X-Accel-Buffering": "no"})
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
     try:
         await resp.prepare(request)
         await resp.write(_sse("hello", hub.status()))
         while True:
             try:
                 kind, payload = await asyncio.wait_for(q.get(), timeout=PING_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await resp.write(b": ping\n\n")
                 continue
             if kind == "close":
                 break
             await resp.write(_sse(kind, payload))
     except ConnectionError:
-        pass   # the browser went away
+        pass  # the browser went away
     finally:
         hub.unsubscribe(q)
         request.app[STREAMS_KEY].discard(q)
@@ -153,12 +154,16 @@ def _bind(host: str, port: int) -> socket.socket:
             raise ConfigError(
                 f"dashboard port {port} on {host or '*'} is already in use (another master or program is "
                 f"listening there): pick a free one with --dashboard-port PORT, or run without the "
-                f"dashboard with --no-dashboard") from None
+                f"dashboard with --no-dashboard"
+            ) from None
         if exc.errno == errno.EACCES:
-            raise ConfigError(f"dashboard: not allowed to listen on port {port} (ports below 1024 need root); "
-                              f"use --dashboard-port with a higher port, or --no-dashboard") from None
-        raise ConfigError(f"dashboard: cannot listen on {host}:{port}: {exc}; "
-                          f"use --dashboard-port/--no-dashboard") from None
+            raise ConfigError(
+                f"dashboard: not allowed to listen on port {port} (ports below 1024 need root); "
+                f"use --dashboard-port with a higher port, or --no-dashboard"
+            ) from None
+        raise ConfigError(
+            f"dashboard: cannot listen on {host}:{port}: {exc}; use --dashboard-port/--no-dashboard"
+        ) from None
     return sock
 
 

@@ -50,13 +50,13 @@ class WorkQueue:
     def __init__(self, n: int, epochs: int, max_samples: int):
         self.n, self.epochs = n, epochs
         self.epoch, self.offset = 0, 0
-        self.left = max_samples            # samples still to hand out in total
+        self.left = max_samples  # samples still to hand out in total
         self.returned: collections.deque = collections.deque()
 
     def take(self, count: int) -> tuple[int, int, int] | None:
         if self.returned:
             epoch, off, cnt = self.returned.popleft()
-            if cnt > count:   # give back the rest for someone else
+            if cnt > count:  # give back the rest for someone else
                 self.returned.appendleft((epoch, off + count, cnt - count))
                 cnt = count
             return epoch, off, cnt
@@ -87,18 +87,18 @@ class AsyncLoop:
         self.scale = SCALINGS[job.staleness_scaling]
         n = ps.train_samples
         self.work = WorkQueue(n, job.epochs, ps.total_steps * job.global_batch if job.max_steps else n * job.epochs)
-        self.applied_in_epoch: collections.Counter[int] = collections.Counter()   # epoch -> samples applied
+        self.applied_in_epoch: collections.Counter[int] = collections.Counter()  # epoch -> samples applied
         self.samples_since_lr = 0
         self.clock_changed = asyncio.Condition()
         self.next_eval = 0
-        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)   # (time, samples)
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)  # (time, samples)
         self.drivers: dict[int, asyncio.Task] = {}
         self.accs: dict[int, torch.Tensor] = {}
 
     async def run(self) -> int:
         ps = self.ps
         while True:
-            for h in ps.ready_workers():   # a driver for every worker, newcomers included
+            for h in ps.ready_workers():  # a driver for every worker, newcomers included
                 if h.wid not in self.drivers:
                     h.clock = self._min_clock()
                     self.drivers[h.wid] = asyncio.create_task(self._drive(h))
@@ -117,14 +117,13 @@ class AsyncLoop:
             await asyncio.wait([membership, *active], return_when=asyncio.FIRST_COMPLETED)
             membership.cancel()
         while self.next_eval < ps.job.epochs and self.applied_in_epoch[self.next_eval] > 0:
-            await ps.end_epoch(self.next_eval)   # a partial last epoch (max_steps) is evaluated too
+            await ps.end_epoch(self.next_eval)  # a partial last epoch (max_steps) is evaluated too
             self.next_eval += 1
         return self.next_eval
 
     def _min_clock(self) -> int:
         """The slowest clock among workers that still have a driver running."""
-        clocks = [h.clock for h in self.ps.ready_workers()
-                  if h.wid in self.drivers and not self.drivers[h.wid].done()]
+        clocks = [h.clock for h in self.ps.ready_workers() if h.wid in self.drivers and not self.drivers[h.wid].done()]
         return min(clocks, default=0)
 
     async def _drive(self, h: WorkerHandle) -> None:
@@ -132,7 +131,7 @@ class AsyncLoop:
             while self.ps.is_live(h) and await self._one(h):
                 pass
         finally:
-            await self._tick()   # our clock no longer holds anyone back
+            await self._tick()  # our clock no longer holds anyone back
 
     async def _one(self, h: WorkerHandle) -> bool:
         """Give ``h`` one slice and apply its push; False when there is no more work for it."""
@@ -141,7 +140,8 @@ class AsyncLoop:
         if self.ssp:
             async with self.clock_changed:
                 await self.clock_changed.wait_for(
-                    lambda: not ps.is_live(h) or h.clock - self._min_clock() <= self.bound)
+                    lambda: not ps.is_live(h) or h.clock - self._min_clock() <= self.bound
+                )
             if not ps.is_live(h):
                 return False
             lead = h.clock - self._min_clock()
@@ -152,8 +152,15 @@ class AsyncLoop:
         if not await ps.send_params(h):
             self.work.give_back(*piece)
             return False
-        a = Assignment.for_sizes(step=h.clock, attempt=0, total=ps.job.global_batch, sizes={h.wid: piece[2]},
-                                 n_chunks=ps.n_chunks, acc=self._acc(h), version=h.params_version)
+        a = Assignment.for_sizes(
+            step=h.clock,
+            attempt=0,
+            total=ps.job.global_batch,
+            sizes={h.wid: piece[2]},
+            n_chunks=ps.n_chunks,
+            acc=self._acc(h),
+            version=h.params_version,
+        )
         a.slices[h.wid] = piece
         t0 = time.perf_counter()
         try:
@@ -161,7 +168,7 @@ class AsyncLoop:
                 raise WorkerLost(h.name)
             await ps.wait_done(a)
         except WorkerLost:
-            self.work.give_back(*piece)   # someone else computes these samples
+            self.work.give_back(*piece)  # someone else computes these samples
             return False
         finally:
             h.assignment = None
@@ -205,13 +212,25 @@ class AsyncLoop:
         self.recent.append((now, count))
         span = now - self.recent[0][0]
         rate = sum(c for _, c in list(self.recent)[1:]) / span if span > 0 else count / (now - t0)
-        r = a.reports[h.wid]   # the assignment is done: its one report is in
-        ps.record_step(StepRecord(
-            step=ps.step, epoch=epoch, attempts=1, loss=r.loss, lr=lr, version=ps.version,
-            samples=count, step_s=now - t0, samples_per_s=rate, applied=applied, staleness=lead,
-            server=ServerTiming(aggregate_s=t_opt - t0, optimizer_s=now - t_opt, broadcast_s=0.0),
-            workers={str(h.rank): WorkerTiming.from_report(count, r.to_map())},
-            asynchronous=AsyncStep(worker=h.rank, tau=tau, scale=scale, clock=h.clock)))
+        r = a.reports[h.wid]  # the assignment is done: its one report is in
+        ps.record_step(
+            StepRecord(
+                step=ps.step,
+                epoch=epoch,
+                attempts=1,
+                loss=r.loss,
+                lr=lr,
+                version=ps.version,
+                samples=count,
+                step_s=now - t0,
+                samples_per_s=rate,
+                applied=applied,
+                staleness=lead,
+                server=ServerTiming(aggregate_s=t_opt - t0, optimizer_s=now - t_opt, broadcast_s=0.0),
+                workers={str(h.rank): WorkerTiming.from_report(count, r.to_map())},
+                asynchronous=AsyncStep(worker=h.rank, tau=tau, scale=scale, clock=h.clock),
+            )
+        )
 
     async def _maybe_eval(self) -> None:
         """Evaluate an epoch once all of its samples have been applied."""

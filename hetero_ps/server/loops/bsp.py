@@ -30,7 +30,7 @@ log = logging.getLogger("hetero_ps.server")
 class BSPLoop:
     def __init__(self, ps: LoopHost):
         self.ps = ps
-        self.acc = torch.zeros(ps.numel, dtype=torch.float32)   # reused by every step
+        self.acc = torch.zeros(ps.numel, dtype=torch.float32)  # reused by every step
 
     async def run(self) -> int:
         """All epochs (or ``max_steps``); returns the number of epochs started."""
@@ -55,15 +55,22 @@ class BSPLoop:
                 log.warning("no workers left; waiting for one to join")
                 await ps.wait_for_workers(1)
             live = ps.ready_workers()
-            for h in live:   # newcomers first get the current parameters
+            for h in live:  # newcomers first get the current parameters
                 await ps.send_params(h)
             live = ps.ready_workers()
             if not live:
                 continue
             sizes = {w: b for w, b in ps.split_batch(live, total).items() if b}
             self.acc.zero_()
-            a = Assignment.for_sizes(step=ps.step, attempt=attempt, total=total, sizes=sizes,
-                                     n_chunks=ps.n_chunks, acc=self.acc, version=ps.version)
+            a = Assignment.for_sizes(
+                step=ps.step,
+                attempt=attempt,
+                total=total,
+                sizes=sizes,
+                n_chunks=ps.n_chunks,
+                acc=self.acc,
+                version=ps.version,
+            )
             cursor = offset
             for h in live:
                 if h.wid in sizes:
@@ -74,13 +81,17 @@ class BSPLoop:
                     if h.wid in sizes:
                         await ps.send_schedule(h, a)
                 if a.done.done():
-                    a.done.result()   # raises WorkerLost if someone left while we were sending
+                    a.done.result()  # raises WorkerLost if someone left while we were sending
                 await ps.wait_done(a)
                 break
             except WorkerLost as exc:
                 attempt += 1
-                log.warning("step %d: %s left mid-step; redoing the step with the %d remaining worker(s)",
-                            ps.step, exc, len(ps.ready_workers()))
+                log.warning(
+                    "step %d: %s left mid-step; redoing the step with the %d remaining worker(s)",
+                    ps.step,
+                    exc,
+                    len(ps.ready_workers()),
+                )
             finally:
                 for h in live:
                     h.assignment = None
@@ -93,8 +104,11 @@ class BSPLoop:
         if not applied:
             names = {h.wid: h.name for h in ps.ready_workers()}
             flagged = [names[w] for w, r in a.reports.items() if r.nonfinite and w in names]
-            log.error("step %d: non-finite gradient (from %s); step skipped, parameters unchanged",
-                      a.step, ", ".join(flagged) or "the aggregate")
+            log.error(
+                "step %d: non-finite gradient (from %s); step skipped, parameters unchanged",
+                a.step,
+                ", ".join(flagged) or "the aggregate",
+            )
             ps.emit_event("nonfinite_gradient", workers=flagged)
         ps.step_lr()
         t_bcast = time.perf_counter()
@@ -103,9 +117,22 @@ class BSPLoop:
         ps.feed_scheduler(a)
         step_s = t_end - t0
         loss = sum(r.loss * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
-        ps.record_step(StepRecord(
-            step=a.step, epoch=epoch, attempts=a.attempt + 1, loss=loss, lr=lr, version=ps.version,
-            samples=a.total, step_s=step_s, samples_per_s=a.total / step_s, applied=applied, staleness=0,
-            server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=t_bcast - t_agg, broadcast_s=t_end - t_bcast),
-            workers={str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r.to_map())
-                     for w, r in a.reports.items()}))
+        ps.record_step(
+            StepRecord(
+                step=a.step,
+                epoch=epoch,
+                attempts=a.attempt + 1,
+                loss=loss,
+                lr=lr,
+                version=ps.version,
+                samples=a.total,
+                step_s=step_s,
+                samples_per_s=a.total / step_s,
+                applied=applied,
+                staleness=0,
+                server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=t_bcast - t_agg, broadcast_s=t_end - t_bcast),
+                workers={
+                    str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r.to_map()) for w, r in a.reports.items()
+                },
+            )
+        )

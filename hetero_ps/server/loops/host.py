@@ -21,25 +21,25 @@ from hetero_ps.server.registry import WorkerHandle
 
 class LoopHost(Protocol):
     job: JobConfig
-    total_steps: int                        # steps the run takes (epochs × steps per epoch, or max_steps)
+    total_steps: int  # steps the run takes (epochs × steps per epoch, or max_steps)
 
     @property
-    def train_samples(self) -> int: ...     # size of the training split
+    def train_samples(self) -> int: ...  # size of the training split
 
     @property
-    def step(self) -> int: ...              # steps recorded so far: the index of the next one
+    def step(self) -> int: ...  # steps recorded so far: the index of the next one
 
     @property
-    def version(self) -> int: ...           # parameter version (optimizer updates applied)
+    def version(self) -> int: ...  # parameter version (optimizer updates applied)
 
     @property
-    def lr(self) -> float: ...              # the learning rate the next update will use
+    def lr(self) -> float: ...  # the learning rate the next update will use
 
     @property
-    def numel(self) -> int: ...             # trainable parameters
+    def numel(self) -> int: ...  # trainable parameters
 
     @property
-    def n_chunks(self) -> int: ...          # gradient chunks every worker pushes per step
+    def n_chunks(self) -> int: ...  # gradient chunks every worker pushes per step
 
     # -- workers ---------------------------------------------------------------------------------
     def ready_workers(self) -> list[WorkerHandle]: ...
@@ -53,12 +53,12 @@ class LoopHost(Protocol):
         """The scheduler's sizes (wid -> samples) for ``total`` samples (default: the global batch)."""
         ...
 
-    async def send_params(self, h: WorkerHandle) -> bool: ...             # False: lost on the way
+    async def send_params(self, h: WorkerHandle) -> bool: ...  # False: lost on the way
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool: ...
-    async def wait_done(self, a: Assignment) -> None: ...                 # raises WorkerLost
-    def apply_update(self, grad: torch.Tensor) -> bool: ...               # False: non-finite, skipped
+    async def wait_done(self, a: Assignment) -> None: ...  # raises WorkerLost
+    def apply_update(self, grad: torch.Tensor) -> bool: ...  # False: non-finite, skipped
     def step_lr(self) -> None: ...
-    def feed_scheduler(self, a: Assignment) -> None: ...                  # measured times -> the model
+    def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model
 
     # -- records -------------------------------------------------------------------------------------
     def record_step(self, rec: StepRecord) -> None: ...
