@@ -292,14 +292,14 @@ PayloadAllocator = Callable[[MsgType, dict, int], "memoryview | None"]
 
 def _not_hetero_ps(start: bytes) -> RemoteProtocolError:
     """The peer does not speak this protocol; an HTTP peer is most likely the dashboard's port."""
-    if start.startswith(b"HTTP") or start.startswith(b"GET ") or start.startswith(b"POST"):
+    if start.startswith((b"HTTP", b"GET ", b"POST")):
         return RemoteProtocolError(
-            f"the peer speaks HTTP ({start!r}), not the hetero_ps protocol: this is a web port (the master's "
+            f"not a hetero_ps frame: the peer speaks HTTP ({start!r}), so this is a web port (the master's "
             "dashboard is on --dashboard-port, 3000 by default); point workers at the master's port "
             "(MASTER_PORT, --port, 29500 by default), which the master prints as 'listening on HOST:PORT'"
         )
     return RemoteProtocolError(
-        f"not a hetero_ps frame: starts with {start!r} instead of {MAGIC!r} (is another program talking to this port?)"
+        f"not a hetero_ps frame: bad magic {start!r} instead of {MAGIC!r} (is another program talking to this port?)"
     )
 
 
