@@ -9,8 +9,11 @@ numpy except the CRC fallback, which is only used when the ``crc32c`` package is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+_crc32c: Callable[..., int] | None  # None: the package is missing, use the table below
 try:
     from crc32c import crc32c as _crc32c
 except ImportError:  # pragma: no cover - crc32c is a declared dependency

@@ -27,10 +27,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import TypedDict
 
 import torch
 
 log = logging.getLogger("hetero_ps.observe.profiling")
+
+
+class _ProfileOptions(TypedDict):
+    """The ``torch.profiler.profile`` keyword arguments a StepProfiler passes through."""
+
+    record_shapes: bool
+    profile_memory: bool
+    with_stack: bool
 
 
 class StepProfiler:
@@ -55,7 +64,11 @@ class StepProfiler:
         self.activities = [torch.profiler.ProfilerActivity.CPU]
         if str(device).startswith("cuda") and torch.cuda.is_available():
             self.activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.options = {"record_shapes": record_shapes, "profile_memory": profile_memory, "with_stack": with_stack}
+        self.options: _ProfileOptions = {
+            "record_shapes": record_shapes,
+            "profile_memory": profile_memory,
+            "with_stack": with_stack,
+        }
         self.seen = 0  # steps passed to step() so far
         self.written: list[str] = []  # trace files written, in order
         self._recording = False

@@ -20,6 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time, see __init__
+    from torch.utils.tensorboard import SummaryWriter
 
 WORKER_TIMES = ("compute_s", "encode_s", "push_s", "wait_s", "pull_s")
 
@@ -43,7 +47,7 @@ class TensorBoardSink:
         self.flush_secs = flush_secs
         os.makedirs(logdir, exist_ok=True)
         self.main = SummaryWriter(logdir, flush_secs=flush_secs)
-        self.workers: dict[str, object] = {}
+        self.workers: dict[str, SummaryWriter] = {}
         self._closed = False
 
     def _scalar(self, writer, tag: str, value, step: int) -> None:

@@ -248,7 +248,7 @@ class Scheduler:
         self.sizes: dict[int, int] = {}
         self.source = ""  # what the current split was computed from
         self._last_solve_step = -1
-        self._follow_up = None  # step at which to re-check a freshly moved measured split
+        self._follow_up: int | None = None  # step at which to re-check a freshly moved measured split
         self._ranks: dict[int, int] = {}  # worker id -> rank, for readable reasons
 
     # -- membership -------------------------------------------------------------------------
@@ -351,8 +351,9 @@ class Scheduler:
             return [m.fixed for m in ms], [m.rate for m in ms], "measured"
         if self.policy in ("proportional", "hybrid"):
             prof = [m.profile_model() for m in ms]
-            if all(prof):
-                return [p[0] for p in prof], [p[1] for p in prof], "profile"
+            known = [p for p in prof if p is not None]
+            if len(known) == len(prof):
+                return [p[0] for p in known], [p[1] for p in known], "profile"
         return [0.0] * len(ms), [1.0] * len(ms), "uniform"
 
     def _decide(self, step: int, wids: list[int], ranks: dict[int, int] | None, why: str) -> Decision | None:
@@ -429,8 +430,9 @@ class Scheduler:
         """Per worker, the updates others apply while it computes one task with the current split
         (``solver.expected_staleness``), from the measured model; empty until every worker is measured."""
         wids = sorted(self.sizes if workers is None else workers)
-        ms = [self.models.get(w) for w in wids]
-        if not wids or any(m is None or m.rate <= 0 for m in ms) or any(w not in self.sizes for w in wids):
+        found = [self.models.get(w) for w in wids]
+        ms = [m for m in found if m is not None]
+        if not wids or len(ms) != len(found) or any(m.rate <= 0 for m in ms) or any(w not in self.sizes for w in wids):
             return {}
         tau = expected_staleness([m.fixed for m in ms], [m.rate for m in ms], [self.sizes[w] for w in wids])
         return dict(zip(wids, tau))

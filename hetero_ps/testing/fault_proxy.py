@@ -108,8 +108,10 @@ class FaultProxy:
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        lsock = self._lsock
+        assert lsock is not None, "start() binds the listener before this task runs"
         while True:
-            client, _ = await loop.sock_accept(self._lsock)
+            client, _ = await loop.sock_accept(lsock)
             client.setblocking(False)
             self._socks.add(client)
             self.connections += 1

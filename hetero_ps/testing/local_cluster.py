@@ -42,7 +42,7 @@ class LocalCluster:
         for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             self.env.pop(k, None)
         self.start_timeout = start_timeout
-        self.server = None
+        self.server: subprocess.Popen[bytes] | None = None
         self.workers: list = []
         self.port = 0
         self._logs: list = []
@@ -54,7 +54,7 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None):
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen[bytes]:
 
         log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
         self._logs.append(log)
@@ -70,7 +70,7 @@ class LocalCluster:
     def start(self) -> None:
 
         port_file = os.path.join(self.workdir, "port")
-        self.server = self._spawn(
+        server = self._spawn(
             "server",
             [
                 "-m",
@@ -86,10 +86,11 @@ class LocalCluster:
                 *self.server_args,
             ],
         )
+        self.server = server
         deadline = time.monotonic() + self.start_timeout
         while not os.path.exists(port_file):
-            if self.server.poll() is not None:
-                raise RuntimeError(f"the master exited with {self.server.returncode}:\n{self.output('server')}")
+            if server.poll() is not None:
+                raise RuntimeError(f"the master exited with {server.returncode}:\n{self.output('server')}")
             if time.monotonic() > deadline:
                 self.close()
                 raise TimeoutError(f"the master did not listen within {self.start_timeout} s")
@@ -111,8 +112,10 @@ class LocalCluster:
     def wait(self, timeout: float) -> int:
         """Wait for the master to exit; returns its exit status (raises TimeoutError)."""
 
+        server = self.server
+        assert server is not None, "wait() needs start() first"
         try:
-            return self.server.wait(timeout=timeout)
+            return server.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(
                 f"the master did not finish within {timeout} s:\n{self.output('server')[-4000:]}"

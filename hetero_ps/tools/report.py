@@ -31,6 +31,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from hetero_ps.errors import DataError
 
@@ -146,7 +147,7 @@ def _ideal(exp: Experiment, given: float | None) -> tuple[float | None, str]:
     s = exp.summary.get("ideal_samples_per_s")
     if isinstance(s, (int, float)) and s > 0:
         return float(s), "summary.json"
-    probes = {}
+    probes: dict[object, Any] = {}  # rank -> probe rate as read from the JSON event
     for e in exp.events:
         if e.get("event") == "worker_joined":
             p = (e.get("profile") or {}).get("probe_samples_per_s")
@@ -179,7 +180,7 @@ def _nan(v):
 
 def worker_series(exp: Experiment, rank: int, key: str) -> list:
     """Per step, worker ``rank``'s value of ``key`` (``"throughput"``/``"share"`` derived), None if absent."""
-    out = []
+    out: list[float | None] = []
     for s in exp.steps:
         w = s.get("workers", {}).get(str(rank))
         if w is None:
@@ -262,7 +263,7 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 def decisions(exp: Experiment) -> list[tuple[dict, int, object]]:
     """Schedule events with runs of identical batch sizes folded: (first event, how many, last step)."""
-    out = []
+    out: list[tuple[dict, int, object]] = []
     for e in exp.events:
         if e.get("event") != "schedule":
             continue
@@ -437,7 +438,7 @@ def _worker_rows(exp: Experiment) -> list:
     rows, means = [], phase_means(exp)
     info = exp.summary.get("workers") or {}
     for r in exp.ranks:
-        joined = next((e for e in exp.events if e.get("event") == "worker_joined" and e.get("rank") == r), {})
+        joined: dict = next((e for e in exp.events if e.get("event") == "worker_joined" and e.get("rank") == r), {})
         wi = info.get(str(r), {})
         batches = [v for v in worker_series(exp, r, "batch") if v is not None]
         sent = sum(v or 0 for v in worker_series(exp, r, "bytes_out"))
@@ -677,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.experiment:
             print(write_report(args.experiment, args.out or None, args.ideal))
         if args.compare:
-            print(write_comparison(*args.compare, out_dir=args.out or None))
+            first, second = args.compare  # nargs=2
+            print(write_comparison(first, second, out_dir=args.out or None))
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

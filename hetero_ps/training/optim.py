@@ -80,6 +80,7 @@ def build_optimizer(job, flat_param: torch.Tensor, total_steps: int | None = Non
         raise ConfigError(f"learning rate must be > 0, got {lr}")
     if wd < 0:
         raise ConfigError(f"weight decay must be >= 0, got {wd}")
+    opt: torch.optim.Optimizer
     if name == "sgd":
         opt = torch.optim.SGD([p], lr=lr, momentum=0.0, weight_decay=wd)
     elif name == "momentum":

@@ -41,7 +41,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -116,7 +116,8 @@ def parse_codec(spec: str) -> CodecSpec:
 
 
 def _bytes(a: np.ndarray) -> memoryview:
-    return memoryview(a).cast("B")
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12, so mypy on 3.11 misses it
+    return memoryview(a).cast("B")  # type: ignore[arg-type]
 
 
 def _nbytes(seg) -> int:
@@ -162,7 +163,7 @@ class Codec(ABC):
     def _encode(self, src: np.ndarray) -> tuple[dict, list]: ...
 
     @abstractmethod
-    def _parse(self, header: dict, segments: list) -> tuple:
+    def _parse(self, header: dict, segments: list | tuple) -> tuple:
         """Validate the peer's header and segments; return the decoded-view arguments."""
 
     @abstractmethod
@@ -200,7 +201,7 @@ class Codec(ABC):
     def _parse_all(self, header: dict, segments) -> tuple:
         if not isinstance(header, dict):
             raise RemoteProtocolError("codec header must be a map")
-        cid = header.get("codec_id")
+        cid: Any = header.get("codec_id")  # the peer's value, of any msgpack type until checked
         if cid != int(self.id):
             got = CodecId(cid).name.lower() if cid in CodecId._value2member_map_ else repr(cid)
             raise RemoteProtocolError(f"expected a {self.id.name.lower()} chunk, got codec {got}")

@@ -35,6 +35,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -169,7 +170,7 @@ class Message:
 # -- encoding ------------------------------------------------------------------------------------
 
 
-def _as_bytes_view(seg: object, i: int) -> memoryview:
+def _as_bytes_view(seg: Any, i: int) -> memoryview:  # Any: whatever the caller passed, checked below
     torch = sys.modules.get("torch")  # a tensor cannot exist unless torch was imported
     if torch is not None and isinstance(seg, torch.Tensor):
         if seg.device.type != "cpu" or not seg.is_contiguous():
@@ -379,7 +380,9 @@ class FrameDecoder:
         """A writable view for the next received bytes; call ``buffer_updated(n)`` after writing n."""
         self._raise_if_dead()
         if self._state == _PAYLOAD and self._pending is None:
-            view = self._dest[self._filled :]
+            dest = self._dest
+            assert dest is not None, "a payload in progress has its buffer"
+            view = dest[self._filled :]
             self._view_is_payload = True
         else:
             avail = self._w - self._r
@@ -401,7 +404,9 @@ class FrameDecoder:
         self._view_len = 0
         if self._view_is_payload:
             if self._flags & FLAG_PAYLOAD_CRC:
-                self._crc = checksum(self._dest[self._filled : self._filled + nbytes], self._crc)
+                dest = self._dest
+                assert dest is not None, "a payload in progress has its buffer"
+                self._crc = checksum(dest[self._filled : self._filled + nbytes], self._crc)
             self._filled += nbytes
         else:
             self._w += nbytes
@@ -587,6 +592,7 @@ class FrameDecoder:
                 f"computed 0x{self._crc:08x}): the bytes were corrupted on the way"
             )
         dest, self._dest = self._dest, None
+        assert dest is not None, "a payload in progress has its buffer"
         self._complete(dest)
 
     def _complete(self, payload: memoryview) -> None:

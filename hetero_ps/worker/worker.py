@@ -17,7 +17,9 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import psutil
@@ -47,7 +49,7 @@ from hetero_ps.wire.messages import (
     Welcome,
     push_from_codec,
 )
-from hetero_ps.wire.protocol import MsgType, raise_if_error
+from hetero_ps.wire.protocol import Message, MsgType, raise_if_error
 from hetero_ps.worker.pacing import BandwidthPacer
 from hetero_ps.worker.profile import (
     calibrate,
@@ -78,7 +80,7 @@ class WorkerConfig:
     log_format: str = "plain"  # plain | json (progress output)
 
 
-async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport.Connection, object]:
+async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport.Connection, Message]:
     """Connect to the master, retrying with exponential backoff until ``connect_timeout``.
 
     Refused or unreachable addresses are retried (the master may still be starting); a wrong
@@ -111,6 +113,15 @@ async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport
         delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
 
 
+class _Interval(TypedDict):
+    """What a StepReport says about the interval before its step (since our previous push)."""
+
+    push_s: float
+    wait_s: float
+    pull_s: float
+    bytes_in: int
+
+
 class Worker:
     """One training node."""
 
@@ -123,13 +134,15 @@ class Worker:
         self.conn: transport.Connection | None = None
         self.steps_done = 0
         self.samples_done = 0
-        self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
+        self._prev: _Interval = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         self._push_done_at = 0.0
-        self.on_welcome = None  # callback(experiment, rank): the CLI adds the experiment's log file
+        # callback(experiment, rank): the CLI adds the experiment's log file
+        self.on_welcome: Callable[[str, int], None] | None = None
         self._proc = psutil.Process()
-        self.pacer = None
+        self.pacer: BandwidthPacer | None = None
         self._set_bandwidth(cfg.simulate_bandwidth)
-        self._feedback, self._feedback_step = None, -1  # top-k residuals before the current step
+        self._feedback: list[np.ndarray | None] | None = None  # top-k residuals before the current step
+        self._feedback_step = -1  # the step they were saved for
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
@@ -195,7 +208,9 @@ class Worker:
         try:
             return cls.from_header(header)
         except RemoteProtocolError as exc:
-            await self.conn.send_error("protocol_error", f"rank {getattr(self, 'rank', -1)}: {exc}")
+            conn = self.conn
+            assert conn is not None, "messages arrive only once connected"
+            await conn.send_error("protocol_error", f"rank {getattr(self, 'rank', -1)}: {exc}")
             raise
 
     async def _calibrate(self, n_samples: int) -> dict:
@@ -241,8 +256,10 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------------
     async def _loop(self) -> dict:
+        conn = self.conn
+        assert conn is not None, "run() connects before the loop"
         while True:
-            msg = await self.conn.recv(timeout=None)
+            msg = await conn.recv(timeout=None)
             t = msg.type
             if t == MsgType.PARAMS:
                 self._on_params(await self._parse(Params, msg.header), msg.segments)
@@ -253,7 +270,7 @@ class Worker:
             elif t == MsgType.CONTROL:
                 self._on_control(await self._parse(Control, msg.header))
             elif t == MsgType.HEARTBEAT:
-                await self.conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
+                await conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
             elif t == MsgType.BYE:
                 reason = (await self._parse(Bye, msg.header)).reason or ""
                 log.info("master says bye (%s) after %d steps, %d samples", reason, self.steps_done, self.samples_done)
@@ -299,11 +316,13 @@ class Worker:
             self.pacer = None
 
     async def _on_schedule(self, s: Schedule) -> None:
+        conn = self.conn
+        assert conn is not None, "schedules arrive only once connected"
         step, attempt, count = s.step, s.attempt, s.count
         try:
             indices = self.sampler.indices(s.epoch, s.offset, count)
         except ValueError as exc:
-            await self.conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
+            await conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
             raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
         if self._push_done_at:  # from our last push to this schedule: barrier, optimizer and pull
             self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
@@ -332,7 +351,7 @@ class Worker:
             push = push_from_codec(
                 fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel, codec=self.job.compression
             )
-            await self.conn.send(MsgType.PUSH, push.to_header(), segments)
+            await conn.send(MsgType.PUSH, push.to_header(), segments)
             sent = sum(memoryview(s).nbytes for s in segments)
             if self.pacer is not None:
                 await self.pacer.pace(sent)
@@ -354,7 +373,7 @@ class Worker:
             bytes_in=prev["bytes_in"],
             util=self._utilisation(),
         )
-        await self.conn.send(MsgType.METRICS, Metrics(step=step, attempt=attempt, report=report).to_header())
+        await conn.send(MsgType.METRICS, Metrics(step=step, attempt=attempt, report=report).to_header())
         self._push_done_at = time.perf_counter()
         self.steps_done += 1
         self.samples_done += count
@@ -370,11 +389,15 @@ class Worker:
         if not topk:
             return
         if attempt > 0 and self._feedback_step == step:
-            for c, saved in zip(topk, self._feedback):
+            feedback = self._feedback
+            assert feedback is not None, "saved when _feedback_step was set"
+            for c, saved in zip(topk, feedback):
                 if saved is None:
                     c.reset()  # the aborted attempt was the first ever: nothing was owed
                 else:
-                    c.residual[:] = saved
+                    residual = c.residual
+                    assert residual is not None, "a saved copy means the residual existed (reset keeps it)"
+                    residual[:] = saved
             return
         if self._feedback is None or any(x is None for x in self._feedback):
             self._feedback = [None if c.residual is None else np.empty_like(c.residual) for c in topk]

@@ -183,7 +183,8 @@ class Dashboard:
 
     async def close(self) -> None:
         """End every live stream, then stop serving (idempotent)."""
-        for q in list(self._app[STREAMS_KEY]):
+        streams = self._app[STREAMS_KEY]  # a local: inside list() mypy infers the wrong AppKey type
+        for q in list(streams):
             q.offer(("close", None))
         await self._runner.cleanup()
 
