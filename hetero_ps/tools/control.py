@@ -40,7 +40,10 @@ async def send_control(host: str, port: int, token: str, rank: int, knobs: dict,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m hetero_ps.control", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m hetero_ps.control",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a typo is an error, not a guess at another flag
     )
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT") or 29500))

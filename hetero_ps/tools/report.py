@@ -656,7 +656,10 @@ def _train_time(exp: Experiment) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m hetero_ps.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m hetero_ps.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a typo is an error, not a guess at another flag
     )
     p.add_argument("experiment", nargs="?", help="an experiment folder (experiments/NAME)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="overlay two experiment folders")

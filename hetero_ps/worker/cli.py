@@ -24,7 +24,10 @@ log = logging.getLogger("hetero_ps.worker")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m hetero_ps.worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m hetero_ps.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a typo is an error, not a guess at another flag
     )
     g = p.add_argument_group("connection")
     g.add_argument(
