@@ -225,9 +225,7 @@ def test_every_module_is_in_the_docs_and_every_file_the_docs_name_exists():
     section = _doc_section("modules")
     named = set(re.findall(r"`(hetero_ps/[\w/.]+)`", section))
     files = {
-        str(p.relative_to(PACKAGE.parent))
-        for p in PACKAGE.rglob("*.py")
-        if p.name != "__init__.py" or _has_code(p)
+        str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or _has_code(p)
     }
     assert files - named == set(), "add these to docs/ARCHITECTURE.md's module table"
     missing = sorted(
