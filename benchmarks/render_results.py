@@ -91,12 +91,31 @@ def _num(x) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
+# Sections a benchmark writes into RESULTS.md itself (bench_convergence.py): a re-render keeps them.
+KEPT_SECTIONS = (("<!-- convergence: begin -->", "<!-- convergence: end -->"),)
+
+
+def kept_sections(path: str) -> str:
+    """The marked sections of an existing results file, to carry into its re-rendered version."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    out = []
+    for begin, end in KEPT_SECTIONS:
+        if begin in text and end in text:
+            out.append(text[text.index(begin) : text.index(end) + len(end)])
+    return "".join(f"\n{section}\n" for section in out)
+
+
 def main(argv: list[str]) -> None:
     src, dst = argv
     with open(src) as f:
         records = [json.loads(line) for line in f if line.strip()]
+    kept = kept_sections(dst)
     with open(dst, "w") as f:
-        f.write(render(records))
+        f.write(render(records) + kept)
 
 
 if __name__ == "__main__":

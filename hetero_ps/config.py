@@ -30,12 +30,14 @@ class JobConfig:
     dataset_args: dict = field(default_factory=dict)  # --dataset-arg key=value
     data_dir: str = ""  # where file-based data sets (cifar10) live, on every node
     loss: str = ""  # "" = cross-entropy (or the model output's .loss); else module:fn
-    optimizer: str = "momentum"  # one of OPTIMIZERS
-    lr: float = 0.05  # peak learning rate
-    momentum: float = 0.9  # for momentum / sgd with momentum
-    weight_decay: float = 0.0  # L2 (sgd/momentum/adam) or decoupled (adamw)
-    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
-    warmup_steps: int = 0  # linear warmup from 0 to lr
+    # The optimizer knobs: None means "the model's recipe" (training/recipes.py); the master
+    # resolves them before the first step, so every worker and config.json see the values.
+    optimizer: str | None = None  # one of OPTIMIZERS
+    lr: float | None = None  # peak learning rate
+    momentum: float | None = None  # for momentum / sgd with momentum
+    weight_decay: float | None = None  # L2 (sgd/momentum/adam) or decoupled (adamw)
+    lr_schedule: str | None = None  # one of LR_SCHEDULES
+    warmup_steps: int | None = None  # linear warmup from 0 to lr
     lr_step_size: int = 1000  # "step" schedule: decay every N steps
     lr_gamma: float = 0.1  # "step" schedule: multiply by this
     global_batch: int = 64  # B = sum of the workers' batch sizes, fixed for the whole job

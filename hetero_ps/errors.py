@@ -5,6 +5,7 @@
     HeteroPSError
      ├── ConfigError                 a flag, environment variable or job setting is wrong
      ├── DataError                   a data set is missing or malformed
+     ├── TrainingDiverged            the loss became non-finite or exploded (lower the learning rate)
      ├── ProtocolError               bytes on the wire do not follow docs/PROTOCOL.md
      │    ├── LocalProtocolError     we were asked to send something the protocol forbids (our bug)
      │    └── RemoteProtocolError    the peer sent something invalid
@@ -33,6 +34,10 @@ class ConfigError(HeteroPSError):
 
 class DataError(HeteroPSError):
     """A data set cannot be found or read."""
+
+
+class TrainingDiverged(HeteroPSError):
+    """The training loss became non-finite or exploded: the optimizer settings do not suit the model."""
 
 
 class ProtocolError(HeteroPSError):

@@ -280,3 +280,17 @@ def test_every_environment_variable_that_is_read_is_in_the_readme():
     read = _env_vars_read()
     assert {"HETERO_PS_TOKEN", "MASTER_PORT", "HETERO_PS_KERNELS"} <= read  # the scan finds them
     assert sorted(v for v in read if f"`{v}`" not in readme) == []
+
+
+def test_a_learning_rate_that_diverges_stops_the_run_with_the_step_and_the_hint(tmp_path):
+    args = ["--world-size", "2", "--no-local-worker", "--lr", "20", "--global-batch-size", "32"]
+    with LocalCluster(tmp_path, args + ["--experiment", "diverges"], workers=[["--rank", "1"]]) as c:
+        assert c.wait(timeout=180) == 1, c.output("server")
+        out = c.output("server")
+        assert c.workers[0].wait(timeout=60) == 0  # let go with a BYE, not left to find a dead socket
+        events = [json.loads(line) for line in open(os.path.join(c.experiment_dir(), "metrics", "events.jsonl"))]
+    said = re.search(r"training diverged at step (\d+): .*Lower the learning rate \(--lr, ([\d.]+) at this step\)", out)
+    assert said, out
+    diverged = [e for e in events if e["event"] == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["step"] == int(said.group(1)) + 1  # stamped after its record
+    assert "master says bye (training diverged)" in c.output("worker0")

@@ -40,3 +40,16 @@ def test_a_partial_benchmark_run_writes_beside_the_tracked_results():
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def test_re_rendering_the_results_keeps_the_section_a_benchmark_wrote_itself(tmp_path):
+    from benchmarks import render_results
+
+    dst = tmp_path / "RESULTS.md"
+    section = "<!-- convergence: begin -->\n## Convergence\n\n| model |\n<!-- convergence: end -->"
+    dst.write_text(f"# old table\n\n{section}\n")
+    src = tmp_path / "records.jsonl"
+    src.write_text('{"kind": "value", "name": "x", "value": 1.0, "unit": "s", "baselines": {}}\n')
+    render_results.main([str(src), str(dst)])
+    text = dst.read_text()
+    assert "# old table" not in text and "| x | 1 s |" in text and text.count(section) == 1

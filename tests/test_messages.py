@@ -70,7 +70,15 @@ SAMPLES = {
     "AUTH": (Auth, {"mac": b"m" * 32}),
     "WELCOME": (
         Welcome,
-        {"worker_id": 3, "rank": 1, "job": {"model": "mlp"}, "numel": 1000, "experiment": "e1", "total_steps": 40},
+        {
+            "worker_id": 3,
+            "rank": 1,
+            "job": {"model": "mlp"},
+            "numel": 1000,
+            "experiment": "e1",
+            "total_steps": 40,
+            "heartbeat_s": 30.0,
+        },
     ),
     "WELCOME (control client)": (ControlWelcome, {"role": "control", "workers": [0, 2]}),
     "SCHEDULE": (

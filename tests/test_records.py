@@ -102,7 +102,7 @@ def test_worker_timing_from_a_report_counts_what_is_missing_or_not_a_number_as_z
 
 def test_summary_sums_the_history():
     history = [_step(0, 1.0, {"1": _timing(40, 0.5), "2": _timing(24, 0.25)}), _step(1, 2.0, {"1": _timing(30, 1.0)})]
-    evals = [EpochRecord(epoch=0, step=2, eval_loss=0.3, eval_accuracy=0.9, eval_s=0.1, elapsed_s=4.0)]
+    evals = [EpochRecord(epoch=0, step=2, version=2, eval_loss=0.3, eval_accuracy=0.9, eval_s=0.1, elapsed_s=4.0)]
     s = RunSummary.of_run(
         experiment="e",
         model="m",

@@ -7,6 +7,7 @@ tests count what the master evaluated instead of timing it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import textwrap
 
@@ -92,5 +93,5 @@ def test_eval_samples_bounds_the_evaluation(tmp_path):
     with _cluster(tmp_path, "--eval-samples", "100") as c:
         assert c.wait(timeout=180) == 0, c.output("server")
         log = c.output("server")
-    assert "evaluating on 100 eval samples" in log
+    assert re.search(r"evaluating version \d+ on 100 eval samples", log), log
     assert _served(tmp_path) == 100

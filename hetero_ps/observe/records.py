@@ -122,6 +122,7 @@ class EpochRecord:
 
     epoch: int = doc("0-based epoch just finished")
     step: int = doc("steps done when the snapshot was taken")
+    version: int = doc("the parameter version evaluated (optimizer updates applied)")
     eval_loss: float = doc("mean loss on the eval split")
     eval_accuracy: float | None = doc("accuracy on the eval split (null for language models)")
     eval_s: float = doc("how long the evaluation took")
@@ -144,6 +145,9 @@ EVENT_KINDS: dict[str, str] = {
     "`inputs` (rank -> the measurements behind the decision): a new batch split",
     "control": "`rank` and the knobs changed (`simulate_slowdown`, `simulate_bandwidth`)",
     "nonfinite_gradient": "`workers` (names of those whose report flagged NaN/Inf): the update was skipped",
+    "evaluation_skipped": "`epoch`, `version`: that epoch's snapshot was dropped unscored (evaluating is "
+    "slower than training; `--eval-samples` makes it faster)",
+    "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",
 }
 
 

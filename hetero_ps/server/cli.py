@@ -34,6 +34,7 @@ from hetero_ps.observe.logs import add_file_log, remove_file_logs, setup_logging
 from hetero_ps.observe.progress import Progress
 from hetero_ps.server.local_worker import LocalWorker
 from hetero_ps.training.plugins import parse_kv
+from hetero_ps.training.recipes import recipe_for
 
 log = logging.getLogger("hetero_ps.server")
 _RUNNING: list = []  # the master of this process, once built: an interrupt says what it stopped
@@ -144,22 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training split (default {d.epochs})")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the model init and every epoch's sample order")
+    recipe = " (default: the model's recipe, see the README's model table)"
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="the master's optimizer" + recipe)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate" + recipe)
+    g.add_argument("--momentum", type=float, default=None, help="momentum of --optimizer momentum" + recipe)
+    g.add_argument("--weight-decay", type=float, default=None, help="L2 (decoupled for adamw)" + recipe)
     g.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=d.optimizer,
-        help=f"the master's optimizer (default {d.optimizer}: SGD with momentum)",
+        "--lr-schedule", choices=LR_SCHEDULES, default=None, help="learning-rate schedule after warmup" + recipe
     )
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="momentum of --optimizer momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 (decoupled for adamw)")
-    g.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default=d.lr_schedule,
-        help=f"learning-rate schedule after warmup (default {d.lr_schedule})",
-    )
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps" + recipe)
     g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="step schedule: decay every N steps")
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule: decay factor")
     g = p.add_argument_group("synchronisation and compression")
@@ -204,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evaluate on at most N samples of the eval split (default 0: all of it)",
     )
+    g.add_argument(
+        "--divergence-factor",
+        type=float,
+        default=4.0,
+        metavar="F",
+        help="stop with an error when the loss climbs over F times its start, or is NaN 3 steps "
+        "in a row (default 4; 0: never stop)",
+    )
     g = p.add_argument_group("experiment and output")
     g.add_argument("--experiment", default="", help="experiment name (default: timestamp-model-dataset)")
     g.add_argument("--experiments-dir", default="experiments", help="where experiments/NAME goes")
@@ -223,6 +225,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     global_batch = a.global_batch_size or a.batch_size * trainers
     if a.eval_samples < 0:
         raise ConfigError(f"--eval-samples must be >= 0 (0 = the whole eval split), got {a.eval_samples}")
+    if not (a.divergence_factor == 0 or a.divergence_factor > 1):
+        raise ConfigError(f"--divergence-factor must be 0 (off) or > 1, got {a.divergence_factor}")
     if a.staleness < 0:
         raise ConfigError(f"--staleness must be >= 0, got {a.staleness}")
     if global_batch < trainers:
@@ -313,6 +317,7 @@ async def run(a: argparse.Namespace) -> dict:
         worker_batch_sizes=fixed_sizes,
         experiment=exp.name,
         eval_samples=a.eval_samples,
+        divergence_factor=a.divergence_factor,
     )
     if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
@@ -337,7 +342,8 @@ async def run(a: argparse.Namespace) -> dict:
             dashboard = await _start_dashboard(a, hub, ps, exp.name)
         exp.write_config(
             {
-                "job": job.to_wire(),
+                "job": ps.job.to_wire(),  # with the model's recipe filled in
+                "recipe": {"source": ps.recipe_source, "why": recipe_for(job.model, job.model_size).why},
                 "world_size": a.world_size,
                 "local_worker": local,
                 "host": a.host,
@@ -366,7 +372,7 @@ async def run(a: argparse.Namespace) -> dict:
             )
         with ps.progress.redirect_logging():
             summary = await _train_watching(ps, local_worker)
-        exp.save_checkpoint(ps.model.state_dict(), job)
+        exp.save_checkpoint(ps.model.state_dict(), ps.job)
         exp.write_summary(summary)
         if hub is not None:
             hub.finish(summary)

@@ -27,21 +27,22 @@ from typing import Any
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.errors import HeteroPSError, RemoteError, RemoteProtocolError, TransportError
+from hetero_ps.errors import HeteroPSError, RemoteError, RemoteProtocolError, TrainingDiverged, TransportError
 from hetero_ps.observe.records import EpochRecord, RunSummary, StepRecord
 from hetero_ps.server.admission import Admission
 from hetero_ps.server.assignment import Assignment
 from hetero_ps.server.control import ControlDesk
-from hetero_ps.server.evaluation import Evaluator
+from hetero_ps.server.divergence import DEFAULT_FACTOR, DivergenceWatch
+from hetero_ps.server.evaluation import Evaluator, Score, Snapshot
 from hetero_ps.server.loops.async_sgd import AsyncLoop
 from hetero_ps.server.loops.bsp import BSPLoop
 from hetero_ps.server.model_state import ModelState
 from hetero_ps.server.registry import WorkerHandle
 from hetero_ps.server.run_records import RunRecords
 from hetero_ps.server.scheduler import Decision, Scheduler
-from hetero_ps.training import data
+from hetero_ps.training import data, recipes
 from hetero_ps.wire import transport
-from hetero_ps.wire.messages import Bye, ControlWelcome, Hello, Metrics, Push, Schedule, Welcome
+from hetero_ps.wire.messages import Bye, ControlWelcome, Heartbeat, Hello, Metrics, Push, Schedule, Welcome
 from hetero_ps.wire.protocol import MsgType
 
 log = logging.getLogger("hetero_ps.server")
@@ -61,6 +62,7 @@ class ServerConfig:
     worker_batch_sizes: dict[int, int] = field(default_factory=dict)  # rank -> fixed batch size
     experiment: str = ""  # experiment name (for the welcome and logs)
     eval_samples: int = 0  # evaluate on at most this many samples (0: the whole eval split)
+    divergence_factor: float = DEFAULT_FACTOR  # stop when the loss exceeds this × its start (0: never)
 
 
 class ParameterServer:
@@ -74,9 +76,21 @@ class ParameterServer:
         self.total_steps = self.steps_per_epoch * job.epochs
         if job.max_steps:
             self.total_steps = min(self.total_steps, job.max_steps)
+        # The knobs left to the model's recipe are fixed here, once the run's length is known.
+        self.job, self.recipe_source = recipes.resolve(job, self.total_steps)
+        job = self.job
         self.state = ModelState(job, self.info, self.total_steps)
-        self.evaluator = Evaluator(job, self.state.model, self.eval_set, self.train_set, cfg.eval_samples)
+        self.evaluator = Evaluator(
+            job,
+            self.state.model,
+            self.eval_set,
+            self.train_set,
+            cfg.eval_samples,
+            on_result=self._record_evaluation,
+            on_skip=lambda snap: self.emit_event("evaluation_skipped", epoch=snap.epoch, version=snap.version),
+        )
         self.training = False
+        self.divergence = DivergenceWatch(cfg.divergence_factor)
         policy = job.policy if job.load_balancing else "uniform"
         self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval, fixed_sizes=cfg.worker_batch_sizes)
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
@@ -119,6 +133,7 @@ class ParameterServer:
             self.total_steps,
             self.job.sync.upper(),
         )
+        log.info("%s", recipes.describe(self.job, self.recipe_source))
 
     async def close(self) -> None:
         self.evaluator.stop()
@@ -128,10 +143,12 @@ class ParameterServer:
     @property
     def phase(self) -> str:
         """What the master is doing, in words (for "stopped while ...")."""
-        if self.evaluator.running:
-            return f"evaluating after step {self.step}"
+        scoring = self.evaluator.scoring
+        evaluating = f"evaluating epoch {scoring.epoch + 1} (version {scoring.version})" if scoring else ""
         if self.training:
-            return f"training (step {self.step} of {self.total_steps})"
+            return f"training (step {self.step} of {self.total_steps})" + (f"; {evaluating}" if evaluating else "")
+        if evaluating:
+            return evaluating
         return f"waiting for workers ({len(self.ready_workers())} of {self.cfg.expected_workers} ready)"
 
     async def _on_hello(self, conn: Any, fields: dict[str, Any]) -> Welcome | ControlWelcome:
@@ -150,7 +167,27 @@ class ParameterServer:
             numel=self.numel,
             experiment=self.cfg.experiment,
             total_steps=self.total_steps,
+            heartbeat_s=self.heartbeat_s,
         )
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often a quiet side of a worker connection says it is alive: well inside the timeout."""
+        return max(0.05, self.cfg.worker_timeout / 4)
+
+    async def _keep_alive(self, h: WorkerHandle) -> None:
+        """HEARTBEAT a worker we have heard nothing from lately: an idle worker answers, a dead one does not.
+
+        So ``--worker-timeout`` measures a peer's silence, not the idleness the master caused
+        (a worker waiting out an evaluation or a slower peer's step)."""
+        every = self.heartbeat_s
+        while True:
+            await asyncio.sleep(every)
+            if time.monotonic() - h.last_seen >= every:
+                try:  # behind a long PARAMS send it waits its turn: that worker is busy receiving
+                    await h.conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
+                except (TransportError, OSError):
+                    return  # the receive loop sees the connection end and says why
 
     def _push_allocator(self) -> Any:
         """Each worker's chunks land in one receive buffer that lives as long as the connection."""
@@ -176,6 +213,7 @@ class ParameterServer:
     async def _serve_worker(self, conn: Any) -> None:
         h: WorkerHandle = conn.worker
         reason = "connection closed"
+        keep_alive = asyncio.ensure_future(self._keep_alive(h))
         try:
             while True:
                 msg = await conn.recv(timeout=self.cfg.worker_timeout)
@@ -203,6 +241,7 @@ class ParameterServer:
         except (TransportError, HeteroPSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
+            keep_alive.cancel()
             self.admission.lose(h, reason)
 
     # -- pushes and reports -------------------------------------------------------------------
@@ -348,37 +387,48 @@ class ParameterServer:
 
     def record_step(self, rec: StepRecord) -> None:
         self.records.add_step(rec)
+        try:
+            self.divergence.observe(rec.step, rec.loss, rec.lr)
+        except TrainingDiverged as exc:
+            self.emit_event("diverged", loss=rec.loss, lr=rec.lr, message=str(exc))
+            raise
 
     def emit_event(self, kind: str, **fields: Any) -> None:
         self.records.event(kind, **fields)
 
     async def end_epoch(self, epoch: int) -> None:
+        """Score this epoch's parameters in the background; the next step starts at once."""
         if not self.job.eval_every_epoch:
             return
-        step = self.step
         log.info(
-            "epoch %d/%d: evaluating on %s eval samples",
+            "epoch %d/%d: evaluating version %d on %s eval samples, beside training",
             epoch + 1,
             self.job.epochs,
+            self.version,
             min(self.cfg.eval_samples, len(self.eval_set)) if self.cfg.eval_samples else len(self.eval_set),
         )
-        loss, acc, eval_s = await self.evaluator.score(self.state.model)
+        self.evaluator.submit(epoch, self.step, self.version)
+
+    def _record_evaluation(self, snap: Snapshot, score: Score) -> None:
         self.records.add_epoch(
             EpochRecord(
-                epoch=epoch,
-                step=step,
-                eval_loss=loss,
-                eval_accuracy=acc,
-                eval_s=eval_s,
+                epoch=snap.epoch,
+                step=snap.step,
+                version=snap.version,
+                eval_loss=score.loss,
+                eval_accuracy=score.accuracy,
+                eval_s=score.seconds,
                 elapsed_s=time.time() - self.records.started,
             )
         )
         log.info(
-            "epoch %d/%d done: eval loss %.4f, accuracy %s",
-            epoch + 1,
+            "epoch %d/%d evaluated (version %d, %.1f s): eval loss %.4f, accuracy %s",
+            snap.epoch + 1,
             self.job.epochs,
-            loss,
-            "n/a" if acc is None else f"{100 * acc:.2f} %",
+            snap.version,
+            score.seconds,
+            score.loss,
+            "n/a" if score.accuracy is None else f"{100 * score.accuracy:.2f} %",
         )  # counted from 1, as the progress line does
 
     def _record_decision(self, d: Decision) -> None:
@@ -401,17 +451,28 @@ class ParameterServer:
         self.training = True
         t0 = time.perf_counter()
         loop = BSPLoop(self) if self.job.sync == "bsp" else AsyncLoop(self)
-        epochs = await loop.run()
-        return await self._finish(time.perf_counter() - t0, epochs)
+        try:
+            epochs = await loop.run()
+        except TrainingDiverged:
+            await self._say_bye("training diverged")
+            raise
+        train_s = time.perf_counter() - t0
+        self.training = False
+        return await self._finish(train_s, epochs)
 
-    async def _finish(self, train_s: float, epochs: int) -> dict[str, Any]:
+    async def _say_bye(self, reason: str) -> None:
+        """Let every worker go (they exit when they read it)."""
         self.admission.finishing = True
-        live = self.admission.registry.live()
-        for h in live:
+        for h in self.admission.registry.live():
             try:
-                await h.conn.send(MsgType.BYE, Bye("training finished").to_header())
+                await h.conn.send(MsgType.BYE, Bye(reason).to_header())
             except (TransportError, OSError):
                 pass
+
+    async def _finish(self, train_s: float, epochs: int) -> dict[str, Any]:
+        live = self.admission.registry.live()
+        await self._say_bye("training finished")
+        await self.evaluator.drain()  # the last epoch's score, after the workers were let go
         probes = [float(h.profile.get("probe_samples_per_s") or 0) for h in live]
         return RunSummary.of_run(
             experiment=self.cfg.experiment,

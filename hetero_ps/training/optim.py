@@ -11,6 +11,8 @@ Optimizers (``job.optimizer``):
 * ``adam``     — Adam, ``weight_decay`` as L2 added to the gradient;
 * ``adamw``    — AdamW, decoupled weight decay.
 
+Knobs the job leaves to the model's recipe (``None``; ``training/recipes.py``) are filled in first.
+
 Weight decay applies to every parameter (biases and norms included): with one flat tensor there are
 no per-tensor groups. Use ``weight_decay=0`` where that matters.
 
@@ -32,10 +34,17 @@ import torch
 
 from hetero_ps.config import LR_SCHEDULES, OPTIMIZERS
 from hetero_ps.errors import ConfigError
+from hetero_ps.training import recipes
+
+
+def _resolved(job, total_steps: int | None):
+    """``job`` with the knobs it leaves to the model's recipe filled in, as the master does."""
+    return recipes.resolve(job, total_steps or 1)[0] if recipes.unresolved(job) else job
 
 
 def lr_factor(job, total_steps: int | None):
     """The schedule ``f(s)`` described in the module docstring, as a plain function of ``s``."""
+    job = _resolved(job, total_steps)
     sched, warmup = job.lr_schedule, int(job.warmup_steps)
     if sched not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr schedule {sched!r}; choose one of {', '.join(LR_SCHEDULES)}")
@@ -75,6 +84,7 @@ def build_optimizer(job, flat_param: torch.Tensor, total_steps: int | None = Non
     if not isinstance(flat_param, torch.Tensor) or flat_param.dim() != 1 or flat_param.dtype != torch.float32:
         raise TypeError("build_optimizer expects the 1-D float32 flat parameter tensor")
     p = flat_param if isinstance(flat_param, torch.nn.Parameter) else torch.nn.Parameter(flat_param)
+    job = _resolved(job, total_steps)
     name, lr, wd = job.optimizer, float(job.lr), float(job.weight_decay)
     if not lr > 0:
         raise ConfigError(f"learning rate must be > 0, got {lr}")

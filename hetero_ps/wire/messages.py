@@ -277,9 +277,10 @@ class Welcome(WireMessage):
     numel: int  # a worker whose model has another size refuses to train
     experiment: str
     total_steps: int
+    heartbeat_s: float = 0.0  # while busy, send a HEARTBEAT at least this often (0: no need)
 
     def to_header(self) -> dict[str, Any]:
-        return {
+        h = {
             "worker_id": self.worker_id,
             "rank": self.rank,
             "job": self.job,
@@ -287,6 +288,9 @@ class Welcome(WireMessage):
             "experiment": self.experiment,
             "total_steps": self.total_steps,
         }
+        if self.heartbeat_s:
+            h["heartbeat_s"] = self.heartbeat_s
+        return h
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Welcome:
@@ -298,6 +302,7 @@ class Welcome(WireMessage):
             numel=_int(h, "WELCOME", "numel"),
             experiment=_str(h, "WELCOME", "experiment"),
             total_steps=_int(h, "WELCOME", "total_steps"),
+            heartbeat_s=_opt_float(h, "WELCOME", "heartbeat_s", 0.0) or 0.0,
         )
 
 

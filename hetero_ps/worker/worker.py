@@ -17,9 +17,9 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import numpy as np
 import psutil
@@ -58,6 +58,7 @@ from hetero_ps.worker.profile import (
     resolve_device,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("hetero_ps.worker")
 
 
@@ -132,6 +133,7 @@ class Worker:
             torch.set_num_threads(cfg.torch_threads)
         self.slowdown = cfg.simulate_slowdown
         self.conn: transport.Connection | None = None
+        self.heartbeat_s = 0.0  # from WELCOME: how often to say we live while busy
         self.steps_done = 0
         self.samples_done = 0
         self._prev: _Interval = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
@@ -156,6 +158,7 @@ class Worker:
         self.conn, welcome = await connect_with_retry(self.cfg, hello)
         w = await self._parse(Welcome, welcome.header)
         self.wid, self.rank = w.worker_id, w.rank
+        self.heartbeat_s = w.heartbeat_s
         self.job = JobConfig.from_wire(w.job)
         if self.on_welcome:
             self.on_welcome(w.experiment, self.rank)
@@ -203,6 +206,20 @@ class Worker:
             self.progress.close()
             await self.conn.close()
 
+    async def _busy(self, work: Awaitable[T]) -> T:
+        """Await ``work`` (run in a thread), saying HEARTBEAT every ``heartbeat_s`` meanwhile.
+
+        The loop reads nothing while it waits, so without these a step longer than the master's
+        ``--worker-timeout`` would look like a dead worker."""
+        task = asyncio.ensure_future(work)
+        conn = self.conn
+        assert conn is not None, "busy only once connected"
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.heartbeat_s or None)
+            if done:
+                return task.result()
+            await conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
+
     async def _parse(self, cls, header: dict):
         """The typed message, or tell the master what was malformed and stop."""
         try:
@@ -217,9 +234,9 @@ class Worker:
         """A short probe of the real model so the master's first split already fits this node."""
         if not self.cfg.calibrate:
             return {}
-        probe = await asyncio.to_thread(calibrate, self.trainer, n_samples, slowdown=self.slowdown)
-        probe["max_batch"] = await asyncio.to_thread(
-            estimate_max_batch, self.trainer, self.device, max(self.job.global_batch // 4, 8)
+        probe = await self._busy(asyncio.to_thread(calibrate, self.trainer, n_samples, slowdown=self.slowdown))
+        probe["max_batch"] = await self._busy(
+            asyncio.to_thread(estimate_max_batch, self.trainer, self.device, max(self.job.global_batch // 4, 8))
         )
         log.info(
             "calibration: %.0f samples/s, largest batch %s",
@@ -332,10 +349,10 @@ class Worker:
             with self.profiler.step(step):
                 stats = self.trainer.compute_gradient(indices)
         else:
-            stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
+            stats = await self._busy(asyncio.to_thread(self.trainer.compute_gradient, indices))
         compute_s = time.perf_counter() - t0
         if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
-            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
+            await self._busy(asyncio.sleep(compute_s * (self.slowdown - 1.0)))
             compute_s *= self.slowdown
         if self.device != "cpu":
             self.grads_cpu.copy_(self.flat.grads)
