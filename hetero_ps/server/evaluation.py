@@ -6,9 +6,11 @@ the copies one at a time, in order, and hands each result to ``on_result``. No w
 for an evaluation, so no evaluation can trip ``--worker-timeout``.
 
 Why on the master rather than sharded across the workers: the workers are the scarce resource (the
-job runs at their pace); the master's cores are idle between optimizer steps, and on a cluster the
-master is another machine. Measured on a 2-core machine running the master and both workers
-(README, "Evaluation"), the background evaluation added less to the run than the blocking one did.
+job runs at their pace), and sharding would stop each of them for its share of every evaluation;
+the master's cores are idle between optimizer steps, and on a cluster the master is another
+machine. Measured on one 2-core machine running the master and both workers (resnet50 tiny, 640
+synthetic images, 2 epochs, two evaluations of 18 s when blocking): training took 73 s instead of
+99 s, the whole run 116 s instead of 129 s, and both evaluations scored exactly the same.
 
 BatchNorm statistics are never trained on the master (workers keep their own running statistics),
 so a model that has them gets them re-estimated on training data first ("precise BN") on the copy,
