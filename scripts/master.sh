@@ -25,7 +25,7 @@ echo "Network Interface: $IFACE"
 echo "Master IP: ${MASTER_IP:-unknown}"
 echo "Device: $DEVICE"
 echo "Waiting for $((WORLD_SIZE - 1)) workers to connect..."
-TOKEN_HINT=""
+TOKEN_HINT="HETERO_PS_TOKEN=<the token the master prints below> "   # it makes one when none is set
 if [ -n "${HETERO_PS_TOKEN:-}" ]; then
   TOKEN_HINT="HETERO_PS_TOKEN=$HETERO_PS_TOKEN "   # the workers need the same secret
 fi

@@ -289,6 +289,11 @@ def test_a_learning_rate_that_diverges_stops_the_run_with_the_step_and_the_hint(
         out = c.output("server")
         assert c.workers[0].wait(timeout=60) == 0  # let go with a BYE, not left to find a dead socket
         events = [json.loads(line) for line in open(os.path.join(c.experiment_dir(), "metrics", "events.jsonl"))]
+        with open(os.path.join(c.experiment_dir(), "config.json")) as f:
+            config = json.load(f)
+    # The flag won over the model's recipe, and config.json says which knob came from where.
+    assert config["job"]["lr"] == 20 and config["recipe"]["source"]["lr"] == "flag"
+    assert config["job"]["optimizer"] == "momentum" and config["recipe"]["source"]["optimizer"] == "recipe"
     said = re.search(r"training diverged at step (\d+): .*Lower the learning rate \(--lr, ([\d.]+) at this step\)", out)
     assert said, out
     diverged = [e for e in events if e["event"] == "diverged"]

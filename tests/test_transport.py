@@ -737,3 +737,27 @@ async def test_forced_payload_checksum_on_real_connections(monkeypatch):
             await conn.send(MsgType.PUSH, {}, [bytes(100_000)])
             assert (await conn.recv(timeout=5)).header["code"] == "checksum_error"
             await conn.close()
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` without blocking the event loop the server runs on."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
+
+
+@async_test()
+async def test_a_flood_of_unfinished_handshakes_is_cut_off_and_honest_clients_still_get_in(caplog):
+    async with await serve(limits=Limits(max_handshakes_per_address=2, handshake_timeout=30)) as srv:
+        silent = [await raw_socket(srv.port) for _ in range(2)]  # connected, never say HELLO
+        await wait_for(lambda: sum(not c.authenticated for c in srv.connections) == 2)
+        refused = await raw_socket(srv.port)
+        assert await asyncio.wait_for(read_to_eof(refused), 10) == b""  # closed at once, no handshake
+        refused.close()
+        assert "refusing connections from 127.0.0.1: 2 handshakes in flight" in caplog.text
+        silent.pop().close()  # one slot frees up when its peer leaves
+        await wait_for(lambda: sum(not c.authenticated for c in srv.connections) == 1)
+        await good_round_trip(srv.port)
+        for s in silent:
+            s.close()

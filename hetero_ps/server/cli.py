@@ -32,6 +32,7 @@ from hetero_ps.config import (
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.observe.logs import add_file_log, remove_file_logs, setup_logging
 from hetero_ps.observe.progress import Progress
+from hetero_ps.server import token
 from hetero_ps.server.local_worker import LocalWorker
 from hetero_ps.training.plugins import parse_kv
 from hetero_ps.training.recipes import recipe_for
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("HETERO_PS_TOKEN", ""),
         help="shared secret workers must know (env HETERO_PS_TOKEN)",
+    )
+    g.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="bound to a network address without a token, let anyone who reaches the port join "
+        "(default: the master generates a token and prints the worker command with it)",
     )
     g.add_argument("--port-file", default="", help="write the port actually bound here (useful with --port 0)")
     g.add_argument(
@@ -307,6 +314,12 @@ async def run(a: argparse.Namespace) -> dict:
     fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)  # before any folder exists
     exp = Experiment(a.experiments_dir, a.experiment or None, job=job)
     add_file_log(exp.log_path("server"), "master", a.log_format)
+    generated_token = token.needs_generated_token(a.token, a.host, a.insecure_no_token)
+    if generated_token:
+        a.token = token.generate()
+        token.write_token_file(exp.path, a.token)
+    elif not a.token and not token.is_loopback(a.host):
+        log.warning("--insecure-no-token: anyone who can reach port %d can join this job and train it", a.port)
     cfg = ServerConfig(
         host=a.host,
         port=a.port,
@@ -319,8 +332,6 @@ async def run(a: argparse.Namespace) -> dict:
         eval_samples=a.eval_samples,
         divergence_factor=a.divergence_factor,
     )
-    if not a.token and a.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("no --token / HETERO_PS_TOKEN: anyone who can reach port %d can join this job", a.port)
     sinks: list = []
     ps = hub = dashboard = local_worker = None
     finished = False
@@ -361,6 +372,15 @@ async def run(a: argparse.Namespace) -> dict:
         )
         if dashboard is not None:
             say(a, f"dashboard: {dashboard.url}", event="dashboard", url=dashboard.url)
+        if generated_token:
+            command = token.worker_command(a.host, ps.port, a.token)
+            say(
+                a,
+                f"no --token given, so this master made one (also in {os.path.join(exp.path, token.TOKEN_FILE)}, "
+                f"readable by you only). On each worker run:\n  {command}",
+                event="token",
+                worker_command=command,
+            )
         if a.port_file:
             tmp = a.port_file + ".tmp"
             with open(tmp, "w") as f:

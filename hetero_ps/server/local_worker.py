@@ -42,6 +42,8 @@ class LocalWorker:
             log_format,
             "--simulate-slowdown",
             str(slowdown),
+            "--reconnect-timeout",
+            "0",  # it lives and dies with this master
         ]
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -46,6 +46,7 @@ class LocalCluster:
         self.workers: list = []
         self.port = 0
         self._logs: list = []
+        self._dead_masters: list = []  # masters killed by restart_master
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -68,35 +69,7 @@ class LocalCluster:
         )
 
     def start(self) -> None:
-
-        port_file = os.path.join(self.workdir, "port")
-        server = self._spawn(
-            "server",
-            [
-                "-m",
-                "hetero_ps.server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--port-file",
-                port_file,
-                "--dashboard-port",
-                "0",
-                *self.server_args,
-            ],
-        )
-        self.server = server
-        deadline = time.monotonic() + self.start_timeout
-        while not os.path.exists(port_file):
-            if server.poll() is not None:
-                raise RuntimeError(f"the master exited with {server.returncode}:\n{self.output('server')}")
-            if time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(f"the master did not listen within {self.start_timeout} s")
-            time.sleep(0.05)
-        with open(port_file) as f:
-            self.port = int(f.read())
+        self._start_master("server", 0)
         for args in self.worker_args:
             self.add_worker(args)
 
@@ -108,6 +81,50 @@ class LocalCluster:
         )
         self.workers.append(p)
         return p
+
+    def restart_master(self, server_args: list[str] | None = None, name: str = "server2") -> None:
+        """Kill the master as a crash would (SIGKILL) and start a new one on the same port.
+
+        ``server_args`` replace the first master's (default: the same); its output goes to
+        ``<name>.log``, and ``wait``/``experiment_dir`` then see the new master."""
+        assert self.server is not None, "restart_master() needs start() first"
+        os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.wait()
+        self._dead_masters.append(self.server)
+        if server_args is not None:
+            self.server_args = list(server_args)
+        os.remove(os.path.join(self.workdir, "port"))
+        self._start_master(name, self.port)
+
+    def _start_master(self, name: str, port: int) -> None:
+        port_file = os.path.join(self.workdir, "port")
+        server = self._spawn(
+            name,
+            [
+                "-m",
+                "hetero_ps.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--port-file",
+                port_file,
+                "--dashboard-port",
+                "0",
+                *self.server_args,
+            ],
+        )
+        self.server = server
+        deadline = time.monotonic() + self.start_timeout
+        while not os.path.exists(port_file):
+            if server.poll() is not None:
+                raise RuntimeError(f"the master exited with {server.returncode}:\n{self.output(name)}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"the master did not listen within {self.start_timeout} s")
+            time.sleep(0.05)
+        with open(port_file) as f:
+            self.port = int(f.read())
 
     def wait(self, timeout: float) -> int:
         """Wait for the master to exit; returns its exit status (raises TimeoutError)."""
@@ -127,10 +144,12 @@ class LocalCluster:
         with open(path, "rb") as f:
             return f.read().decode(errors="replace")
 
-    def experiment_dir(self) -> str:
-        """The experiment folder the master wrote (the only one under workdir/experiments)."""
+    def experiment_dir(self, name: str = "") -> str:
+        """The experiment folder ``name``, or the only one under workdir/experiments."""
 
         root = os.path.join(self.workdir, "experiments")
+        if name:
+            return os.path.join(root, name)
         names = sorted(os.listdir(root))
         if len(names) != 1:
             raise RuntimeError(f"expected one experiment under {root}, found {names}")

@@ -101,6 +101,8 @@ class Limits:
     frame_timeout: float = 30.0  # a frame whose first byte arrived must finish within this...
     min_frame_rate: float = float(1 << 20)  # ...plus its size / this many bytes/s (so big frames get time)
     handshake_timeout: float = 10.0  # HELLO -> WELCOME, all of it
+    max_handshakes: int = 64  # connections still in their handshake, from everyone together...
+    max_handshakes_per_address: int = 8  # ...and from one address; more are closed at once
 
     def __post_init__(self) -> None:
         for name in (
@@ -113,6 +115,8 @@ class Limits:
             "max_map_len",
             "max_unauth_header_bytes",
             "max_unauth_payload_bytes",
+            "max_handshakes",
+            "max_handshakes_per_address",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

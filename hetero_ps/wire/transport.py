@@ -20,10 +20,12 @@ stalled or slow-loris peer). The handshake as a whole is bounded by ``Limits.han
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from hetero_ps.errors import (
@@ -547,6 +549,8 @@ class Server:
         self._conns: set[Connection] = set()
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._in_handshake: collections.Counter[str] = collections.Counter()  # peer address -> count
+        self._refused_logged: dict[str, float] = {}
         self.address = lsock.getsockname()[:2]
         self._accept_task = self._loop.create_task(self._accept_loop(), name=f"hetero_ps accept {self.address}")
 
@@ -599,6 +603,10 @@ class Server:
                 log.warning("accept() on %s failed: %s", _fmt_addr(self.address), exc)
                 await asyncio.sleep(0.1)
                 continue
+            host = str(addr[0])
+            if not self._may_start_handshake(host):
+                sock.close()
+                continue
             try:
                 configure_socket(sock, 0)  # buffers are inherited from the listening socket
             except OSError:
@@ -606,13 +614,39 @@ class Server:
                 continue
             conn = Connection(sock, peer=_fmt_addr(addr), limits=self.limits, authenticated=False)
             self._conns.add(conn)
-            task = self._loop.create_task(self._serve(conn), name=f"hetero_ps connection {conn.peer}")
+            self._in_handshake[host] += 1
+            task = self._loop.create_task(self._serve(conn, host), name=f"hetero_ps connection {conn.peer}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, conn: Connection) -> None:
+    def _may_start_handshake(self, host: str) -> bool:
+        """Whether another unauthenticated connection may start (a flood of them is cut off at once)."""
+        lim = self.limits
+        total, mine = sum(self._in_handshake.values()), self._in_handshake[host]
+        if total < lim.max_handshakes and mine < lim.max_handshakes_per_address:
+            return True
+        now = time.monotonic()
+        if now - self._refused_logged.get(host, -60.0) >= 10.0:  # say so, but never flood the log
+            self._refused_logged[host] = now
+            log.warning(
+                "refusing connections from %s: %d handshakes in flight from it, %d in all (limits %d and %d)",
+                host,
+                mine,
+                total,
+                lim.max_handshakes_per_address,
+                lim.max_handshakes,
+            )
+        return False
+
+    async def _serve(self, conn: Connection, host: str) -> None:
         try:
-            if await self._handshake(conn):
+            try:
+                admitted = await self._handshake(conn)
+            finally:
+                self._in_handshake[host] -= 1
+                if not self._in_handshake[host]:
+                    del self._in_handshake[host]
+            if admitted:
                 await self._on_connection(conn)
         except RemoteError as exc:
             log.warning("refusing %s: %s", conn.peer, exc)

@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="keep retrying to reach the master for this many seconds (default 60)",
     )
+    g.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=600.0,
+        help="when the master goes away mid-job, keep trying to rejoin it (same rank) for this many "
+        "seconds (default 600; 0: exit at once)",
+    )
     g = p.add_argument_group("hardware")
     g.add_argument(
         "--device",
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank,
         device=args.device,
         connect_timeout=args.connect_timeout,
+        reconnect_timeout=args.reconnect_timeout,
         simulate_slowdown=args.simulate_slowdown,
         torch_threads=args.torch_threads,
         simulate_bandwidth=args.simulate_bandwidth,
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         worker.on_welcome = on_welcome
-        summary = asyncio.run(worker.run())
+        summary = asyncio.run(worker.run_and_rejoin())
     except KeyboardInterrupt:
         log.info("interrupted")
         return 130

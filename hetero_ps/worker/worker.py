@@ -12,6 +12,7 @@ One connection, one loop, messages in the order the master sent them:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -72,6 +73,7 @@ class WorkerConfig:
     rank: int = -1  # RANK; -1 lets the master pick
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     connect_timeout: float = 60.0  # give up reaching the master after this many seconds
+    reconnect_timeout: float = 600.0  # after losing a master we had joined, try to rejoin this long (0: exit)
     simulate_slowdown: float = 1.0  # compute takes this many times as long (heterogeneity in tests)
     simulate_bandwidth: float = 0.0  # pace pushes and pulls to this many Mbit/s (0 = the real link)
     calibrate: bool = True  # probe the job's model at join so the first split fits
@@ -134,6 +136,7 @@ class Worker:
         self.slowdown = cfg.simulate_slowdown
         self.conn: transport.Connection | None = None
         self.heartbeat_s = 0.0  # from WELCOME: how often to say we live while busy
+        self.joined = False  # a master has welcomed us (in this run)
         self.steps_done = 0
         self.samples_done = 0
         self._prev: _Interval = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
@@ -145,6 +148,30 @@ class Worker:
         self._set_bandwidth(cfg.simulate_bandwidth)
         self._feedback: list[np.ndarray | None] | None = None  # top-k residuals before the current step
         self._feedback_step = -1  # the step they were saved for
+
+    async def run_and_rejoin(self) -> dict:
+        """``run``; when the master goes away mid-job, rejoin it (with our rank) for ``reconnect_timeout``.
+
+        A master restarted on the same address and port takes us back; the job comes again in its
+        WELCOME. A wrong token, another version or an ERROR from the master are final, as at the start.
+        """
+        while True:
+            self.joined = False
+            try:
+                return await self.run()
+            except ConnectionClosed as exc:
+                if not self.joined or self.cfg.reconnect_timeout <= 0:
+                    raise
+                log.warning(
+                    "lost the master at %s:%d (%s); waiting for it to come back, rejoining as rank %d "
+                    "for up to %.0f s (--reconnect-timeout)",
+                    self.cfg.master_addr,
+                    self.cfg.master_port,
+                    exc,
+                    self.rank,
+                    self.cfg.reconnect_timeout,
+                )
+                self.cfg = dataclasses.replace(self.cfg, rank=self.rank, connect_timeout=self.cfg.reconnect_timeout)
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
@@ -158,6 +185,10 @@ class Worker:
         self.conn, welcome = await connect_with_retry(self.cfg, hello)
         w = await self._parse(Welcome, welcome.header)
         self.wid, self.rank = w.worker_id, w.rank
+        self.joined = True
+        # A rejoin starts afresh: nothing from the previous master's job carries over.
+        self._feedback, self._feedback_step, self._push_done_at = None, -1, 0.0
+        self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         self.heartbeat_s = w.heartbeat_s
         self.job = JobConfig.from_wire(w.job)
         if self.on_welcome:
