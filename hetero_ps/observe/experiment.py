@@ -91,6 +91,32 @@ class MetricsWriter:
         """Anything else worth a line (scheduler decisions with reasons, joins, losses). Adds ``t``."""
         self.write("events", record if "t" in record else {"t": time.time(), **record})
 
+    def positions(self) -> dict[str, int]:
+        """How many bytes each stream holds now (every record written so far is in them)."""
+        with self._lock:
+            return {s: f.tell() for s, f in self._files.items()}
+
+    def rewind(self, positions: dict[str, int]) -> None:
+        """Cut each stream back to ``positions`` (what a checkpoint recorded): later lines are redone."""
+        with self._lock:
+            for s, f in self._files.items():
+                if s in positions and f.tell() > positions[s]:
+                    f.flush()
+                    f.truncate(positions[s])
+                    f.seek(positions[s])
+
+    def keep(self, stream: str, wanted) -> None:
+        """Rewrite ``stream`` with only the records for which ``wanted(record)`` is true."""
+        with self._lock:
+            f = self._files[stream]
+            f.flush()
+            with open(self.path(stream), encoding="utf-8") as src:
+                lines = [line for line in src if line.strip() and wanted(json.loads(line))]
+            f.seek(0)
+            f.truncate(0)
+            f.writelines(lines)
+            f.flush()
+
     def close(self) -> None:
         with self._lock:
             for f in self._files.values():
@@ -106,7 +132,8 @@ class Experiment:
     ``self.path`` are the ones actually used.
     """
 
-    def __init__(self, root: str = "experiments", name: str | None = None, job=None):
+    def __init__(self, root: str = "experiments", name: str | None = None, job=None, reuse: bool = False):
+        """``reuse``: open the existing run ``name`` as it is (to resume it) instead of a new folder."""
         self.root = root
         if name is None:
             model = _slug(getattr(job, "model", "model"))
@@ -115,7 +142,7 @@ class Experiment:
         elif not name or name in (".", "..") or _slug(name) != name:
             raise ConfigError(f"experiment name {name!r} may only use letters, digits, '.', '_' and '-'")
         base, n = name, 1
-        while os.path.exists(os.path.join(root, name, "config.json")):
+        while not reuse and os.path.exists(os.path.join(root, name, "config.json")):
             n += 1
             name = f"{base}-{n}"
         self.name = name

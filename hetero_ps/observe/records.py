@@ -147,6 +147,7 @@ EVENT_KINDS: dict[str, str] = {
     "nonfinite_gradient": "`workers` (names of those whose report flagged NaN/Inf): the update was skipped",
     "evaluation_skipped": "`epoch`, `version`: that epoch's snapshot was dropped unscored (evaluating is "
     "slower than training; `--eval-samples` makes it faster)",
+    "resumed": "`epoch`, `offset`, `version`: a restarted master continues from its checkpoint here",
     "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",
 }
 

@@ -32,7 +32,7 @@ from hetero_ps.config import (
 from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.observe.logs import add_file_log, remove_file_logs, setup_logging
 from hetero_ps.observe.progress import Progress
-from hetero_ps.server import token
+from hetero_ps.server import checkpoint, token
 from hetero_ps.server.local_worker import LocalWorker
 from hetero_ps.training.plugins import parse_kv
 from hetero_ps.training.recipes import recipe_for
@@ -206,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on at most N samples of the eval split (default 0: all of it)",
     )
     g.add_argument(
+        "--checkpoint-every",
+        default="300s",
+        metavar="N|Ts",
+        help="BSP: write experiments/NAME/checkpoint.pt every N steps or T seconds (default 300s), and at "
+        "exit; 0: only at exit",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run --experiment NAME from its checkpoint (same flags otherwise)",
+    )
+    g.add_argument(
         "--divergence-factor",
         type=float,
         default=4.0,
@@ -274,6 +286,34 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     )
 
 
+def parse_checkpoint_every(spec: str) -> tuple[int, float]:
+    """``--checkpoint-every``: ``N`` steps, ``Ts`` seconds, or ``0`` (only at exit)."""
+    try:
+        if spec.endswith("s"):
+            seconds = float(spec[:-1])
+            if seconds >= 0:
+                return 0, seconds
+        elif int(spec) >= 0:
+            return int(spec), 0.0
+    except ValueError:
+        pass
+    raise ConfigError(f"--checkpoint-every expects N (steps), Ts (seconds) or 0, got {spec!r}")
+
+
+def check_resume(a: argparse.Namespace) -> None:
+    """``--resume`` needs the run's folder with a checkpoint; without it, never start over an unfinished run."""
+    folder = os.path.join(a.experiments_dir, a.experiment) if a.experiment else ""
+    if a.resume and not folder:
+        raise ConfigError("--resume continues an experiment: name it with --experiment NAME")
+    if a.resume and not checkpoint.exists(folder):
+        raise ConfigError(f"{folder} holds no checkpoint to resume from (checkpoint.pt); start without --resume")
+    if not a.resume and folder and checkpoint.exists(folder):
+        raise ConfigError(
+            f"{folder} holds the checkpoint of an unfinished run: pass --resume to continue it, "
+            "or choose another --experiment"
+        )
+
+
 def parse_fixed_sizes(spec: str, global_batch: int, trainers: int) -> dict[int, int]:
     """``--worker-batch-sizes``: one ``rank:size`` per training worker, summing to the global batch."""
     out: dict[int, int] = {}
@@ -312,11 +352,14 @@ async def run(a: argparse.Namespace) -> dict:
         raise ConfigError(f"WORLD_SIZE={a.world_size} with --no-local-worker leaves nobody to train")
     job = job_from_args(a, trainers)
     fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)  # before any folder exists
-    exp = Experiment(a.experiments_dir, a.experiment or None, job=job)
+    every_steps, every_s = parse_checkpoint_every(a.checkpoint_every)
+    check_resume(a)
+    exp = Experiment(a.experiments_dir, a.experiment or None, job=job, reuse=a.resume)
     add_file_log(exp.log_path("server"), "master", a.log_format)
     generated_token = token.needs_generated_token(a.token, a.host, a.insecure_no_token)
     if generated_token:
-        a.token = token.generate()
+        made = token.read_token_file(exp.path) if a.resume else None  # the rejoining workers hold it
+        a.token = made or token.generate()
         token.write_token_file(exp.path, a.token)
     elif not a.token and not token.is_loopback(a.host):
         log.warning("--insecure-no-token: anyone who can reach port %d can join this job and train it", a.port)
@@ -331,6 +374,8 @@ async def run(a: argparse.Namespace) -> dict:
         experiment=exp.name,
         eval_samples=a.eval_samples,
         divergence_factor=a.divergence_factor,
+        checkpoint_every_steps=every_steps,
+        checkpoint_every_s=every_s,
     )
     sinks: list = []
     ps = hub = dashboard = local_worker = None
@@ -347,6 +392,8 @@ async def run(a: argparse.Namespace) -> dict:
             sinks.append(TensorBoardSink(os.path.join(exp.path, "tb")))
         ps = ParameterServer(job, cfg, exp, sinks=sinks)
         _RUNNING.append(ps)
+        if a.resume:
+            ps.resume(checkpoint.load(exp.path))
         ps.progress = Progress(ps.total_steps, "master", a.log_format, epochs=job.epochs)
         await ps.start()
         if hub is not None:
@@ -394,6 +441,7 @@ async def run(a: argparse.Namespace) -> dict:
             summary = await _train_watching(ps, local_worker)
         exp.save_checkpoint(ps.model.state_dict(), ps.job)
         exp.write_summary(summary)
+        checkpoint.remove(exp.path)  # the run is complete: nothing is left to resume
         if hub is not None:
             hub.finish(summary)
         finished = True
@@ -410,7 +458,12 @@ async def run(a: argparse.Namespace) -> dict:
                 sink.close()
         if local_worker is not None:
             local_worker.stop()
-        if not finished and (ps is None or not ps.records.history):
+        if not finished and ps is not None and ps.records.history:
+            try:  # the last step boundary, so `--resume` continues from here
+                ps.save_checkpoint(at_exit=True)
+            except Exception:
+                log.exception("could not write the checkpoint at exit")
+        if not finished and not a.resume and (ps is None or not ps.records.history):
             # It failed before its first step: leave no folder of bare logs behind (the error is on stderr).
             remove_file_logs()
             shutil.rmtree(exp.path, ignore_errors=True)

@@ -72,6 +72,24 @@ class ModelState:
     def step_lr(self) -> None:
         self.lr_scheduler.step()
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Parameters, optimizer and LR schedule, as plain tensors and numbers (for ``checkpoint.save``)."""
+        return {
+            "params": self.flat.params.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "version": self.version,
+            "numel": self.numel,
+        }
+
+    def load_checkpoint_state(self, ckpt: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.flat.params.copy_(ckpt["params"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.version = int(ckpt["version"])
+        self._params_frames = None
+
     def encoded_params(self) -> list[Any]:
         """The current parameters as PARAMS frames, encoded once per version and shared by every worker.
 

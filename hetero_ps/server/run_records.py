@@ -7,10 +7,12 @@ number of steps done — is how far the run is; every event is stamped with it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
+from hetero_ps.errors import HeteroPSError
 from hetero_ps.observe.records import EpochRecord, Event, JSONObject, StepRecord
 
 log = logging.getLogger("hetero_ps.server")
@@ -36,6 +38,22 @@ class RunRecords:
         if self.progress is not None:
             self.progress.update(rec.step, rec.epoch, rec.loss, rec.samples_per_s, rec.samples)
 
+    def restore(self, positions: dict[str, int], step: int) -> None:
+        """Go back to a checkpoint: cut the metrics files to ``positions`` (steps and events after it
+        are redone) and reload the steps and evaluations recorded up to ``step``."""
+        metrics = self.experiment.metrics
+        metrics.rewind({s: n for s, n in positions.items() if s != "epochs"})
+        # An evaluation may be written after the checkpoint of an epoch that ended before it: keep
+        # what scored a step the checkpoint covers, by content rather than by position.
+        metrics.keep("epochs", lambda rec: rec.get("step", 0) <= step)
+        self.history = [StepRecord.from_json(d) for d in _read(metrics.path("steps"))]
+        if [r.step for r in self.history] != list(range(step)):
+            raise HeteroPSError(
+                f"{metrics.path('steps')} does not hold steps 0..{step - 1} as the checkpoint says; "
+                "it was changed after the run: start a new experiment"
+            )
+        self.evaluations = [EpochRecord.from_json(d) for d in _read(metrics.path("epochs"))]
+
     def add_epoch(self, rec: EpochRecord) -> None:
         self.evaluations.append(rec)
         self._publish("epoch", rec.to_json())
@@ -57,3 +75,8 @@ class RunRecords:
                 getattr(sink, f"add_{kind}")(rec)
             except Exception:  # a broken view must never stop training
                 log.exception("metrics sink %r failed on a %s record", sink, kind)
+
+
+def _read(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -27,8 +27,16 @@ from typing import Any
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.errors import HeteroPSError, RemoteError, RemoteProtocolError, TrainingDiverged, TransportError
+from hetero_ps.errors import (
+    ConfigError,
+    HeteroPSError,
+    RemoteError,
+    RemoteProtocolError,
+    TrainingDiverged,
+    TransportError,
+)
 from hetero_ps.observe.records import EpochRecord, RunSummary, StepRecord
+from hetero_ps.server import checkpoint
 from hetero_ps.server.admission import Admission
 from hetero_ps.server.assignment import Assignment
 from hetero_ps.server.control import ControlDesk
@@ -63,6 +71,8 @@ class ServerConfig:
     experiment: str = ""  # experiment name (for the welcome and logs)
     eval_samples: int = 0  # evaluate on at most this many samples (0: the whole eval split)
     divergence_factor: float = DEFAULT_FACTOR  # stop when the loss exceeds this × its start (0: never)
+    checkpoint_every_steps: int = 0  # BSP: write experiments/NAME/checkpoint.pt every N steps (0: not by steps)...
+    checkpoint_every_s: float = 0.0  # ...or when this many seconds have passed since the last one (0: not by time)
 
 
 class ParameterServer:
@@ -91,6 +101,10 @@ class ParameterServer:
         )
         self.training = False
         self.divergence = DivergenceWatch(cfg.divergence_factor)
+        self.start_position = (0, 0)  # BSP: (epoch, offset) of the first step this run takes
+        self.position = (0, 0)  # BSP: (epoch, offset) of the next step, at a step boundary
+        self._checkpointed = (time.monotonic(), 0)  # when, and at which step, the last checkpoint was
+        self._at_boundary = False  # the state is that of a step boundary (step_done, no update since)
         policy = job.policy if job.load_balancing else "uniform"
         self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval, fixed_sizes=cfg.worker_batch_sizes)
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
@@ -370,6 +384,7 @@ class ParameterServer:
                     )
 
     def apply_update(self, grad: torch.Tensor) -> bool:
+        self._at_boundary = False
         return self.state.apply(grad)
 
     def step_lr(self) -> None:
@@ -384,6 +399,65 @@ class ParameterServer:
             h.samples += a.sizes[wid]
             h.steps += 1
             self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def step_done(self, epoch: int, offset: int) -> None:
+        """A BSP step boundary: the next step is ``(epoch, offset)``; write a checkpoint if one is due."""
+        self.position = (epoch, offset)
+        self._at_boundary = True
+        at, step = self._checkpointed
+        by_steps = self.cfg.checkpoint_every_steps and self.step - step >= self.cfg.checkpoint_every_steps
+        by_time = self.cfg.checkpoint_every_s and time.monotonic() - at >= self.cfg.checkpoint_every_s
+        if (by_steps or by_time) and self.step > step:
+            self.save_checkpoint()
+
+    def save_checkpoint(self, at_exit: bool = False) -> str | None:
+        """Write the state at the last step boundary (BSP runs with an experiment folder only).
+
+        At exit (Ctrl-C, an error) the master may be mid-step: parameters updated but the step not yet
+        recorded. Then the state is not at a boundary and the last periodic checkpoint stands."""
+        exp = self.records.experiment
+        if exp is None or self.job.sync != "bsp" or not self.step:
+            return None
+        if at_exit and not self._at_boundary:
+            log.warning("stopped mid-step: the checkpoint of step %d stands", self._checkpointed[1])
+            return None
+        epoch, offset = self.position
+        t0 = time.perf_counter()
+        path = checkpoint.save(
+            exp.path,
+            {
+                **self.state.checkpoint_state(),
+                "job": self.job.to_wire(),
+                "step": self.step,
+                "epoch": epoch,
+                "offset": offset,
+                "metrics": exp.metrics.positions(),
+            },
+        )
+        self._checkpointed = (time.monotonic(), self.step)
+        log.info("checkpoint at step %d (epoch %d, sample %d) in %.2f s: %s", self.step, epoch, offset,
+                 time.perf_counter() - t0, path)  # fmt: skip
+        return path
+
+    def resume(self, ckpt: dict[str, Any]) -> None:
+        """Continue from ``ckpt`` (``checkpoint.load``): parameters, optimizer, schedule, records, position."""
+        if self.job.sync != "bsp":
+            raise ConfigError(f"--resume continues BSP runs only; this job is {self.job.sync.upper()}")
+        checkpoint.check_compatible(ckpt, self.job.to_wire(), self.numel)
+        self.state.load_checkpoint_state(ckpt)
+        self.records.restore(ckpt["metrics"], int(ckpt["step"]))
+        self.start_position = self.position = (int(ckpt["epoch"]), int(ckpt["offset"]))
+        self._checkpointed = (time.monotonic(), self.step)
+        self._at_boundary = True
+        self.emit_event("resumed", epoch=self.position[0], offset=self.position[1], version=self.version)
+        log.info(
+            "resuming at step %d (epoch %d, sample %d, parameter version %d)",
+            self.step,
+            self.position[0] + 1,
+            self.position[1],
+            self.version,
+        )
 
     def record_step(self, rec: StepRecord) -> None:
         self.records.add_step(rec)
@@ -454,6 +528,7 @@ class ParameterServer:
         try:
             epochs = await loop.run()
         except TrainingDiverged:
+            self._at_boundary = False  # nothing worth resuming: the last periodic checkpoint stands
             await self._say_bye("training diverged")
             raise
         train_s = time.perf_counter() - t0

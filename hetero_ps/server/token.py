@@ -43,6 +43,14 @@ def write_token_file(folder: str, token: str) -> str:
     return path
 
 
+def read_token_file(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, TOKEN_FILE)) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def worker_command(host: str, port: int, token: str) -> str:
     """The line a worker machine runs to join (the address is this machine's name when bound to all)."""
     addr = socket.gethostname() if host in ("0.0.0.0", "::", "") else host

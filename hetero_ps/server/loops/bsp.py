@@ -35,15 +35,17 @@ class BSPLoop:
     async def run(self) -> int:
         """All epochs (or ``max_steps``); returns the number of epochs started."""
         ps, n = self.ps, self.ps.train_samples
-        epoch = 0
+        epoch, offset = ps.start_position
         while ps.step < ps.total_steps:
-            offset = 0
             while offset < n and ps.step < ps.total_steps:
                 total = min(ps.job.global_batch, n - offset)
                 await self._step(epoch, offset, total)
                 offset += total
+                if offset < n:
+                    ps.step_done(epoch, offset)
             await ps.end_epoch(epoch)
-            epoch += 1
+            epoch, offset = epoch + 1, 0
+            ps.step_done(epoch, 0)  # after the epoch's evaluation was taken: a resume never repeats it
         return epoch
 
     async def _step(self, epoch: int, offset: int, total: int) -> None:
