@@ -112,9 +112,15 @@ def test_hub_worker_events_update_the_table_and_bad_fields_are_refused():
     hub = MetricsHub()
     hub.add_event({"event": "worker_joined", "step": 0, "t": 1.0, "rank": 4, "host": "h", "device": "cpu"})
     assert hub.workers()[0]["status"] == "joined" and hub.workers()[0]["device"] == "cpu"
+    hub.add_event({"event": "worker_suspended", "step": 1, "t": 1.5, "rank": 4, "waited_s": 2.1, "limit_s": 2.0})
+    assert hub.workers()[0]["status"] == "suspended" and hub.workers()[0]["batch"] == 0
+    hub.add_step({"step": 1, "samples": 8, "step_s": 0.1, "workers": {"4": {"batch": 0}}})
+    assert hub.workers()[0]["status"] == "suspended"  # a step record does not undo it; resuming does
+    hub.add_event({"event": "worker_resumed", "step": 2, "t": 1.8, "rank": 4})
+    assert hub.workers()[0]["status"] == "training"
     hub.add_event({"event": "worker_lost", "step": 3, "t": 2.0, "rank": 4, "host": "h", "reason": "timeout"})
     assert hub.workers()[0]["status"] == "lost" and hub.workers()[0]["batch"] == 0
-    assert [e["seq"] for e in hub.events()] == [0, 1]
+    assert [e["seq"] for e in hub.events()] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="unknown worker field"):
         hub.update_worker(4, speed=3)
     with pytest.raises(ValueError, match="status"):

@@ -147,6 +147,9 @@ EVENT_KINDS: dict[str, str] = {
     "nonfinite_gradient": "`workers` (names of those whose report flagged NaN/Inf): the update was skipped",
     "evaluation_skipped": "`epoch`, `version`: that epoch's snapshot was dropped unscored (evaluating is "
     "slower than training; `--eval-samples` makes it faster)",
+    "worker_suspended": "`rank`, `waited_s`, `limit_s`: it stalled in a step past its limit; the step is "
+    "redone by the others and it gets no work until it answers",
+    "worker_resumed": "`rank`: a suspended worker answered again; it gets work from the next step",
     "resumed": "`epoch`, `offset`, `version`: a restarted master continues from its checkpoint here",
     "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",
 }

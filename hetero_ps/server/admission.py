@@ -86,11 +86,45 @@ class Admission:
             log.warning("worker lost: %s — %s (%d left)", h.name, reason, len(self.registry))
             self._event("worker_lost", rank=h.rank, host=h.host, reason=reason)
         if h.assignment is not None:
-            h.assignment.fail(h.wid, h.name)
+            h.assignment.fail(h.wid, f"{h.name} left mid-step")
+        self._changed.set()
+
+    def suspend(self, h: WorkerHandle, waited_s: float, limit_s: float) -> None:
+        """``h`` has not finished its part of a step long past its prediction (a closed lid, SIGSTOP):
+        give its samples to the others now, and no work to it until it answers again (``wake``)."""
+        if h.suspended or not self.is_live(h):
+            return
+        h.suspended, h.status = True, "suspended"
+        self.scheduler.remove_worker(h.wid)
+        log.warning(
+            "%s has not finished its part of the step after %.1f s (limit %.1f s): suspended, its samples go "
+            "to the others; it gets work again once it answers",
+            h.name,
+            waited_s,
+            limit_s,
+        )
+        self._event("worker_suspended", rank=h.rank, waited_s=round(waited_s, 3), limit_s=round(limit_s, 3))
+        if h.assignment is not None:
+            h.assignment.fail(h.wid, f"{h.name} stalled")
+        self._changed.set()
+
+    def wake(self, h: WorkerHandle) -> None:
+        """A suspended worker said something: it is alive, and counted again from the next step."""
+        if not h.suspended or not self.is_live(h):
+            return
+        h.suspended, h.status = False, "training"
+        probe = h.profile
+        self.scheduler.add_worker(  # a fresh model: what it does now is what counts
+            h.wid,
+            rate_hint=float(probe.get("probe_samples_per_s") or 0.0),
+            max_batch=int(probe.get("max_batch") or 0),
+        )
+        log.info("%s answers again: it gets work from the next step", h.name)
+        self._event("worker_resumed", rank=h.rank)
         self._changed.set()
 
     def ready_workers(self) -> list[WorkerHandle]:
-        return [h for h in self.registry.live() if h.ready]
+        return [h for h in self.registry.live() if h.ready and not h.suspended]
 
     def is_live(self, h: WorkerHandle) -> bool:
         return h.wid in self.registry.workers

@@ -96,10 +96,11 @@ class Assignment:
         ):
             self.done.set_result(None)
 
-    def fail(self, wid: int, name: str) -> None:
-        """``wid`` was lost: if it owed anything here, the assignment fails with :class:`WorkerLost`."""
+    def fail(self, wid: int, why: str) -> None:
+        """``wid`` was lost or stalled (``why``, with its name): if it owed anything here, the
+        assignment fails with :class:`WorkerLost`."""
         if wid in self.sizes and not self.done.done():
-            self.done.set_exception(WorkerLost(name))
+            self.done.set_exception(WorkerLost(why))
 
     def waiting_for(self) -> list[int]:
         """Workers that still owe a chunk or their report."""

@@ -206,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on at most N samples of the eval split (default 0: all of it)",
     )
     g.add_argument(
+        "--stall-factor",
+        type=float,
+        default=4.0,
+        metavar="K",
+        help="BSP: a worker not done after K × its predicted step time (and --stall-floor) is suspended "
+        "and its samples redone by the others in the same step (default 4; 0: wait for it)",
+    )
+    g.add_argument(
+        "--stall-floor",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="never suspend a worker before S seconds into a step (default 2)",
+    )
+    g.add_argument(
         "--checkpoint-every",
         default="300s",
         metavar="N|Ts",
@@ -244,6 +259,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     global_batch = a.global_batch_size or a.batch_size * trainers
     if a.eval_samples < 0:
         raise ConfigError(f"--eval-samples must be >= 0 (0 = the whole eval split), got {a.eval_samples}")
+    if a.stall_factor < 0 or (a.stall_factor and a.stall_factor < 1) or a.stall_floor < 0:
+        raise ConfigError("--stall-factor must be 0 (off) or >= 1, and --stall-floor >= 0")
     if not (a.divergence_factor == 0 or a.divergence_factor > 1):
         raise ConfigError(f"--divergence-factor must be 0 (off) or > 1, got {a.divergence_factor}")
     if a.staleness < 0:
@@ -374,6 +391,8 @@ async def run(a: argparse.Namespace) -> dict:
         experiment=exp.name,
         eval_samples=a.eval_samples,
         divergence_factor=a.divergence_factor,
+        stall_factor=a.stall_factor,
+        stall_floor_s=a.stall_floor,
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
     )

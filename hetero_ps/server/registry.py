@@ -22,7 +22,7 @@ class WorkerHandle:
     device: str
     profile: dict
     conn: Any  # transport.Connection
-    status: str = "joined"  # joined (waiting for its first step) | training | lost
+    status: str = "joined"  # joined (waiting for its first step) | training | suspended | lost
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     activity: str = "joined"  # what it was last doing, for "still waiting for ..." messages
@@ -34,6 +34,7 @@ class WorkerHandle:
     params_version: int = -1  # the parameter version it last received
     assignment: Assignment | None = None  # the work in flight for it, if any
     clock: int = 0  # SSP/ASP: updates it has pushed
+    suspended: bool = False  # stalled past its limit in a step: given no work until it answers again
 
     def set_activity(self, what: str) -> None:
         self.activity, self.activity_since = what, time.monotonic()

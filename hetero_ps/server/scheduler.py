@@ -273,6 +273,14 @@ class Scheduler:
         self._ranks.pop(wid, None)
         self.sizes = {}
 
+    def predicted_seconds(self, wid: int, batch: int) -> float | None:
+        """What ``batch`` samples should take ``wid`` (its measured model), or None before it has a
+        couple of measurements in its current regime (a new or returning worker is not judged yet)."""
+        m = self.models.get(wid)
+        if m is None or m.rate <= 0 or len(m.observations) < 2:
+            return None
+        return m.predict(batch)
+
     def observe(self, wid: int, batch: int, seconds: float) -> None:
         """A worker's measured step: ``batch`` samples in ``seconds`` (without the barrier wait)."""
         if wid in self.models:

@@ -71,6 +71,8 @@ class ServerConfig:
     experiment: str = ""  # experiment name (for the welcome and logs)
     eval_samples: int = 0  # evaluate on at most this many samples (0: the whole eval split)
     divergence_factor: float = DEFAULT_FACTOR  # stop when the loss exceeds this × its start (0: never)
+    stall_factor: float = 4.0  # BSP: a worker past this × its predicted step time...
+    stall_floor_s: float = 2.0  # ...and past this many seconds is suspended; its samples go to the others
     checkpoint_every_steps: int = 0  # BSP: write experiments/NAME/checkpoint.pt every N steps (0: not by steps)...
     checkpoint_every_s: float = 0.0  # ...or when this many seconds have passed since the last one (0: not by time)
 
@@ -232,6 +234,8 @@ class ParameterServer:
             while True:
                 msg = await conn.recv(timeout=self.cfg.worker_timeout)
                 h.last_seen = time.monotonic()
+                if h.suspended:
+                    self.admission.wake(h)
                 if msg.type == MsgType.PUSH:
                     self._on_push(h, Push.from_header(msg.header), msg.segments)
                 elif msg.type == MsgType.METRICS:
@@ -365,12 +369,39 @@ class ParameterServer:
             self.admission.lose(h, f"could not send schedule: {exc}")
             return False
 
-    async def wait_done(self, a: Assignment) -> None:
-        """Wait for an assignment; every ``straggler_warn_s`` say who we are waiting for."""
+    def _stall_limits(self, a: Assignment) -> dict[int, float]:
+        """Seconds after ``a`` started past which each worker it waits for counts as stalled:
+        ``max(stall_factor × its predicted time, stall_floor_s)``; none for a worker not yet measured."""
+        limits = {}
+        for wid in a.waiting_for():
+            predicted = self.scheduler.predicted_seconds(wid, a.sizes[wid])
+            if predicted is not None and self.cfg.stall_factor > 0:
+                limits[wid] = max(self.cfg.stall_factor * predicted, self.cfg.stall_floor_s)
+        return limits
+
+    async def wait_done(self, a: Assignment, stalls: bool = False) -> None:
+        """Wait for an assignment; every ``straggler_warn_s`` say who we are waiting for.
+
+        With ``stalls`` (BSP), a worker past its stall limit is suspended and the assignment fails
+        with ``WorkerLost``, so the step is redone by the others at once."""
+        warned = time.perf_counter()
         while True:
-            done, _ = await asyncio.wait({a.done}, timeout=self.cfg.straggler_warn_s)
+            limits = self._stall_limits(a) if stalls else {}
+            elapsed = time.perf_counter() - a.started
+            wait = self.cfg.straggler_warn_s - (time.perf_counter() - warned)
+            if limits:
+                wait = min(wait, min(limits.values()) - elapsed)
+            done, _ = await asyncio.wait({a.done}, timeout=max(0.01, wait))
             if done:
                 return a.done.result()
+            elapsed = time.perf_counter() - a.started
+            for wid, limit in limits.items():
+                h = self.admission.registry.workers.get(wid)
+                if h is not None and elapsed >= limit:
+                    self.admission.suspend(h, elapsed, limit)
+            if a.done.done() or time.perf_counter() - warned < self.cfg.straggler_warn_s:
+                continue
+            warned = time.perf_counter()
             now = time.monotonic()
             for wid in a.waiting_for():
                 h = self.admission.registry.workers.get(wid)

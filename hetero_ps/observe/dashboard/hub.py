@@ -51,7 +51,7 @@ WORKER_FIELDS = (
     "gpu_util",
     "gpu_mem_bytes",
 )
-WORKER_STATUSES = ("joined", "training", "lost")
+WORKER_STATUSES = ("joined", "training", "suspended", "lost")
 RECENT_STEPS = 20  # window for "current" throughput and the ETA
 
 
@@ -155,7 +155,7 @@ class MetricsHub:
             row["batch"] = batch
             row["share"] = batch / samples if samples else None
             row["samples_per_s"] = batch / step_s if step_s > 0 else None
-            if row.get("status") != "lost":
+            if row.get("status") not in ("lost", "suspended"):
                 row["status"] = "training"
         self._publish("step", rec)
         if workers:
@@ -168,19 +168,22 @@ class MetricsHub:
         self._publish("epoch", rec)
 
     def add_event(self, rec: dict) -> None:
-        """One event (the ``events.jsonl`` record). ``worker_joined``/``worker_lost`` update the table."""
+        """One event (the ``events.jsonl`` record). Joins, losses, suspensions and resumptions update the table."""
         rec = sanitize_record(rec)
         rec["seq"] = self._event_seq
         self._event_seq += 1
         self._events.append(rec)
         self._publish("event", rec)
         kind, rank = rec.get("event"), rec.get("rank")
-        if kind in ("worker_joined", "worker_lost") and isinstance(rank, int):
+        if kind in ("worker_joined", "worker_lost", "worker_suspended", "worker_resumed") and isinstance(rank, int):
             row = self._row(rank)
             if kind == "worker_joined":
                 row.update(status="joined", host=rec.get("host", row["host"]), device=rec.get("device", row["device"]))
+            elif kind == "worker_resumed":
+                row.update(status="training")
             else:
-                row.update(status="lost", batch=0, share=0.0, samples_per_s=0.0)
+                status = "lost" if kind == "worker_lost" else "suspended"
+                row.update(status=status, batch=0, share=0.0, samples_per_s=0.0)
             self._workers_changed()
 
     def finish(self, summary: dict) -> None:

@@ -84,12 +84,12 @@ class BSPLoop:
                         await ps.send_schedule(h, a)
                 if a.done.done():
                     a.done.result()  # raises WorkerLost if someone left while we were sending
-                await ps.wait_done(a)
+                await ps.wait_done(a, stalls=True)
                 break
             except WorkerLost as exc:
                 attempt += 1
                 log.warning(
-                    "step %d: %s left mid-step; redoing the step with the %d remaining worker(s)",
+                    "step %d: %s; redoing the step with the %d remaining worker(s)",
                     ps.step,
                     exc,
                     len(ps.ready_workers()),

@@ -56,7 +56,7 @@ class LoopHost(Protocol):
 
     async def send_params(self, h: WorkerHandle) -> bool: ...  # False: lost on the way
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool: ...
-    async def wait_done(self, a: Assignment) -> None: ...  # raises WorkerLost
+    async def wait_done(self, a: Assignment, stalls: bool = False) -> None: ...  # raises WorkerLost (stalls: BSP)
     def apply_update(self, grad: torch.Tensor) -> bool: ...  # False: non-finite, skipped
     def step_lr(self) -> None: ...
     def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model

@@ -232,7 +232,7 @@
     const tbody = $("workers").tBodies[0];
     tbody.replaceChildren(...rows.map((w) => {
       const share = w.share == null ? null : 100 * w.share;
-      return el("tr", { "data-rank": w.rank, class: w.status === "lost" ? "lost" : "" },
+      return el("tr", { "data-rank": w.rank, class: w.status === "lost" || w.status === "suspended" ? "lost" : "" },
         el("td", {}, el("span", { class: "rank-dot", style: `background:${color(w.rank)}` }), String(w.rank)),
         el("td", { class: "host", title: w.host || "" }, dash(w.host)),
         el("td", {}, dash(w.device)),
@@ -323,6 +323,11 @@
       what.append(`rank ${e.rank} joined from ${e.host || "?"} (${e.device || "?"})`);
     } else if (e.event === "worker_lost") {
       what.append(`rank ${e.rank}${e.host ? " on " + e.host : ""} lost`, el("div", { class: "reason" }, e.reason || ""));
+    } else if (e.event === "worker_suspended") {
+      what.append(`rank ${e.rank} suspended: no answer after ${fmtSeconds(e.waited_s)}`,
+        el("div", { class: "reason" }, `limit ${fmtSeconds(e.limit_s)}; its samples were redone by the others`));
+    } else if (e.event === "worker_resumed") {
+      what.append(`rank ${e.rank} answers again: back at work`);
     } else if (e.event === "nonfinite_gradient") {
       what.append("non-finite gradient: step skipped", el("div", { class: "reason" }, (e.workers || []).join(", ")));
     } else {
