@@ -33,6 +33,7 @@ from hetero_ps.errors import (
     HeteroPSError,
     RemoteProtocolError,
     TransportError,
+    TransportTimeout,
 )
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
@@ -237,6 +238,21 @@ class Worker:
             self.progress.close()
             await self.conn.close()
 
+    async def _recv_from_master(self, conn: transport.Connection) -> Message:
+        """The next message; a master silent for four heartbeat periods is gone (cable pulled, host
+        frozen: no reset ever comes), which ``run_and_rejoin`` treats like a closed connection.
+
+        A live master is never that quiet: it sends an idle worker a HEARTBEAT whenever it has heard
+        nothing from it for one period, and this worker answers each one."""
+        silence = 4 * self.heartbeat_s if self.heartbeat_s else None
+        try:
+            return await conn.recv(timeout=silence)
+        except TransportTimeout:
+            raise ConnectionClosed(
+                f"no word from the master in {silence:.0f} s, though it heartbeats idle workers: "
+                "it is gone or unreachable"
+            ) from None
+
     async def _busy(self, work: Awaitable[T]) -> T:
         """Await ``work`` (run in a thread), saying HEARTBEAT every ``heartbeat_s`` meanwhile.
 
@@ -307,7 +323,7 @@ class Worker:
         conn = self.conn
         assert conn is not None, "run() connects before the loop"
         while True:
-            msg = await conn.recv(timeout=None)
+            msg = await self._recv_from_master(conn)
             t = msg.type
             if t == MsgType.PARAMS:
                 self._on_params(await self._parse(Params, msg.header), msg.segments)
