@@ -35,6 +35,13 @@ def test_a_value_the_user_set_always_wins_and_is_marked_as_a_flag():
     assert "--lr" in said and "--warmup-steps" in said and "adamw" in said and "lr 0.05" in said
 
 
+def test_another_optimizer_by_flag_gets_that_optimizers_learning_rate_not_the_recipes():
+    job, source = recipes.resolve(JobConfig(model="resnet50", optimizer="adamw"), 100)
+    assert job.lr == 1e-3 and source["lr"] == "recipe" and job.weight_decay == 1e-4
+    job, _ = recipes.resolve(JobConfig(model="gpt2", model_size="tiny", optimizer="momentum"), 100)
+    assert job.lr == 0.05 and job.warmup_steps == 10
+
+
 @pytest.mark.parametrize("batch", [64, 256, 1024])
 def test_resnet_scales_its_learning_rate_with_the_global_batch(batch):
     job, _ = recipes.resolve(JobConfig(model="resnet50", global_batch=batch), total_steps=1000)
@@ -82,6 +89,14 @@ def test_one_nan_step_is_forgiven_but_a_run_of_them_is_divergence():
     _feed(watch, [2.3, float("nan"), 2.2, 2.1, float("nan"), 2.0])  # a bad worker's NaN: skipped, forgiven
     with pytest.raises(TrainingDiverged, match=f"nan for {NONFINITE_STEPS} steps in a row"):
         _feed(watch, [float("nan")] * NONFINITE_STEPS)
+
+
+def test_a_resumed_run_keeps_judging_against_where_the_run_started():
+    watch = DivergenceWatch(4.0)
+    watch.replay([2.3, None, 1.0, 0.2, 0.05, 0.05])  # the steps before the checkpoint (a NaN as null)
+    watch.observe(6, 0.3, 0.1)  # six times the last losses, still far below 4 × 2.3: not divergence
+    with pytest.raises(TrainingDiverged, match="from 2.3 at the start"):
+        _feed(watch, [20.0, 20.0, 20.0])
 
 
 def test_a_falling_loss_never_trips_and_factor_zero_turns_the_check_off():

@@ -47,6 +47,7 @@ def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejo
         log = read_jsonl(events)
 
     assert suspended["waited_s"] >= suspended["limit_s"] >= 2.0
+    assert {e["rank"] for e in find_all(log, event="worker_suspended")} == {2}  # never one that had finished
     redone = find(records, step=after)
     assert redone["attempts"] >= 2 and "2" not in redone["workers"]  # its samples went to the others
     assert sum(w["batch"] for w in redone["workers"].values()) == redone["samples"]  # none lost

@@ -35,6 +35,13 @@ class DivergenceWatch:
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.nonfinite_run = 0
 
+    def replay(self, losses: list[float | None]) -> None:
+        """Take up the losses of the steps already done (a resumed run): the start stays the run's start."""
+        finite = [x for x in losses if x is not None and math.isfinite(x)]
+        if finite:
+            self.start = finite[0]
+            self.recent.extend(finite[-WINDOW:])
+
     def observe(self, step: int, loss: float, lr: float) -> None:
         """Raise ``TrainingDiverged`` when ``loss`` (at ``step``, trained with ``lr``) shows divergence."""
         if not self.factor:

@@ -55,6 +55,8 @@ from hetero_ps.wire.protocol import MsgType
 
 log = logging.getLogger("hetero_ps.server")
 
+UNMEASURED_STALL = 10  # × --worker-timeout: the stall limit of a worker without a measured step time
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -234,7 +236,9 @@ class ParameterServer:
             while True:
                 msg = await conn.recv(timeout=self.cfg.worker_timeout)
                 h.last_seen = time.monotonic()
-                if h.suspended:
+                if h.suspended and msg.type != MsgType.HEARTBEAT:
+                    # Work (even for the aborted step) is a sign of life; a heartbeat is not: a worker
+                    # whose compute thread hangs keeps sending those.
                     self.admission.wake(h)
                 if msg.type == MsgType.PUSH:
                     self._on_push(h, Push.from_header(msg.header), msg.segments)
@@ -371,11 +375,17 @@ class ParameterServer:
 
     def _stall_limits(self, a: Assignment) -> dict[int, float]:
         """Seconds after ``a`` started past which each worker it waits for counts as stalled:
-        ``max(stall_factor × its predicted time, stall_floor_s)``; none for a worker not yet measured."""
+        ``max(stall_factor × its predicted time, stall_floor_s)``. A worker not measured yet (new,
+        or back from a suspension) gets ``UNMEASURED_STALL × worker_timeout``: generous, but a
+        compute thread that hangs while its worker keeps sending heartbeats never holds the job forever."""
+        if self.cfg.stall_factor <= 0:
+            return {}
         limits = {}
         for wid in a.waiting_for():
             predicted = self.scheduler.predicted_seconds(wid, a.sizes[wid])
-            if predicted is not None and self.cfg.stall_factor > 0:
+            if predicted is None:
+                limits[wid] = UNMEASURED_STALL * self.cfg.worker_timeout
+            else:
                 limits[wid] = max(self.cfg.stall_factor * predicted, self.cfg.stall_floor_s)
         return limits
 
@@ -397,7 +407,7 @@ class ParameterServer:
             elapsed = time.perf_counter() - a.started
             for wid, limit in limits.items():
                 h = self.admission.registry.workers.get(wid)
-                if h is not None and elapsed >= limit:
+                if h is not None and elapsed >= limit and not a.worker_finished(wid):  # done meanwhile: fine
                     self.admission.suspend(h, elapsed, limit)
             if a.done.done() or time.perf_counter() - warned < self.cfg.straggler_warn_s:
                 continue
@@ -478,6 +488,7 @@ class ParameterServer:
         checkpoint.check_compatible(ckpt, self.job.to_wire(), self.numel)
         self.state.load_checkpoint_state(ckpt)
         self.records.restore(ckpt["metrics"], int(ckpt["step"]))
+        self.divergence.replay([r.loss for r in self.records.history])
         self.start_position = self.position = (int(ckpt["epoch"]), int(ckpt["offset"]))
         self._checkpointed = (time.monotonic(), self.step)
         self._at_boundary = True

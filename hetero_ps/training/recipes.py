@@ -92,6 +92,11 @@ RECIPES.update(
 )
 
 
+# A recipe's learning rate is for its own optimizer: with another one chosen by flag and no --lr,
+# the usual starting point of that optimizer is taken instead (AdamW at SGD's 0.1 diverges).
+OPTIMIZER_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
+
+
 def recipe_for(model: str, model_size: str) -> Recipe:
     """The recipe of a built-in model at a size, or the plug-in recipe for any other model."""
     return RECIPES.get((model, model_size), PLUGIN_RECIPE)
@@ -106,7 +111,10 @@ def resolve(job, total_steps: int):
     """``(job with every knob set, {knob: "flag" | "recipe"})``; a set value always wins."""
     if total_steps < 1:
         raise ConfigError(f"a run of {total_steps} steps cannot be trained")
-    defaults = recipe_for(job.model, job.model_size).values(job.global_batch, total_steps)
+    recipe = recipe_for(job.model, job.model_size)
+    defaults = recipe.values(job.global_batch, total_steps)
+    if job.optimizer is not None and job.optimizer != recipe.optimizer and job.optimizer in OPTIMIZER_LR:
+        defaults["lr"] = OPTIMIZER_LR[job.optimizer]
     missing = unresolved(job)
     source = {k: "recipe" if k in missing else "flag" for k in KNOBS}
     return dataclasses.replace(job, **{k: defaults[k] for k in missing}), source

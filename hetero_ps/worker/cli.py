@@ -16,7 +16,7 @@ import sys
 
 from hetero_ps.config import env_int
 from hetero_ps.errors import HeteroPSError
-from hetero_ps.observe.logs import add_file_log, set_role, setup_logging
+from hetero_ps.observe.logs import add_file_log, remove_file_logs, set_role, setup_logging
 from hetero_ps.worker.worker import Worker, WorkerConfig
 
 log = logging.getLogger("hetero_ps.worker")
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_welcome(exp: str, rank: int) -> None:  # the master may have chosen our rank
             set_role(f"worker[{rank}]", args.log_format)
+            remove_file_logs()  # a rejoin: the new master's experiment gets the lines from now on
             add_file_log(
                 os.path.join(args.experiments_dir, exp, "logs", f"worker-{rank}-{socket.gethostname()}.log"),
                 f"worker[{rank}]",

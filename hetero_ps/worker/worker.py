@@ -31,6 +31,7 @@ from hetero_ps.errors import (
     ConfigError,
     ConnectionClosed,
     HeteroPSError,
+    RemoteError,
     RemoteProtocolError,
     TransportError,
     TransportTimeout,
@@ -156,10 +157,17 @@ class Worker:
         A master restarted on the same address and port takes us back; the job comes again in its
         WELCOME. A wrong token, another version or an ERROR from the master are final, as at the start.
         """
+        rejoin_until = None  # set once we have lost a master we had joined
         while True:
             self.joined = False
             try:
                 return await self.run()
+            except RemoteError as exc:
+                # The master may still hold our old connection (it has not seen it die yet): wait for it.
+                if rejoin_until is None or exc.code != "rank_taken" or time.monotonic() > rejoin_until:
+                    raise
+                log.info("rank %d is still held by our old connection on the master; retrying", self.rank)
+                await asyncio.sleep(2.0)
             except ConnectionClosed as exc:
                 if not self.joined or self.cfg.reconnect_timeout <= 0:
                     raise
@@ -173,6 +181,7 @@ class Worker:
                     self.cfg.reconnect_timeout,
                 )
                 self.cfg = dataclasses.replace(self.cfg, rank=self.rank, connect_timeout=self.cfg.reconnect_timeout)
+                rejoin_until = time.monotonic() + self.cfg.reconnect_timeout
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
