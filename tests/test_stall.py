@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejoins_when_continued(tmp_path):
-    args = ["--world-size", "4", "--no-local-worker", "--no-dashboard", "--epochs", "4", "--experiment", "stall"]
+    args = ["--world-size", "4", "--no-local-worker", "--no-dashboard", "--epochs", "500", "--experiment", "stall"]
     args += ["--stall-factor", "4", "--stall-floor", "2"]
     workers = [["--rank", str(r), "--simulate-slowdown", "4", "--torch-threads", "1"] for r in (1, 2, 3)]
     with LocalCluster(tmp_path, args, workers=workers) as c:
@@ -37,12 +37,16 @@ def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejo
             )
         finally:
             os.killpg(stopped.pid, signal.SIGCONT)
-        wait_until(
+        resumed = wait_until(
             lambda: alive() and find(read_jsonl(events, missing_ok=True), event="worker_resumed", rank=2),
             timeout=120,
             what="rank 2 answering again",
         )
-        assert c.wait(timeout=300) == 0, c.output("server")
+        wait_until(  # back at work; the run is long on purpose, so it is still going: no need to see it end
+            lambda: alive() and any("2" in s["workers"] for s in read_jsonl(steps) if s["step"] > resumed["step"]),
+            timeout=120,
+            what="a step with rank 2 after it answered",
+        )
         records = read_jsonl(steps)
         log = read_jsonl(events)
 
@@ -51,7 +55,5 @@ def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejo
     redone = find(records, step=after)
     assert redone["attempts"] >= 2 and "2" not in redone["workers"]  # its samples went to the others
     assert sum(w["batch"] for w in redone["workers"].values()) == redone["samples"]  # none lost
-    resumed_at = find(log, event="worker_resumed", rank=2)["step"]
-    assert any("2" in s["workers"] for s in records if s["step"] > resumed_at)  # back at work
     assert not find_all(log, event="worker_lost")
     assert [s["step"] for s in records] == list(range(len(records)))
