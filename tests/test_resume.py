@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 from conftest import find, metrics_path, read_jsonl, still_running, wait_until
 
+from hetero_ps.config import JobConfig
 from hetero_ps.testing import LocalCluster
+from hetero_ps.training import data
 
 pytestmark = pytest.mark.slow
 JOB = ["--world-size", "3", "--no-local-worker", "--no-dashboard", "--epochs", "2"]
@@ -16,9 +19,9 @@ JOB += ["--global-batch-size", "32", "--worker-batch-sizes", "1:12,2:20"]  # BSP
 WORKERS = [["--rank", str(r), "--torch-threads", "1", "--reconnect-timeout", "120"] for r in (1, 2)]
 
 
-def _run(tmp_path, name: str, crash_at: int = 0):
+def _run(tmp_path, name: str, crash_at: int = 0, job=JOB, every: int = 10):
     """The job to its end; with ``crash_at``, its master is killed -9 past that step and resumed."""
-    args = [*JOB, "--experiment", name, "--checkpoint-every", "10"]
+    args = [*job, "--experiment", name, "--checkpoint-every", str(every)]
     (tmp_path / name).mkdir()
     with LocalCluster(tmp_path / name, args, workers=WORKERS) as c:
         if crash_at:
@@ -49,3 +52,22 @@ def test_a_master_killed_mid_run_resumes_from_its_checkpoint_to_the_same_paramet
     resumed_at = find(events, event="resumed")
     assert resumed_at is not None and resumed_at["step"] in (20, 30)  # the checkpoint written every 10 steps
     assert not os.path.exists(os.path.join(exp, "checkpoint.pt"))  # a finished run keeps none
+    with open(os.path.join(exp, "summary.json")) as f:
+        summary = json.load(f)
+    # the training time before the crash counts: the steps alone took longer than the time since the resume
+    assert summary["train_s"] >= sum(s["step_s"] for s in steps)
+
+
+def test_an_ssp_run_resumed_after_kill_9_applies_every_sample_once_per_epoch(tmp_path):
+    ssp = [*JOB[:-2], "--sync", "ssp", "--staleness", "2", "--enable-load-balancing"]
+    _, steps, exp = _run(tmp_path, "ssp", crash_at=15, job=ssp, every=5)
+
+    assert [s["step"] for s in steps] == list(range(len(steps)))  # none lost, none twice
+    n = len(data.load_datasets(JobConfig())[0])
+    for epoch in (0, 1):
+        assert sum(s["samples"] for s in steps if s["epoch"] == epoch) == n, epoch
+    events = read_jsonl(os.path.join(exp, "metrics", "events.jsonl"))
+    resumed_at = find(events, event="resumed")
+    assert resumed_at is not None and resumed_at["step"] >= 15 - 5
+    evaluated = [r["epoch"] for r in read_jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))]
+    assert sorted(evaluated) == [0, 1]

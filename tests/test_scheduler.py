@@ -283,3 +283,26 @@ def test_expected_staleness_from_the_current_split():
     run(s, sim, range(20))
     tau = s.expected_staleness()
     assert set(tau) == {0, 1, 2} and all(v == pytest.approx(2.0, rel=0.05) for v in tau.values())
+
+
+def test_a_resumed_scheduler_starts_from_each_ranks_model_not_from_uniform():
+    sim = SimCluster([0.004, 0.008, 0.016], [4000, 2000, 1000], noise=0.0)
+    s = Scheduler(512, "dynamic", 10)
+    for w in range(3):
+        s.add_worker(w, rank=w + 1)
+    run(s, sim, range(30))
+    balanced = dict(s.sizes)
+    saved = s.export_state()
+    assert set(saved) == {"1", "2", "3"} and saved["1"]["rate"] > 0
+
+    again = Scheduler(512, "dynamic", 10)
+    again.restore(saved)
+    for wid, rank in ((7, 1), (8, 2), (9, 3)):  # new connections, the same ranks (the same machines)
+        again.add_worker(wid, rank=rank)
+    sizes, d = again.assign(30, [7, 8, 9])
+    assert d is not None and d.policy == "dynamic" and all(i["source"] == "measured" for i in d.inputs.values())
+    assert [sizes[w] for w in (7, 8, 9)] == [balanced[w] for w in (0, 1, 2)]
+    fresh = Scheduler(512, "dynamic", 10)
+    fresh.restore(saved)
+    fresh.add_worker(5)  # a worker without a remembered rank is measured afresh
+    assert fresh.models[5].rate == 0

@@ -91,10 +91,25 @@ class MetricsWriter:
         """Anything else worth a line (scheduler decisions with reasons, joins, losses). Adds ``t``."""
         self.write("events", record if "t" in record else {"t": time.time(), **record})
 
-    def positions(self) -> dict[str, int]:
-        """How many bytes each stream holds now (every record written so far is in them)."""
+    def positions(self, durable: bool = False) -> dict[str, int]:
+        """How many bytes each stream holds now (every record written so far is in them).
+
+        ``durable``: fsync them first, so the lengths a checkpoint records survive an OS crash too."""
         with self._lock:
+            if durable:
+                for f in self._files.values():
+                    f.flush()
+                    os.fsync(f.fileno())
             return {s: f.tell() for s, f in self._files.items()}
+
+    def check_positions(self, positions: dict[str, int]) -> None:
+        """Raise ``ValueError`` naming the stream that is shorter than ``positions`` says (lost lines)."""
+        with self._lock:
+            for s, f in self._files.items():
+                f.flush()
+                size = os.fstat(f.fileno()).st_size
+                if s in positions and size < positions[s]:
+                    raise ValueError(f"{self.path(s)} holds {size} bytes, the checkpoint recorded {positions[s]}")
 
     def rewind(self, positions: dict[str, int]) -> None:
         """Cut each stream back to ``positions`` (what a checkpoint recorded): later lines are redone."""
@@ -106,16 +121,23 @@ class MetricsWriter:
                     f.seek(positions[s])
 
     def keep(self, stream: str, wanted) -> None:
-        """Rewrite ``stream`` with only the records for which ``wanted(record)`` is true."""
+        """Rewrite ``stream`` with only the records for which ``wanted(record)`` is true.
+
+        Through a temporary file and a rename, so a crash leaves either the old file or the new one."""
         with self._lock:
             f = self._files[stream]
             f.flush()
-            with open(self.path(stream), encoding="utf-8") as src:
+            path = self.path(stream)
+            with open(path, encoding="utf-8") as src:
                 lines = [line for line in src if line.strip() and wanted(json.loads(line))]
-            f.seek(0)
-            f.truncate(0)
-            f.writelines(lines)
-            f.flush()
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as out:
+                out.writelines(lines)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+            f.close()
+            self._files[stream] = open(path, "a", buffering=1, encoding="utf-8")
 
     def close(self) -> None:
         with self._lock:

@@ -65,6 +65,7 @@ class Admission:
             max_batch=int(probe.get("max_batch") or 0),
             c_hint=float(probe.get("probe_c_s") or 0.0),
             r_hint=float(probe.get("probe_r") or 0.0),
+            rank=h.rank,
         )
         log.info(
             "worker ready: %s%s, %d/%d ready",

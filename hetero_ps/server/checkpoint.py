@@ -1,9 +1,12 @@
 """The master's checkpoint: everything a restarted master needs to go on where the run was.
 
-``experiments/NAME/checkpoint.pt`` holds, at a step boundary of a BSP run: the flat parameters, the
-optimizer's and the LR schedule's state, the step, the parameter version, the position in the
-sample order (epoch and offset of the next step), the resolved job, and how long each metrics file
-was (the steps after the checkpoint are redone on resume, so their lines are cut off).
+``experiments/NAME/checkpoint.pt`` holds, at a consistent point of the run (a BSP step boundary; in
+SSP/ASP, between two updates): the flat parameters, the optimizer's and the LR schedule's state, the
+step, the parameter version, the step loop's position in the sample order (BSP: epoch and offset of
+the next step; SSP/ASP: the work queue, with the slices in flight counted as not done), the
+scheduler's fitted model of each rank, the evaluations not scored yet (with their parameters), the
+training time so far, the resolved job, and how long each metrics file was (fsynced first: the
+steps after the checkpoint are redone on resume, so their lines are cut off).
 
 Written like a database's WAL: a temporary file, ``fsync``, ``rename`` over the old one, ``fsync`` of
 the folder, so a crash at any instant leaves the last good checkpoint; the one before it is kept as
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,7 +31,7 @@ log = logging.getLogger("hetero_ps.server")
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
-FORMAT = 1
+FORMAT = 2  # 2: the loop's state, scheduler models, evaluations to score, training time
 
 
 def save(folder: str, state: dict[str, Any]) -> str:
@@ -62,9 +66,9 @@ def exists(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, CHECKPOINT)) or os.path.exists(os.path.join(folder, PREVIOUS))
 
 
-def load(folder: str) -> dict[str, Any]:
-    """The newest readable checkpoint of ``folder``; a damaged newest one falls back to the previous, and says so."""
-    errors = []
+def readable(folder: str, errors: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(path, checkpoint)`` of each readable checkpoint in ``folder``, newest first; a damaged one is
+    skipped, says so, and adds why to ``errors``."""
     for name in (CHECKPOINT, PREVIOUS):
         path = os.path.join(folder, name)
         if not os.path.exists(path):
@@ -72,13 +76,22 @@ def load(folder: str) -> dict[str, Any]:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-                raise ValueError(f"not a hetero_ps checkpoint of format {FORMAT}")
+                found = ckpt.get("format") if isinstance(ckpt, dict) else None
+                raise ValueError(f"not a hetero_ps checkpoint of format {FORMAT} (format {found})")
         except Exception as exc:  # truncated, corrupt, or not ours: try the previous one
-            errors.append(f"{path}: {type(exc).__name__}: {exc}")
+            if errors is not None:
+                errors.append(f"{path}: {type(exc).__name__}: {exc}")
             log.warning("checkpoint %s cannot be read (%s); trying the one before it", path, exc)
             continue
-        if errors:
+        if name == PREVIOUS:
             log.warning("resuming from the previous checkpoint %s (step %s)", path, ckpt.get("step"))
+        yield path, ckpt
+
+
+def load(folder: str) -> dict[str, Any]:
+    """The newest readable checkpoint of ``folder``; a damaged newest one falls back to the previous, and says so."""
+    errors: list[str] = []
+    for _, ckpt in readable(folder, errors):
         return ckpt
     why = ": " + "; ".join(errors) if errors else ""
     raise ConfigError(f"no readable checkpoint in {folder}{why} — start without --resume")

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         default="300s",
         metavar="N|Ts",
-        help="BSP: write experiments/NAME/checkpoint.pt every N steps or T seconds (default 300s), and at "
+        help="write experiments/NAME/checkpoint.pt every N steps or T seconds (default 300s), and at "
         "exit; 0: only at exit",
     )
     g.add_argument(
@@ -412,7 +412,7 @@ async def run(a: argparse.Namespace) -> dict:
         ps = ParameterServer(job, cfg, exp, sinks=sinks)
         _RUNNING.append(ps)
         if a.resume:
-            ps.resume(checkpoint.load(exp.path))
+            ps.resume_from(exp.path)
         ps.progress = Progress(ps.total_steps, "master", a.log_format, epochs=job.epochs)
         await ps.start()
         if hub is not None:

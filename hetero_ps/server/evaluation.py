@@ -107,6 +107,16 @@ class Evaluator:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._work())
 
+    def unscored(self) -> list[Snapshot]:
+        """The snapshots not scored yet (the one being scored first), for a checkpoint."""
+        return ([self.scoring] if self.scoring is not None else []) + list(self._pending)
+
+    def resubmit(self, snaps: list[Snapshot]) -> None:
+        """Score snapshots a checkpoint kept (``unscored`` of the run before a crash), before any new one."""
+        self._pending.extendleft(reversed(snaps))
+        if self._pending and (self._task is None or self._task.done()):
+            self._task = asyncio.ensure_future(self._work())
+
     async def drain(self) -> None:
         """Wait until every submitted snapshot is scored; raises what an evaluation raised."""
         while self._task is not None and not self._task.done():

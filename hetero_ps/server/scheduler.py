@@ -27,8 +27,10 @@ push + pull), so ``c_i`` includes its communication and a worker on a slow link 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from hetero_ps.server.solver import expected_staleness, predicted_step_time, round_preserving_sum, solve_batch_sizes
 
@@ -250,23 +252,50 @@ class Scheduler:
         self._last_solve_step = -1
         self._follow_up: int | None = None  # step at which to re-check a freshly moved measured split
         self._ranks: dict[int, int] = {}  # worker id -> rank, for readable reasons
+        self._remembered: dict[int, WorkerModel] = {}  # rank -> model from a checkpoint, until it rejoins
 
     # -- membership -------------------------------------------------------------------------
     def add_worker(
-        self, wid: int, rate_hint: float = 0.0, max_batch: int = 0, c_hint: float = 0.0, r_hint: float = 0.0
+        self,
+        wid: int,
+        rate_hint: float = 0.0,
+        max_batch: int = 0,
+        c_hint: float = 0.0,
+        r_hint: float = 0.0,
+        rank: int | None = None,
     ) -> None:
         """Count a ready worker. ``rate_hint`` is its probe's samples/s; ``c_hint``/``r_hint`` the
         probe's fitted fixed cost (s) and rate (samples/s), when it has them; ``max_batch`` its memory
-        cap (0 = none)."""
+        cap (0 = none). A ``rank`` whose model a checkpoint held (``restore``) starts from that model."""
 
         def num(x):
             x = float(x or 0.0)
             return x if math.isfinite(x) and x > 0 else 0.0
 
-        self.models[wid] = WorkerModel(
+        hints = dict(
             rate_hint=num(rate_hint), max_batch=max(0, int(max_batch or 0)), c_hint=num(c_hint), r_hint=num(r_hint)
         )
+        remembered = self._remembered.pop(rank, None) if rank is not None else None
+        if remembered is not None:
+            self.models[wid] = dataclasses.replace(remembered, **hints, changed=False)
+        else:
+            self.models[wid] = WorkerModel(**hints)
+        if rank is not None:
+            self._ranks[wid] = rank
         self.sizes = {}  # membership changed: next assign() re-solves
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def export_state(self) -> dict[str, dict[str, Any]]:
+        """Each ranked worker's fitted model (plain numbers and lists), for the master's checkpoint."""
+        return {str(self._ranks[w]): dataclasses.asdict(m) for w, m in self.models.items() if w in self._ranks}
+
+    def restore(self, state: dict[str, dict[str, Any]]) -> None:
+        """Take the models of ``export_state``: each rank starts from its own when it joins again, so a
+        resumed run keeps its balanced split instead of measuring every worker afresh."""
+        names = {f.name for f in dataclasses.fields(WorkerModel)}
+        self._remembered = {
+            int(rank): WorkerModel(**{k: v for k, v in fields.items() if k in names}) for rank, fields in state.items()
+        }
 
     def remove_worker(self, wid: int) -> None:
         self.models.pop(wid, None)

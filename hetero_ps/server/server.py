@@ -105,10 +105,12 @@ class ParameterServer:
         )
         self.training = False
         self.divergence = DivergenceWatch(cfg.divergence_factor)
-        self.start_position = (0, 0)  # BSP: (epoch, offset) of the first step this run takes
-        self.position = (0, 0)  # BSP: (epoch, offset) of the next step, at a step boundary
+        self.loop: BSPLoop | AsyncLoop | None = None  # the step loop, once training started
+        self.resumed_loop: dict[str, Any] | None = None  # the loop's state from a checkpoint (resume)
         self._checkpointed = (time.monotonic(), 0)  # when, and at which step, the last checkpoint was
-        self._at_boundary = False  # the state is that of a step boundary (step_done, no update since)
+        self._at_boundary = False  # the state is whole (update_done, no update since)
+        self._train_s_before = 0.0  # training time of the run before the crash it was resumed from
+        self._train_started: float | None = None
         policy = job.policy if job.load_balancing else "uniform"
         self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval, fixed_sizes=cfg.worker_batch_sizes)
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
@@ -442,9 +444,8 @@ class ParameterServer:
             self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def step_done(self, epoch: int, offset: int) -> None:
-        """A BSP step boundary: the next step is ``(epoch, offset)``; write a checkpoint if one is due."""
-        self.position = (epoch, offset)
+    def update_done(self) -> None:
+        """The loop's state is whole (a BSP step boundary; SSP/ASP: an update applied): checkpoint if due."""
         self._at_boundary = True
         at, step = self._checkpointed
         by_steps = self.cfg.checkpoint_every_steps and self.step - step >= self.cfg.checkpoint_every_steps
@@ -452,54 +453,94 @@ class ParameterServer:
         if (by_steps or by_time) and self.step > step:
             self.save_checkpoint()
 
+    def train_seconds(self) -> float:
+        """Training time so far, the time before a crash included (a resumed run's summary counts it)."""
+        since = time.perf_counter() - self._train_started if self._train_started is not None else 0.0
+        return self._train_s_before + since
+
     def save_checkpoint(self, at_exit: bool = False) -> str | None:
-        """Write the state at the last step boundary (BSP runs with an experiment folder only).
+        """Write the state at the last consistent point (runs with an experiment folder only).
 
         At exit (Ctrl-C, an error) the master may be mid-step: parameters updated but the step not yet
-        recorded. Then the state is not at a boundary and the last periodic checkpoint stands."""
+        recorded. Then the state is not whole and the last periodic checkpoint stands."""
         exp = self.records.experiment
-        if exp is None or self.job.sync != "bsp" or not self.step:
+        if exp is None or self.loop is None or not self.step:
             return None
         if at_exit and not self._at_boundary:
             log.warning("stopped mid-step: the checkpoint of step %d stands", self._checkpointed[1])
             return None
-        epoch, offset = self.position
         t0 = time.perf_counter()
+        loop_state = self.loop.checkpoint_state()
         path = checkpoint.save(
             exp.path,
             {
                 **self.state.checkpoint_state(),
                 "job": self.job.to_wire(),
                 "step": self.step,
-                "epoch": epoch,
-                "offset": offset,
-                "metrics": exp.metrics.positions(),
+                "loop": loop_state,
+                "scheduler": self.scheduler.export_state(),
+                "evaluations": [self._snapshot_state(s) for s in self.evaluator.unscored()],
+                "train_s": self.train_seconds(),
+                "metrics": exp.metrics.positions(durable=True),  # last: every record above is in them
             },
         )
         self._checkpointed = (time.monotonic(), self.step)
-        log.info("checkpoint at step %d (epoch %d, sample %d) in %.2f s: %s", self.step, epoch, offset,
-                 time.perf_counter() - t0, path)  # fmt: skip
+        log.info("checkpoint at step %d (epoch %d, sample %d) in %.2f s: %s", self.step, loop_state["epoch"] + 1,
+                 loop_state["offset"], time.perf_counter() - t0, path)  # fmt: skip
         return path
 
+    def _snapshot_state(self, snap: Snapshot) -> dict[str, Any]:
+        """An evaluation not scored yet; its parameters are left out when they are the checkpoint's own."""
+        params = None if snap.version == self.version else snap.params
+        return {"epoch": snap.epoch, "step": snap.step, "version": snap.version, "params": params}
+
+    def resume_from(self, folder: str) -> None:
+        """Continue from the newest checkpoint in ``folder`` whose metrics files are whole; an older one
+        when an OS crash left the files shorter than the newest says (logged)."""
+        why: list[str] = []
+        for path, ckpt in checkpoint.readable(folder, why):
+            checkpoint.check_compatible(ckpt, self.job.to_wire(), self.numel)
+            try:
+                self.records.experiment.metrics.check_positions(ckpt["metrics"])
+            except ValueError as exc:
+                log.warning("checkpoint %s cannot be used: %s; trying the one before it", path, exc)
+                why.append(f"{path}: {exc}")
+                continue
+            self.resume(ckpt)
+            return
+        raise ConfigError(f"no usable checkpoint in {folder}: {'; '.join(why)} — start a new experiment")
+
     def resume(self, ckpt: dict[str, Any]) -> None:
-        """Continue from ``ckpt`` (``checkpoint.load``): parameters, optimizer, schedule, records, position."""
-        if self.job.sync != "bsp":
-            raise ConfigError(f"--resume continues BSP runs only; this job is {self.job.sync.upper()}")
+        """Continue from ``ckpt``: parameters, optimizer, schedule, records, the loop's position, the
+        scheduler's worker models and the evaluations that were still to be scored."""
         checkpoint.check_compatible(ckpt, self.job.to_wire(), self.numel)
-        self.state.load_checkpoint_state(ckpt)
         self.records.restore(ckpt["metrics"], int(ckpt["step"]))
+        self.state.load_checkpoint_state(ckpt)
         self.divergence.replay([r.loss for r in self.records.history])
-        self.start_position = self.position = (int(ckpt["epoch"]), int(ckpt["offset"]))
+        self.resumed_loop = dict(ckpt["loop"])
+        self.scheduler.restore(ckpt["scheduler"])
+        self._train_s_before = float(ckpt["train_s"])
         self._checkpointed = (time.monotonic(), self.step)
         self._at_boundary = True
-        self.emit_event("resumed", epoch=self.position[0], offset=self.position[1], version=self.version)
+        scored = {r.epoch for r in self.records.evaluations}
+        snaps = [self._snapshot(e) for e in ckpt["evaluations"] if int(e["epoch"]) not in scored]
+        self.evaluator.resubmit(snaps)
+        epoch, offset = int(self.resumed_loop["epoch"]), int(self.resumed_loop["offset"])
+        self.emit_event("resumed", epoch=epoch, offset=offset, version=self.version, evaluations=len(snaps))
         log.info(
-            "resuming at step %d (epoch %d, sample %d, parameter version %d)",
+            "resuming at step %d (epoch %d, sample %d, parameter version %d)%s",
             self.step,
-            self.position[0] + 1,
-            self.position[1],
+            epoch + 1,
+            offset,
             self.version,
+            f"; scoring {len(snaps)} evaluation(s) the crash interrupted" if snaps else "",
         )
+
+    def _snapshot(self, saved: dict[str, Any]) -> Snapshot:
+        params = saved["params"]
+        if params is None:  # the checkpoint's own parameters
+            params = [p.detach().clone() for p in self.model.parameters()]
+        return Snapshot(int(saved["epoch"]), int(saved["step"]), int(saved["version"]), list(params))
 
     def record_step(self, rec: StepRecord) -> None:
         self.records.add_step(rec)
@@ -512,7 +553,7 @@ class ParameterServer:
     def emit_event(self, kind: str, **fields: Any) -> None:
         self.records.event(kind, **fields)
 
-    async def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int) -> None:
         """Score this epoch's parameters in the background; the next step starts at once."""
         if not self.job.eval_every_epoch:
             return
@@ -565,15 +606,15 @@ class ParameterServer:
         """Run the whole job; returns the summary (``summary.json``)."""
         await self.wait_for_workers(self.cfg.expected_workers)
         self.training = True
-        t0 = time.perf_counter()
-        loop = BSPLoop(self) if self.job.sync == "bsp" else AsyncLoop(self)
+        self._train_started = time.perf_counter()
+        self.loop = BSPLoop(self) if self.job.sync == "bsp" else AsyncLoop(self)
         try:
-            epochs = await loop.run()
+            epochs = await self.loop.run()
         except TrainingDiverged:
             self._at_boundary = False  # nothing worth resuming: the last periodic checkpoint stands
             await self._say_bye("training diverged")
             raise
-        train_s = time.perf_counter() - t0
+        train_s = self.train_seconds()
         self.training = False
         return await self._finish(train_s, epochs)
 

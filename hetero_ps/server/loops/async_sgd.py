@@ -16,7 +16,8 @@ waits. The scheduler's equal-time split (``--enable-load-balancing``) makes cloc
 same pace, which keeps leads — and waits — small.
 
 Work is never lost: a worker that leaves with a slice in flight puts it back for the others, and a
-newcomer starts at the slowest clock so it does not stall anyone. The learning-rate schedule
+newcomer starts at the slowest clock so it does not stall anyone. A checkpoint (taken between two
+updates) counts the slices in flight as given back, so a resumed run hands them out again. The learning-rate schedule
 advances once per B samples applied, as in BSP, so the same ``--epochs`` give the same schedule.
 """
 
@@ -27,6 +28,7 @@ import collections
 import logging
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -73,6 +75,15 @@ class WorkQueue:
     def give_back(self, epoch: int, offset: int, count: int) -> None:
         self.returned.append((epoch, offset, count))
 
+    def checkpoint_state(self, in_flight: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """Where the queue is; ``in_flight`` (handed out, not applied) counts as given back."""
+        returned = [list(p) for p in [*self.returned, *in_flight]]
+        return {"epoch": self.epoch, "offset": self.offset, "left": self.left, "returned": returned}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.epoch, self.offset, self.left = int(state["epoch"]), int(state["offset"]), int(state["left"])
+        self.returned = collections.deque((int(e), int(o), int(c)) for e, o, c in state["returned"])
+
     @property
     def exhausted(self) -> bool:
         return not self.returned and (self.left <= 0 or self.epoch >= self.epochs)
@@ -94,6 +105,25 @@ class AsyncLoop:
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)  # (time, samples)
         self.drivers: dict[int, asyncio.Task] = {}
         self.accs: dict[int, torch.Tensor] = {}
+        self.in_flight: dict[int, tuple[int, int, int]] = {}  # wid -> the slice it is computing
+        if ps.resumed_loop:
+            self._restore(ps.resumed_loop)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Between two updates: the work queue (slices in flight given back), samples applied per
+        epoch, the LR schedule's sample count and the next epoch to evaluate."""
+        return {
+            **self.work.checkpoint_state(list(self.in_flight.values())),
+            "applied_in_epoch": {str(e): c for e, c in self.applied_in_epoch.items()},
+            "samples_since_lr": self.samples_since_lr,
+            "next_eval": self.next_eval,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.work.restore(state)
+        self.applied_in_epoch = collections.Counter({int(e): int(c) for e, c in state["applied_in_epoch"].items()})
+        self.samples_since_lr = int(state["samples_since_lr"])
+        self.next_eval = int(state["next_eval"])
 
     async def run(self) -> int:
         ps = self.ps
@@ -117,7 +147,7 @@ class AsyncLoop:
             await asyncio.wait([membership, *active], return_when=asyncio.FIRST_COMPLETED)
             membership.cancel()
         while self.next_eval < ps.job.epochs and self.applied_in_epoch[self.next_eval] > 0:
-            await ps.end_epoch(self.next_eval)  # a partial last epoch (max_steps) is evaluated too
+            ps.end_epoch(self.next_eval)  # a partial last epoch (max_steps) is evaluated too
             self.next_eval += 1
         return self.next_eval
 
@@ -152,6 +182,7 @@ class AsyncLoop:
         if not await ps.send_params(h):
             self.work.give_back(*piece)
             return False
+        self.in_flight[h.wid] = piece
         a = Assignment.for_sizes(
             step=h.clock,
             attempt=0,
@@ -172,9 +203,11 @@ class AsyncLoop:
             return False
         finally:
             h.assignment = None
+            self.in_flight.pop(h.wid, None)
         self._apply(h, a, piece, lead, t0)
+        self._maybe_eval()
+        ps.update_done()  # nothing yielded since the update: the state is whole
         await self._tick()
-        await self._maybe_eval()
         return True
 
     def _acc(self, h: WorkerHandle) -> torch.Tensor:
@@ -232,10 +265,10 @@ class AsyncLoop:
             )
         )
 
-    async def _maybe_eval(self) -> None:
+    def _maybe_eval(self) -> None:
         """Evaluate an epoch once all of its samples have been applied."""
         ps, n = self.ps, self.ps.train_samples
         while self.next_eval < ps.job.epochs and self.applied_in_epoch[self.next_eval] >= n:
             epoch = self.next_eval
             self.next_eval += 1
-            await ps.end_epoch(epoch)
+            ps.end_epoch(epoch)

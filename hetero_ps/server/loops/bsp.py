@@ -10,6 +10,8 @@ Step ``s`` over ``total`` samples (the global batch B, or an epoch's remainder):
 
 A worker lost mid-step aborts the attempt: ``acc`` is cleared and the same samples are re-split
 among the workers that remain (pushes of the old attempt are ignored), so every sample counts once.
+
+A checkpoint holds the position of the next step, ``(epoch, offset)``; a resumed run starts there.
 """
 
 from __future__ import annotations
@@ -31,21 +33,28 @@ class BSPLoop:
     def __init__(self, ps: LoopHost):
         self.ps = ps
         self.acc = torch.zeros(ps.numel, dtype=torch.float32)  # reused by every step
+        resumed = ps.resumed_loop or {}
+        self.position = (int(resumed.get("epoch", 0)), int(resumed.get("offset", 0)))  # of the next step
+
+    def checkpoint_state(self) -> dict[str, int]:
+        return {"epoch": self.position[0], "offset": self.position[1]}
 
     async def run(self) -> int:
         """All epochs (or ``max_steps``); returns the number of epochs started."""
         ps, n = self.ps, self.ps.train_samples
-        epoch, offset = ps.start_position
+        epoch, offset = self.position
         while ps.step < ps.total_steps:
             while offset < n and ps.step < ps.total_steps:
                 total = min(ps.job.global_batch, n - offset)
                 await self._step(epoch, offset, total)
                 offset += total
                 if offset < n:
-                    ps.step_done(epoch, offset)
-            await ps.end_epoch(epoch)
+                    self.position = (epoch, offset)
+                    ps.update_done()
+            ps.end_epoch(epoch)
             epoch, offset = epoch + 1, 0
-            ps.step_done(epoch, 0)  # after the epoch's evaluation was taken: a resume never repeats it
+            self.position = (epoch, 0)
+            ps.update_done()  # after the epoch's evaluation was taken: a resume never repeats it
         return epoch
 
     async def _step(self, epoch: int, offset: int, total: int) -> None:

@@ -22,7 +22,7 @@ from hetero_ps.server.registry import WorkerHandle
 class LoopHost(Protocol):
     job: JobConfig
     total_steps: int  # steps the run takes (epochs × steps per epoch, or max_steps)
-    start_position: tuple[int, int]  # (epoch, offset) of the first step to take (not (0, 0) when resumed)
+    resumed_loop: dict[str, Any] | None  # the loop's ``checkpoint_state()`` to go on from (None: a fresh run)
 
     @property
     def train_samples(self) -> int: ...  # size of the training split
@@ -64,5 +64,5 @@ class LoopHost(Protocol):
     # -- records -------------------------------------------------------------------------------------
     def record_step(self, rec: StepRecord) -> None: ...
     def emit_event(self, kind: str, **fields: Any) -> None: ...
-    async def end_epoch(self, epoch: int) -> None: ...
-    def step_done(self, epoch: int, offset: int) -> None: ...  # BSP: the next step is (epoch, offset)
+    def end_epoch(self, epoch: int) -> None: ...  # score this epoch's parameters (in the background)
+    def update_done(self) -> None: ...  # a consistent point (the loop's state is whole): checkpoint if due
