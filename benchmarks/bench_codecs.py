@@ -4,6 +4,10 @@ Full mode: a 16 M-float (64 MiB) gradient; quick mode: 1 M floats. ``nbytes`` is
 size, so GB/s compare like with like. The torch baselines do what a straightforward PyTorch parameter
 server would: ``.half()`` then ``acc.add_(h, alpha=w)``; blockwise int8 with tensor ops;
 ``torch.topk`` + ``index_add_``.
+
+PowerSGD has its own benchmark on one chunk (4 M floats full, 1 M quick: a 2048² / 1024² matrix),
+encode and decode_accumulate timed apart against the same step in plain torch (``torch.linalg.qr``,
+``@``, ``addmm_``), with the bytes it puts on the wire against float32's.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.conftest import best_of, report, size
+from benchmarks.conftest import best_of, report, report_value, size
 from hetero_ps import kernels
+from hetero_ps.kernels import lowrank
 from hetero_ps.wire import codecs
 
 N = size(16 << 20, 1 << 20)
+N_LOWRANK = size(4 << 20, 1 << 20)  # one PowerSGD chunk (a default chunk is 1 M floats)
 W = 0.25
 
 
@@ -76,3 +82,56 @@ def bench_codec_encode_decode_accumulate(spec):
         g.nbytes,
     )
     assert rec["ours_s"] > 0
+
+
+def _torch_powersgd(g: torch.Tensor, residual: torch.Tensor, q: torch.Tensor, rows: int, cols: int):
+    """One PowerSGD step as plain torch code would write it (powerSGD_hook's maths, one process)."""
+
+    def encode():
+        m = (g + residual).view(rows, cols)
+        p = m @ torch.linalg.qr(q).Q
+        p = torch.linalg.qr(p).Q
+        q.copy_(m.T @ p)
+        residual.copy_((m - p @ q.T).view(-1))
+        return p
+
+    return encode
+
+
+@pytest.mark.parametrize("spec", ["powersgd:4", "powersgd:16"])
+def bench_codec_powersgd(spec):
+    n = N_LOWRANK
+    g = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    acc = np.zeros(n, np.float32)
+    enc, dec = codecs.make_codec(spec, n), codecs.make_codec(spec, n)
+    fields, segments = enc.encode(g)
+    rows, cols, rank = fields["rows"], fields["cols"], fields["rank"]
+    assert rows * cols == n  # a square: the torch baseline needs no padding
+    t_encode = best_of(lambda: enc.encode(g))
+    t_decode = best_of(lambda: dec.decode_accumulate(acc, fields, segments, W))
+
+    tg, tres, tacc = torch.from_numpy(g.copy()), torch.zeros(n), torch.zeros(rows, cols)
+    tq = torch.from_numpy(lowrank.initial_q(cols, rank))
+    torch_encode = _torch_powersgd(tg, tres, tq, rows, cols)
+    tp = torch_encode()
+    t_torch_encode = best_of(torch_encode)
+    t_torch_decode = best_of(lambda: tacc.addmm_(tp, tq.T, alpha=W))
+    copy_dst = np.empty_like(g)
+    t_copy = best_of(lambda: np.copyto(copy_dst, g))
+
+    name = f"codec {spec} ({rows}x{cols})"
+    report(f"{name} encode [{kernels.BACKEND}]", t_encode, {"torch": t_torch_encode, "np.copyto": t_copy}, g.nbytes)
+    rec = report(
+        f"{name} decode_accumulate [{kernels.BACKEND}]",
+        t_decode,
+        {"torch addmm_": t_torch_decode, "np.copyto": t_copy},
+        g.nbytes,
+    )
+    wire = sum(memoryview(s).nbytes for s in segments)
+    report_value(
+        f"{name} bytes on the wire",
+        g.nbytes / wire,
+        "x smaller than float32",
+        extra={"wire_bytes": wire, "float32_bytes": g.nbytes},
+    )
+    assert rec["ours_s"] > 0 and wire == enc.max_encoded_bytes()

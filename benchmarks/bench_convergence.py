@@ -16,7 +16,6 @@ uniform guess over the vocabulary is ln V).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -24,13 +23,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from benchmarks.conftest import FULL, report_value
+from benchmarks.conftest import FULL, report_value, write_results_section
+from hetero_ps.observe.jsonl import read_jsonl
 from hetero_ps.testing import LocalCluster
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
 CURVES = os.path.join(HERE, "convergence.png")
-BEGIN, END = "<!-- convergence: begin -->", "<!-- convergence: end -->"
 EPOCHS = 3 if FULL else 1
 GLOBAL_BATCH = 64 if FULL else 32
 OLD_DEFAULTS = ["--optimizer", "momentum", "--lr", "0.05", "--momentum", "0.9", "--lr-schedule", "cosine"]
@@ -70,11 +68,6 @@ def score(model: str, evaluation: dict) -> float:
     return evaluation["eval_loss"] if model == "gpt2" else evaluation["eval_accuracy"]
 
 
-def _jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def train(tmp_path, model: str, data: list[str], variant: str) -> Curve:
     name = f"{model}-{variant.replace(' ', '-')}"
     d = tmp_path / name
@@ -89,8 +82,8 @@ def train(tmp_path, model: str, data: list[str], variant: str) -> Curve:
         assert c.wait(timeout=3600 if FULL else 300) == 0, c.output("server")[-3000:]
         exp = c.experiment_dir()
         said = next((line for line in c.output("server").splitlines() if "recipe for" in line), "")
-        evals = _jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))
-        steps = _jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+        evals = read_jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))
+        steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
     recipe = said.split(": ", 1)[-1].split(" — ")[0]
     return Curve(model, variant, recipe, evals, [(s["step"], s["loss"]) for s in steps], time.monotonic() - t0)
 
@@ -136,18 +129,6 @@ def plot(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_section(lines: list[str]) -> None:
-    """Replace the section between the markers in RESULTS.md (or add it at the end)."""
-    section = "\n".join([BEGIN, "## Convergence", "", *lines, END])
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(text)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(7200 if FULL else 600)
 def bench_convergence(tmp_path):
@@ -170,7 +151,9 @@ def bench_convergence(tmp_path):
     print("\n".join(lines))
     if FULL:
         plot(curves, CURVES)
-        write_section(
+        write_results_section(
+            "convergence",
+            "Convergence",
             [
                 f"Two workers on loopback, `--model-size tiny`, global batch {GLOBAL_BATCH}, {EPOCHS} epochs, each",
                 "data set at its default size; `bench_convergence.py` trains every model twice in the same run:",
@@ -181,7 +164,7 @@ def bench_convergence(tmp_path):
                 "",
                 "![training and eval loss per step](convergence.png)",
                 "",
-            ]
+            ],
         )
     for new, _ in curves.values():  # the recipe must have learned something in any mode
         if new.model == "gpt2":

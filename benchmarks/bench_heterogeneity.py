@@ -31,7 +31,6 @@ everything above, 30 epochs each (15-20 minutes on a 2-core machine).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from benchmarks.conftest import FULL, report_value
+from hetero_ps.errors import DataError
+from hetero_ps.observe.jsonl import read_jsonl
 from hetero_ps.testing import LocalCluster
 
 SLOWDOWNS = (1.0, 2.0, 4.0)
@@ -116,22 +117,15 @@ class Run:
         return out
 
 
-def _jsonl(path: str) -> list:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _collect(name: str, c: LocalCluster, t0: float) -> Run:
     exp = c.experiment_dir()
     m = os.path.join(exp, "metrics")
     return Run(
         name,
         c.summary(),
-        _jsonl(os.path.join(m, "steps.jsonl")),
-        _jsonl(os.path.join(m, "epochs.jsonl")),
-        _jsonl(os.path.join(m, "events.jsonl")),
+        read_jsonl(os.path.join(m, "steps.jsonl"), required=False),
+        read_jsonl(os.path.join(m, "epochs.jsonl"), required=False),
+        read_jsonl(os.path.join(m, "events.jsonl"), required=False),
         time.monotonic() - t0,
     )
 
@@ -241,9 +235,9 @@ def _wait_for_step(c: LocalCluster, step: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         try:
             path = os.path.join(c.experiment_dir(), "metrics", "steps.jsonl")
-            if len(_jsonl(path)) > step:
+            if len(read_jsonl(path, required=False)) > step:
                 return
-        except (RuntimeError, FileNotFoundError, json.JSONDecodeError):
+        except (RuntimeError, DataError):  # no experiment folder yet; a record being written
             pass
         if c.server.poll() is not None:
             raise RuntimeError(f"the master exited before step {step}:\n{c.output('server')[-3000:]}")

@@ -16,6 +16,10 @@ without the payload CRC (the default on loopback) and with it (the default betwe
 pull whose frame was encoded once and sent again (the PARAMS broadcast: the sender's CRC is paid
 once for all workers, so only the receiver's in-cache CRC remains). Target (not asserted):
 push+pull >= 0.9x raw.
+
+TLS (a second server process with a certificate from ``tools.tls.make_cert``, the client pinning
+it): push, pull and push+pull without the payload CRC, against the plaintext transport and raw
+sockets measured in the same rounds. What it shows is the price of encryption on this CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import socket
+import tempfile
 import time
 
 import numpy as np
@@ -79,9 +84,12 @@ def _raw_peer(conn, nbytes: int) -> None:
         ls.close()
 
 
-def _transport_peer(conn, nbytes: int) -> None:
+def _transport_peer(conn, nbytes: int, cert_dir: str = "") -> None:
     from hetero_ps.wire.protocol import MsgType, encode_frame
+    from hetero_ps.wire.tls import server_context
     from hetero_ps.wire.transport import start_server
+
+    tls = server_context(os.path.join(cert_dir, "cert.pem"), os.path.join(cert_dir, "key.pem")) if cert_dir else None
 
     inbox = bytearray(nbytes)
     params = np.random.default_rng(1).standard_normal(nbytes // 4).astype(np.float32)
@@ -113,7 +121,7 @@ def _transport_peer(conn, nbytes: int) -> None:
                 finished.set()
 
         async with await start_server(
-            "127.0.0.1", 0, token="bench", on_hello=on_hello, on_connection=on_connection
+            "127.0.0.1", 0, token="bench", on_hello=on_hello, on_connection=on_connection, tls=tls
         ) as srv:
             conn.send(srv.port)
             await finished.wait()
@@ -124,10 +132,10 @@ def _transport_peer(conn, nbytes: int) -> None:
 class _Peer:
     """A spawned server process; ``port`` once it listens; reaped on close."""
 
-    def __init__(self, target, nbytes: int):
+    def __init__(self, target, nbytes: int, *args):
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=target, args=(child, nbytes), daemon=True)
+        self.proc = ctx.Process(target=target, args=(child, nbytes, *args), daemon=True)
         self.proc.start()
         ready = mp.connection.wait([parent, self.proc.sentinel], timeout=60)
         if parent not in ready:
@@ -168,13 +176,15 @@ class _RawClient:
 
 
 class _TransportClient:
-    def __init__(self, port: int, nbytes: int):
+    def __init__(self, port: int, nbytes: int, cert_dir: str = ""):
         from hetero_ps.wire.protocol import MsgType
+        from hetero_ps.wire.tls import cert_file_fingerprint, client_tls
         from hetero_ps.wire.transport import connect
 
         self.MsgType = MsgType
         self.loop = asyncio.new_event_loop()
-        self.conn, _ = self.loop.run_until_complete(connect("127.0.0.1", port, token="bench", hello={}))
+        tls = client_tls(fingerprint=cert_file_fingerprint(os.path.join(cert_dir, "cert.pem"))) if cert_dir else None
+        self.conn, _ = self.loop.run_until_complete(connect("127.0.0.1", port, token="bench", hello={}, tls=tls))
         self.grad = np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
         self.dest = bytearray(nbytes)
         self.conn.set_payload_allocator(lambda mt, h, n: memoryview(self.dest)[:n] if mt == MsgType.PARAMS else None)
@@ -209,13 +219,18 @@ def _timed(fn) -> float:
 
 @pytest.mark.parametrize("nbytes", SIZES, ids=[f"{n >> 20}MiB" for n in SIZES])
 def bench_transport_push_pull(nbytes):
+    from hetero_ps.tools.tls import make_cert
     from hetero_ps.wire.transport import SOCKET_BUFFER_BYTES
 
+    cert_dir = tempfile.mkdtemp(prefix="bench_tls_")
+    make_cert(cert_dir, ["127.0.0.1"])
     raw_peer, ours_peer = _Peer(_raw_peer, nbytes), _Peer(_transport_peer, nbytes)
-    raw = ours = None
+    tls_peer = _Peer(_transport_peer, nbytes, cert_dir)
+    raw = ours = tls = None
     try:
         raw = _RawClient(raw_peer.port, nbytes)
         ours = _TransportClient(ours_peer.port, nbytes)
+        tls = _TransportClient(tls_peer.port, nbytes, cert_dir)
         variants = {
             "raw_push": raw.push,
             "raw_pull": raw.pull,
@@ -224,6 +239,8 @@ def bench_transport_push_pull(nbytes):
             "push_nocrc": lambda: ours.push(False),
             "pull_nocrc": lambda: ours.pull(False),
             "pull_crc_encoded_once": lambda: ours.pull(True, reuse=True),
+            "tls_push_nocrc": lambda: tls.push(False),
+            "tls_pull_nocrc": lambda: tls.pull(False),
         }
         best = {k: float("inf") for k in variants}
         for fn in variants.values():  # warm-up: page faults, TCP windows
@@ -232,11 +249,15 @@ def bench_transport_push_pull(nbytes):
             for k, fn in variants.items():  # interleaved, so noise hits all variants alike
                 best[k] = min(best[k], _timed(fn))
     finally:
-        for c in (ours, raw):
+        for c in (tls, ours, raw):
             if c is not None:
                 c.close()
+        tls_peer.close()
         ours_peer.close()
         raw_peer.close()
+        for name in os.listdir(cert_dir):
+            os.remove(os.path.join(cert_dir, name))
+        os.rmdir(cert_dir)
 
     print(f"\n[bench] socket buffers: {SOCKET_BUFFER_BYTES} bytes requested; {os.cpu_count()} CPUs")
     raw = {"raw sendall/recv_into": best["raw_push"] + best["raw_pull"]}
@@ -251,3 +272,13 @@ def bench_transport_push_pull(nbytes):
     report("transport push+pull (payload crc)", best["push_crc"] + best["pull_crc"], raw, 2 * nbytes)
     # the broadcast case: the PARAMS frame (and its CRC) is encoded once for every worker
     report("transport pull (payload crc, frame encoded once)", best["pull_crc_encoded_once"], raw_pull, nbytes)
+    # TLS (no payload CRC, as on loopback): against the plaintext transport and raw sockets of the same rounds
+    plain = "plaintext transport"
+    report("transport push (TLS)", best["tls_push_nocrc"], {plain: best["push_nocrc"], **raw_push}, nbytes)
+    report("transport pull (TLS)", best["tls_pull_nocrc"], {plain: best["pull_nocrc"], **raw_pull}, nbytes)
+    report(
+        "transport push+pull (TLS)",
+        best["tls_push_nocrc"] + best["tls_pull_nocrc"],
+        {plain: best["push_nocrc"] + best["pull_nocrc"], **raw},
+        2 * nbytes,
+    )

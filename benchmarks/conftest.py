@@ -106,3 +106,20 @@ def report_value(
 @pytest.fixture
 def bench_report():
     return report
+
+
+def write_results_section(key: str, title: str, lines: list[str]) -> None:
+    """Replace RESULTS.md's section between ``<!-- KEY: begin/end -->`` (or add it at the end).
+
+    Other sections (render_results' tables, other benchmarks' sections) are left as they are.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    begin, end = f"<!-- {key}: begin -->", f"<!-- {key}: end -->"
+    section = "\n".join([begin, f"## {title}", "", *lines, end])
+    text = open(path).read() if os.path.exists(path) else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)

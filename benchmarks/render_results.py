@@ -91,8 +91,11 @@ def _num(x) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-# Sections a benchmark writes into RESULTS.md itself (bench_convergence.py): a re-render keeps them.
-KEPT_SECTIONS = (("<!-- convergence: begin -->", "<!-- convergence: end -->"),)
+# Sections a benchmark writes into RESULTS.md itself (bench_convergence.py, bench_chaos.py): a re-render keeps them.
+KEPT_SECTIONS = (
+    ("<!-- convergence: begin -->", "<!-- convergence: end -->"),
+    ("<!-- chaos: begin -->", "<!-- chaos: end -->"),
+)
 
 
 def kept_sections(path: str) -> str:

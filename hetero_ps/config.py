@@ -17,6 +17,9 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 SYNC_MODES = ("bsp", "ssp", "asp")
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 STALENESS_SCALINGS = ("inverse", "sqrt", "none")
+# Push codecs that cannot serve --pull-compression: as a pull, PowerSGD would replace the parameters
+# by a low-rank approximation of them (it is not one of the delta-pull codecs, int8 and topk).
+PUSH_ONLY_CODECS = ("powersgd",)
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,24 @@ class JobConfig:
     sync: str = "bsp"  # one of SYNC_MODES
     staleness: int = 2  # SSP bound S (updates a worker's clock may run ahead of the slowest)
     staleness_scaling: str = "inverse"  # SSP/ASP damping of a stale gradient: inverse | sqrt | none
-    compression: str = "none"  # push codec: none|fp16|bf16|int8|topk:RATIO
-    pull_compression: str = "none"  # pull codec: none|fp16|bf16
+    compression: str = "none"  # push codec: none|fp16|bf16|int8|topk:RATIO|powersgd:RANK
+    pull_compression: str = "none"  # pull codec: none|fp16|bf16 (the parameters) or int8|topk:RATIO (their change)
+    pull_bound: float = 0.05  # delta pulls: resync a worker whose replica is off by more than this (relative L2)
+    pull_resync_every: int = 100  # delta pulls: a full resync every N pulls (0: only at join and past the bound)
     load_balancing: bool = False  # --enable-load-balancing
     policy: str = "dynamic"  # one of POLICIES (used when load_balancing)
     rebalance_interval: int = 10  # steps between rebalances
     chunk_bytes: int = 4 << 20  # gradient chunk size on the wire (bytes of f32)
     eval_every_epoch: bool = True  # evaluate on the held-out split on the master each epoch
+
+    def __post_init__(self) -> None:
+        pull = str(self.pull_compression).strip().lower().partition(":")[0]
+        if pull in PUSH_ONLY_CODECS:
+            raise ConfigError(
+                f"--pull-compression {self.pull_compression}: {pull} compresses pushes only (a pull would "
+                "replace the parameters by a low-rank approximation); for pulls use none, fp16, bf16, or "
+                "int8[:BLOCK] / topk[:RATIO] to send each worker compressed changes"
+            )
 
     def to_wire(self) -> dict:
         return dataclasses.asdict(self)

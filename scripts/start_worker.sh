@@ -6,6 +6,8 @@
 #   MASTER_ADDR       the master's IP address (required)
 #   MASTER_PORT       the master's port (default 29500)
 #   HETERO_PS_TOKEN   the master's shared secret
+#   HETERO_PS_TLS_FINGERPRINT  a TLS master: pin its certificate (the master prints the fingerprint), or
+#   HETERO_PS_TLS_CA  a TLS master: check its certificate against this file (its cert.pem)
 #   NETWORK_INTERFACE override interface detection (else the route to MASTER_ADDR, then wlan0, ...)
 # Any arguments are passed to `python -m hetero_ps.worker` (e.g. --device cpu).
 set -euo pipefail

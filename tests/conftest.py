@@ -8,6 +8,8 @@ instead of indexing a step number that depends on timing.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import time
@@ -88,3 +90,24 @@ def find_all(records, **match) -> list[dict]:
 def find(records, **match) -> dict | None:
     """The first record that ``find_all`` would return, or None."""
     return next((r for r in records if _matches(r, match)), None)
+
+
+def async_test(timeout: float = 15.0):
+    """Run an async test in a fresh loop under ``timeout``; fail on errors the loop swallowed."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            errors = []
+
+            async def main():
+                asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+                async with asyncio.timeout(timeout):
+                    await fn(*args, **kwargs)
+
+            asyncio.run(main())
+            assert not errors, f"unhandled event-loop errors: {errors}"
+
+        return wrapper
+
+    return deco

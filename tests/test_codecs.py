@@ -16,7 +16,7 @@ from hetero_ps.wire import codecs
 from hetero_ps.wire.codecs import CodecId, CodecSpec, make_codec, parse_codec
 
 N = 5000  # not a multiple of the int8 block: the last block is ragged
-SPECS = ["none", "fp16", "bf16", "int8", "int8:64", "topk:0.05", "topk:1"]
+SPECS = ["none", "fp16", "bf16", "int8", "int8:64", "topk:0.05", "topk:1", "powersgd:3"]
 
 
 def _grad(n=N, seed=0):
@@ -42,7 +42,7 @@ def test_parse_codec_and_registry():
     assert parse_codec("TopK:0.01") == CodecSpec(CodecId.TOPK, ratio=0.01)
     assert parse_codec("topk").ratio == 0.01
     assert parse_codec("int8").block == 256 and parse_codec("int8:64").block == 64
-    for s in ("none", "fp16", "bf16", "int8", "int8:64", "topk:0.25"):
+    for s in ("none", "fp16", "bf16", "int8", "int8:64", "topk:0.25", "powersgd:4"):
         assert str(parse_codec(s)) == s
     for bad, msg in (
         ("gzip", "choose none, fp16"),
@@ -50,6 +50,7 @@ def test_parse_codec_and_registry():
         ("topk:x", "number"),
         ("fp16:3", "no parameter"),
         ("int8:0", "block"),
+        ("powersgd:0", "rank"),
         (3, "string"),
     ):
         with pytest.raises(ConfigError, match=msg):
@@ -120,7 +121,7 @@ def test_decode_accumulate_is_acc_plus_weight_times_decode(spec):
     np.testing.assert_allclose(acc, want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "topk:0.05"])
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "topk:0.05", "powersgd:3"])
 def test_encode_reuses_its_buffers(spec):
     enc = make_codec(spec, N)
     first = [np.frombuffer(s, np.uint8).ctypes.data for s in enc.encode(_grad(seed=1))[1]]

@@ -2,9 +2,10 @@
 
 A plug-in model whose forward sleeps a fixed time per sample makes every duration of the run known:
 rank 2 computes 14 of the 16 samples of a step (6.3 s), rank 1 computes 2 and then waits ~5.4 s for
-it, and each evaluation (8 samples) takes 3.6 s — each longer than the 3-second ``--worker-timeout``.
-Before heartbeats, the master declared the waiting rank (and the busy one) lost; before evaluations
-ran beside training, every worker sat idle through them.
+it, each evaluation (8 samples) takes 3.6 s, and loading the data set takes 4 s (on each worker,
+after it joined) — each longer than the 3-second ``--worker-timeout``. Before heartbeats, the master
+declared the waiting rank (and the busy one) lost; before the workers' own keep-alive, a slow data
+set load did the same; before evaluations ran beside training, every worker sat idle through them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def make_model(delay=0.45):
     return SlowLinear(delay)
 
 def make_data():
+    time.sleep(4.0)  # a big data set on a slow disk
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 4, generator=g)
     y = (x[:, 0] > 0).long()

@@ -97,6 +97,9 @@ SAMPLES = {
             "codec_id": 3,
             "block": 256,
             "k": 10,
+            "rank": 4,
+            "rows": 32,
+            "cols": 32,
         },
     ),
     "PARAMS": (
@@ -110,6 +113,11 @@ SAMPLES = {
             "codec_id": 4,
             "block": 64,
             "k": 10,
+            "rank": 4,
+            "rows": 32,
+            "cols": 32,
+            "delta": True,
+            "base": 6,
         },
     ),
     "PULL": (Pull, {}),
@@ -172,6 +180,9 @@ def test_a_field_of_the_wrong_type_is_named(cls, header):
             cls.from_header({**header, key: wrong})
 
 
+NEEDED_WITH = {("PARAMS", "base"): "delta"}  # PROTOCOL.md: "no", and "with `delta`" in its meaning
+
+
 def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():
     tables = _doc_tables()
     tables.pop(REPORT_HEADING)
@@ -186,6 +197,13 @@ def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():
                 if key != "ready":
                     with pytest.raises(RemoteProtocolError, match=rf"^{name}\.{key}: required field is missing"):
                         cls.from_header(rest)
+            elif (name, key) in NEEDED_WITH:  # optional, but required when another key is set
+                with pytest.raises(RemoteProtocolError, match=rf"^{name}\.{key}: required field is missing"):
+                    cls.from_header(rest)
+                assert (
+                    key
+                    not in cls.from_header({k: v for k, v in rest.items() if k != NEEDED_WITH[name, key]}).to_header()
+                )
             else:
                 assert key not in cls.from_header(rest).to_header() or key == "probe"
 
@@ -220,7 +238,7 @@ def test_optional_fields_are_left_out_of_the_header():
     assert Hello(rank=-1, host="h").caller_fields() == {"rank": -1, "host": "h"}
 
 
-@pytest.mark.parametrize("spec", ["none", "fp16", "bf16", "int8:64", "topk:0.1"])
+@pytest.mark.parametrize("spec", ["none", "fp16", "bf16", "int8:64", "topk:0.1", "powersgd:2"])
 def test_push_and_params_carry_what_the_codecs_write_and_read(spec):
     src = np.linspace(-1, 1, 300, dtype=np.float32)
     codec = codecs.make_codec(spec, src.size)

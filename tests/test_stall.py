@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejoins_when_continued(tmp_path):
     args = ["--world-size", "4", "--no-local-worker", "--no-dashboard", "--epochs", "500", "--experiment", "stall"]
     args += ["--stall-factor", "4", "--stall-floor", "2"]
+    args += ["--worker-timeout", "120"]  # stopped longer than the default 30 s on a loaded machine: suspended, not lost
     workers = [["--rank", str(r), "--simulate-slowdown", "4", "--torch-threads", "1"] for r in (1, 2, 3)]
     with LocalCluster(tmp_path, args, workers=workers) as c:
         events, steps = metrics_path(tmp_path, "stall", "events"), metrics_path(tmp_path, "stall", "steps")

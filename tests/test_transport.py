@@ -7,7 +7,6 @@ deliver to anyone. Nothing sleeps to wait: tests await events, EOFs or the messa
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ import crc32c
 import msgpack
 import numpy as np
 import pytest
+from conftest import async_test
 
 from hetero_ps.errors import (
     AuthenticationError,
@@ -35,27 +35,6 @@ from hetero_ps.wire.transport import connect, default_payload_checksum, raise_if
 
 TOKEN = "s3cret"
 FAST = Limits(frame_timeout=0.3, min_frame_rate=1e9, handshake_timeout=5.0)
-
-
-def async_test(timeout: float = 15.0):
-    """Run an async test in a fresh loop under ``timeout``; fail on errors the loop swallowed."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            errors = []
-
-            async def main():
-                asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
-                async with asyncio.timeout(timeout):
-                    await fn(*args, **kwargs)
-
-            asyncio.run(main())
-            assert not errors, f"unhandled event-loop errors: {errors}"
-
-        return wrapper
-
-    return deco
 
 
 async def echo(conn) -> None:

@@ -31,6 +31,10 @@ Functions (all of them release the GIL in the native backend)::
     scatter_accumulate(acc, indices, values, w) -> acc
     checksum(buf, value=0) -> int                                  CRC-32C
     set_num_threads(n), get_num_threads()
+
+PowerSGD's low-rank products live in ``kernels.lowrank`` (``power_step``, ``lowrank_accumulate``,
+``lowrank_into``, ``lowrank_subtract``): numpy/BLAS matrix products, the same code on both backends
+(BLAS already runs them at memory bandwidth and releases the GIL).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from hetero_ps.errors import ConfigError
-from hetero_ps.kernels import _reference
+from hetero_ps.kernels import _reference, lowrank
 
 __all__ = [
     "BACKEND",
@@ -69,6 +73,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "cpu_features",
+    "lowrank",
 ]
 
 ENV_VAR = "HETERO_PS_KERNELS"

@@ -150,6 +150,8 @@ EVENT_KINDS: dict[str, str] = {
     "worker_suspended": "`rank`, `waited_s`, `limit_s`: it stalled in a step past its limit; the step is "
     "redone by the others and it gets no work until it answers",
     "worker_resumed": "`rank`: a suspended worker answered again; it gets work from the next step",
+    "pull_resync": "`rank`, `reason`, `version`: delta pulls: that worker got the full parameters (first pull, "
+    "every N pulls, or its copy past `--pull-bound`)",
     "resumed": "`epoch`, `offset`, `version`, `evaluations` (re-scored): a restarted master continues from its "
     "checkpoint here",
     "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",

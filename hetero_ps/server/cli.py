@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound to a network address without a token, let anyone who reaches the port join "
         "(default: the master generates a token and prints the worker command with it)",
     )
+    g.add_argument(
+        "--tls-cert",
+        default=os.environ.get("HETERO_PS_TLS_CERT", ""),
+        metavar="PATH",
+        help="use TLS on every connection, with this PEM certificate (env HETERO_PS_TLS_CERT; make one with "
+        "python -m hetero_ps.tools.tls make-cert); workers then need --tls-fingerprint or --tls-ca",
+    )
+    g.add_argument(
+        "--tls-key",
+        default=os.environ.get("HETERO_PS_TLS_KEY", ""),
+        metavar="PATH",
+        help="the certificate's private key, PEM, unencrypted (env HETERO_PS_TLS_KEY)",
+    )
     g.add_argument("--port-file", default="", help="write the port actually bound here (useful with --port 0)")
     g.add_argument(
         "--world-size",
@@ -95,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--worker-timeout",
         type=float,
-        default=120.0,
-        help="declare a silent worker lost after this many seconds (default 120)",
+        default=30.0,
+        help="declare a silent worker lost after this many seconds (default 30; both sides heartbeat every quarter)",
     )
     g.add_argument(
         "--backend",
@@ -177,8 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.staleness_scaling,
         help="SSP/ASP: scale a gradient of staleness t by 1/(1+t) (inverse), 1/sqrt(1+t), or not",
     )
-    g.add_argument("--compression", default=d.compression, help="push codec: none|fp16|bf16|int8|topk:RATIO")
-    g.add_argument("--pull-compression", default=d.pull_compression, help="pull codec: none|fp16|bf16")
+    g.add_argument(
+        "--compression", default=d.compression, help="push codec: none|fp16|bf16|int8|topk:RATIO|powersgd[:RANK]"
+    )
+    g.add_argument(
+        "--pull-compression",
+        default=d.pull_compression,
+        help="pull codec: none|fp16|bf16 send the parameters; int8[:BLOCK]|topk:RATIO send each worker the change "
+        "since what it holds, with error feedback",
+    )
+    g.add_argument(
+        "--pull-bound",
+        type=float,
+        default=d.pull_bound,
+        metavar="F",
+        help=f"delta pulls: resync a worker whose parameters are off by more than F, relative (default {d.pull_bound})",
+    )
+    g.add_argument(
+        "--pull-resync-every",
+        type=int,
+        default=d.pull_resync_every,
+        metavar="N",
+        help=f"delta pulls: a full resync every N pulls (default {d.pull_resync_every}; 0: at join and past the "
+        "bound only)",
+    )
     g.add_argument("--chunk-mb", type=float, default=d.chunk_bytes / 2**20, help="gradient chunk size on the wire")
     g = p.add_argument_group("load balancing")
     g.add_argument(
@@ -269,8 +304,11 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         raise ConfigError(f"a global batch of {global_batch} cannot be shared by {trainers} workers")
     for spec in (a.compression, a.pull_compression):
         parse_codec(spec)  # raises ConfigError with the valid choices
-    if a.pull_compression.split(":")[0] not in ("none", "fp16", "bf16"):
-        raise ConfigError("--pull-compression must be none, fp16 or bf16")
+    if not 0 < a.pull_bound < float("inf") or a.pull_resync_every < 0:
+        raise ConfigError(
+            f"--pull-bound must be a number > 0 and --pull-resync-every >= 0, "
+            f"got {a.pull_bound} and {a.pull_resync_every}"
+        )
     return JobConfig(
         model=a.model,
         model_size=a.model_size,
@@ -296,6 +334,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         staleness_scaling=a.staleness_scaling,
         compression=a.compression,
         pull_compression=a.pull_compression,
+        pull_bound=a.pull_bound,
+        pull_resync_every=a.pull_resync_every,
         load_balancing=a.enable_load_balancing,
         policy=a.load_balance_policy,
         rebalance_interval=a.rebalance_interval,
@@ -360,6 +400,7 @@ def parse_fixed_sizes(spec: str, global_batch: int, trainers: int) -> dict[int, 
 async def run(a: argparse.Namespace) -> dict:
     from hetero_ps.observe.experiment import Experiment
     from hetero_ps.server.server import ParameterServer, ServerConfig
+    from hetero_ps.wire import tls
 
     local = not a.no_local_worker
     trainers = a.world_size if local else a.world_size - 1
@@ -371,6 +412,10 @@ async def run(a: argparse.Namespace) -> dict:
     fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)  # before any folder exists
     every_steps, every_s = parse_checkpoint_every(a.checkpoint_every)
     check_resume(a)
+    server_tls, fingerprint = None, ""
+    if a.tls_cert or a.tls_key:  # unreadable or unmatched files fail here, before any folder exists
+        server_tls = tls.server_context(a.tls_cert, a.tls_key)
+        fingerprint = tls.cert_file_fingerprint(a.tls_cert)
     exp = Experiment(a.experiments_dir, a.experiment or None, job=job, reuse=a.resume)
     add_file_log(exp.log_path("server"), "master", a.log_format)
     generated_token = token.needs_generated_token(a.token, a.host, a.insecure_no_token)
@@ -395,6 +440,7 @@ async def run(a: argparse.Namespace) -> dict:
         stall_floor_s=a.stall_floor,
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
+        tls=server_tls,
     )
     sinks: list = []
     ps = hub = dashboard = local_worker = None
@@ -438,8 +484,17 @@ async def run(a: argparse.Namespace) -> dict:
         )
         if dashboard is not None:
             say(a, f"dashboard: {dashboard.url}", event="dashboard", url=dashboard.url)
+        if fingerprint:
+            say(
+                a,
+                f"TLS on every connection; this master's certificate ({a.tls_cert}) has the SHA-256 fingerprint\n"
+                f"  {fingerprint}\nworkers: --tls-fingerprint {fingerprint} (or --tls-ca with a copy of {a.tls_cert})",
+                event="tls",
+                certificate=a.tls_cert,
+                fingerprint=fingerprint,
+            )
         if generated_token:
-            command = token.worker_command(a.host, ps.port, a.token)
+            command = token.worker_command(a.host, ps.port, a.token, tls_fingerprint=fingerprint)
             say(
                 a,
                 f"no --token given, so this master made one (also in {os.path.join(exp.path, token.TOKEN_FILE)}, "
@@ -454,7 +509,13 @@ async def run(a: argparse.Namespace) -> dict:
             os.replace(tmp, a.port_file)  # readers never see a half-written file
         if local:
             local_worker = LocalWorker(
-                ps.port, a.token, a.local_device, a.experiments_dir, a.local_slowdown, a.log_format
+                ps.port,
+                a.token,
+                a.local_device,
+                a.experiments_dir,
+                a.local_slowdown,
+                a.log_format,
+                tls_fingerprint=fingerprint,
             )
         with ps.progress.redirect_logging():
             summary = await _train_watching(ps, local_worker)

@@ -20,10 +20,21 @@ TAIL_LINES = 20
 
 
 class LocalWorker:
-    def __init__(self, port: int, token: str, device: str, experiments_dir: str, slowdown: float, log_format: str):
+    def __init__(
+        self,
+        port: int,
+        token: str,
+        device: str,
+        experiments_dir: str,
+        slowdown: float,
+        log_format: str,
+        tls_fingerprint: str = "",
+    ):
         env = dict(os.environ, HETERO_PS_TOKEN=token)  # never on the command line, where ps shows it
-        for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for k in ("RANK", "MASTER_ADDR", "MASTER_PORT", "HETERO_PS_TLS_CA", "HETERO_PS_TLS_FINGERPRINT"):
             env.pop(k, None)
+        if tls_fingerprint:  # a TLS master: pinning its own certificate needs no CA and no host name in it
+            env["HETERO_PS_TLS_FINGERPRINT"] = tls_fingerprint
         cmd = [
             sys.executable,
             "-m",

@@ -1,7 +1,7 @@
 """The master's copy of the model: parameters in one flat buffer, the optimizer, and their wire form.
 
 The parameters are cut into the same chunks the workers cut their gradients into
-(:func:`~hetero_ps.training.flat.chunk_layout`); each chunk has a push decoder and a pull encoder.
+(:func:`~hetero_ps.wire.messages.chunk_layout`); each chunk has a push decoder and a pull encoder.
 ``version`` counts the optimizer updates applied; the encoded parameters are cached per version, so
 every worker is sent the same frames.
 """
@@ -15,10 +15,11 @@ import torch
 
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import RemoteError
+from hetero_ps.server import pull_delta
 from hetero_ps.training import models, optim
-from hetero_ps.training.flat import FlatParams, chunk_layout
+from hetero_ps.training.flat import FlatParams
 from hetero_ps.wire import codecs, protocol
-from hetero_ps.wire.messages import Push, params_from_codec
+from hetero_ps.wire.messages import Push, chunk_layout, params_from_codec
 from hetero_ps.wire.protocol import MsgType
 
 
@@ -31,7 +32,8 @@ class ModelState:
         self.optimizer, self.lr_scheduler = optim.build_optimizer(job, self.param, total_steps)
         self.chunks = chunk_layout(self.flat.numel, job.chunk_bytes)
         self.decoders = [codecs.make_codec(job.compression, n) for _, n in self.chunks]
-        self.encoders = [codecs.make_codec(job.pull_compression, n) for _, n in self.chunks]
+        self.delta_pulls = pull_delta.is_delta_codec(job.pull_compression)  # else: one encoding for everyone
+        self.encoders = [] if self.delta_pulls else [codecs.make_codec(job.pull_compression, n) for _, n in self.chunks]
         self.version = 0
         self._params_frames: tuple[int, list[Any]] | None = None
 
@@ -89,6 +91,11 @@ class ModelState:
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.version = int(ckpt["version"])
         self._params_frames = None
+
+    def replica_pull(self) -> pull_delta.ReplicaPull:
+        """A new worker's delta pulls (``delta_pulls``)."""
+        job = self.job
+        return pull_delta.ReplicaPull(job.pull_compression, self.chunks, job.pull_bound, job.pull_resync_every)
 
     def encoded_params(self) -> list[Any]:
         """The current parameters as PARAMS frames, encoded once per version and shared by every worker.

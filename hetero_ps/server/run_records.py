@@ -7,12 +7,12 @@ number of steps done — is how far the run is; every event is stamped with it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
 from hetero_ps.errors import HeteroPSError
+from hetero_ps.observe.jsonl import read_jsonl
 from hetero_ps.observe.records import EpochRecord, Event, JSONObject, StepRecord
 
 log = logging.getLogger("hetero_ps.server")
@@ -46,13 +46,13 @@ class RunRecords:
         # An evaluation may be written after the checkpoint of an epoch that ended before it: keep
         # what scored a step the checkpoint covers, by content rather than by position.
         metrics.keep("epochs", lambda rec: rec.get("step", 0) <= step)
-        self.history = [StepRecord.from_json(d) for d in _read(metrics.path("steps"))]
+        self.history = [StepRecord.from_json(d) for d in read_jsonl(metrics.path("steps"))]
         if [r.step for r in self.history] != list(range(step)):
             raise HeteroPSError(
                 f"{metrics.path('steps')} does not hold steps 0..{step - 1} as the checkpoint says; "
                 "it was changed after the run: start a new experiment"
             )
-        self.evaluations = [EpochRecord.from_json(d) for d in _read(metrics.path("epochs"))]
+        self.evaluations = [EpochRecord.from_json(d) for d in read_jsonl(metrics.path("epochs"))]
 
     def add_epoch(self, rec: EpochRecord) -> None:
         self.evaluations.append(rec)
@@ -75,8 +75,3 @@ class RunRecords:
                 getattr(sink, f"add_{kind}")(rec)
             except Exception:  # a broken view must never stop training
                 log.exception("metrics sink %r failed on a %s record", sink, kind)
-
-
-def _read(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

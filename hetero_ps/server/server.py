@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,7 @@ class ServerConfig:
     token: str = ""  # shared secret (HETERO_PS_TOKEN)
     expected_workers: int = 1  # start training once this many workers are ready
     join_timeout: float = 600.0  # give up if they are not ready after this long
-    worker_timeout: float = 120.0  # a worker silent this long is declared lost
+    worker_timeout: float = 30.0  # a worker silent this long is declared lost
     straggler_warn_s: float = 10.0  # log who we are waiting for after this long in a step
     worker_batch_sizes: dict[int, int] = field(default_factory=dict)  # rank -> fixed batch size
     experiment: str = ""  # experiment name (for the welcome and logs)
@@ -77,6 +78,7 @@ class ServerConfig:
     stall_floor_s: float = 2.0  # ...and past this many seconds is suspended; its samples go to the others
     checkpoint_every_steps: int = 0  # BSP: write experiments/NAME/checkpoint.pt every N steps (0: not by steps)...
     checkpoint_every_s: float = 0.0  # ...or when this many seconds have passed since the last one (0: not by time)
+    tls: ssl.SSLContext | None = field(default=None, compare=False)  # wire.tls.server_context: every connection is TLS
 
 
 class ParameterServer:
@@ -137,7 +139,12 @@ class ParameterServer:
     # -- connections ------------------------------------------------------------------------
     async def start(self) -> None:
         self._server = await transport.start_server(
-            self.cfg.host, self.cfg.port, token=self.cfg.token, on_hello=self._on_hello, on_connection=self._serve
+            self.cfg.host,
+            self.cfg.port,
+            token=self.cfg.token,
+            on_hello=self._on_hello,
+            on_connection=self._serve,
+            tls=self.cfg.tls,
         )
         log.info(
             "master listening on %s:%d — model %s (%d parameters), data %s (%d train / %d eval), "
@@ -196,18 +203,18 @@ class ParameterServer:
         return max(0.05, self.cfg.worker_timeout / 4)
 
     async def _keep_alive(self, h: WorkerHandle) -> None:
-        """HEARTBEAT a worker we have heard nothing from lately: an idle worker answers, a dead one does not.
-
-        So ``--worker-timeout`` measures a peer's silence, not the idleness the master caused
-        (a worker waiting out an evaluation or a slower peer's step)."""
-        every = self.heartbeat_s
+        """HEARTBEAT a worker we have sent nothing to lately (each side does the same), so neither side
+        is ever silent for long while its peer lives: ``--worker-timeout`` measures a peer's silence, not
+        the idleness the master caused (a worker waiting out an evaluation or a slower peer's step)."""
+        every, sent = self.heartbeat_s, -1
         while True:
             await asyncio.sleep(every)
-            if time.monotonic() - h.last_seen >= every:
+            if h.conn.frames_sent == sent:
                 try:  # behind a long PARAMS send it waits its turn: that worker is busy receiving
                     await h.conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
                 except (TransportError, OSError):
                     return  # the receive loop sees the connection end and says why
+            sent = h.conn.frames_sent
 
     def _push_allocator(self) -> Any:
         """Each worker's chunks land in one receive buffer that lives as long as the connection."""
@@ -349,16 +356,39 @@ class ParameterServer:
         """Bring ``h`` to the current parameter version; False if it was lost on the way."""
         if h.params_version == self.version:
             return True
-        frames = self.state.encoded_params()
         version = self.version
+        if self.state.delta_pulls:
+            frames = await self._delta_frames(h)
+        else:
+            frames = self.state.encoded_params()
         try:
             for f in frames:
                 await h.conn.send_frame(f)
         except (TransportError, OSError) as exc:
             self.admission.lose(h, f"could not send parameters: {exc}")
             return False
+        except BaseException:
+            if h.pull is not None:
+                h.pull.forget()  # part of a delta may be out: what it holds is unknown now
+            raise
         h.params_version = version
         return True
+
+    async def _delta_frames(self, h: WorkerHandle) -> list[Any]:
+        """``h``'s delta pull (or resync) from its replica. In BSP the parameters stay still while
+        they are sent, so the encoding runs in a thread, beside the other workers'; SSP/ASP update
+        them between two awaits, so there it runs here, on one consistent version."""
+        if h.pull is None:
+            h.pull = self.state.replica_pull()
+        params = self.state.flat.params.detach().numpy()
+        if self.job.sync == "bsp":
+            frames, why = await asyncio.to_thread(h.pull.frames, params, self.version, h.params_version)
+        else:
+            frames, why = h.pull.frames(params, self.version, h.params_version)
+        if why:
+            log.info("%s: full parameters (%s)", h.name, why)
+            self.emit_event("pull_resync", rank=h.rank, reason=why, version=self.version)
+        return frames
 
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]

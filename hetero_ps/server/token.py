@@ -51,7 +51,8 @@ def read_token_file(folder: str) -> str | None:
         return None
 
 
-def worker_command(host: str, port: int, token: str) -> str:
+def worker_command(host: str, port: int, token: str, tls_fingerprint: str = "") -> str:
     """The line a worker machine runs to join (the address is this machine's name when bound to all)."""
     addr = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
-    return f"HETERO_PS_TOKEN={token} python -m hetero_ps.worker --master-addr {addr} --master-port {port} --rank N"
+    tls = f" --tls-fingerprint {tls_fingerprint}" if tls_fingerprint else ""
+    return f"HETERO_PS_TOKEN={token} python -m hetero_ps.worker --master-addr {addr} --master-port {port}{tls} --rank N"

@@ -16,6 +16,9 @@ class LocalCluster:
     ``server_args`` are passed to ``python -m hetero_ps.server`` (``--host``, ``--port 0`` and
     ``--port-file`` are added); each entry of ``workers`` is a list of extra arguments for one
     ``python -m hetero_ps.worker``. Every process's output goes to ``<workdir>/<name>.log``.
+    ``tls`` is a folder holding ``cert.pem`` and ``key.pem`` (``python -m hetero_ps.tools.tls make-cert``):
+    the master then uses TLS, and every worker checks its certificate with ``--tls-ca`` unless its
+    arguments choose ``--tls-ca`` or ``--tls-fingerprint`` themselves.
     Leaving the ``with`` block (or ``close()``) terminates whatever still runs, then kills it.
 
         with LocalCluster(tmp_path, ["--model", "simple_cnn", "--world-size", "3", "--no-local-worker"],
@@ -32,12 +35,14 @@ class LocalCluster:
         token: str = "test-token",
         env: dict | None = None,
         start_timeout: float = 60.0,
+        tls: str = "",
     ):
 
         self.workdir = os.fspath(workdir)
         self.server_args = list(server_args)
         self.worker_args = [list(w) for w in workers]
         self.token = token
+        self.tls = os.path.abspath(tls) if tls else ""  # the processes run in workdir
         self.env = dict(os.environ, HETERO_PS_TOKEN=token, PYTHONUNBUFFERED="1", **(env or {}))
         for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             self.env.pop(k, None)
@@ -74,6 +79,8 @@ class LocalCluster:
             self.add_worker(args)
 
     def add_worker(self, args: list[str], env: dict | None = None):
+        if self.tls and not {"--tls-ca", "--tls-fingerprint"} & set(args):
+            args = ["--tls-ca", os.path.join(self.tls, "cert.pem"), *args]
         p = self._spawn(
             f"worker{len(self.workers)}",
             ["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(self.port), *args],
@@ -111,6 +118,8 @@ class LocalCluster:
                 port_file,
                 "--dashboard-port",
                 "0",
+                *(["--tls-cert", os.path.join(self.tls, "cert.pem")] if self.tls else []),
+                *(["--tls-key", os.path.join(self.tls, "key.pem")] if self.tls else []),
                 *self.server_args,
             ],
         )

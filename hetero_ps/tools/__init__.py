@@ -1,2 +1,2 @@
-"""Command-line tools beside the master and worker: ``report`` (plots and tables of a run) and
-``control`` (change a running worker's knobs)."""
+"""Command-line tools beside the master and worker: ``report`` (plots and tables of a run),
+``control`` (change a running worker's knobs) and ``tls`` (a certificate for the master)."""

@@ -15,16 +15,21 @@ import math
 import os
 import sys
 
-from hetero_ps.errors import HeteroPSError, RemoteProtocolError
+from hetero_ps.errors import ConfigError, HeteroPSError, RemoteProtocolError
 from hetero_ps.wire import transport
 from hetero_ps.wire.messages import Bye, Control, ControlWelcome, Hello
 from hetero_ps.wire.protocol import MsgType, raise_if_error
+from hetero_ps.wire.tls import ClientTLS, client_tls
 
 
-async def send_control(host: str, port: int, token: str, rank: int, knobs: dict, timeout: float = 10.0) -> Control:
+async def send_control(
+    host: str, port: int, token: str, rank: int, knobs: dict, timeout: float = 10.0, tls: ClientTLS | None = None
+) -> Control:
     """Forward ``knobs`` (``Control.KNOBS``) to the worker of ``rank``; returns the master's acknowledgement."""
     request = Control(rank=rank, **knobs)
-    conn, welcome = await transport.connect(host, port, token=token, hello=Hello(role="control"), timeout=timeout)
+    conn, welcome = await transport.connect(
+        host, port, token=token, hello=Hello(role="control"), timeout=timeout, tls=tls
+    )
     try:
         ControlWelcome.from_header(welcome.header)
         await conn.send(MsgType.CONTROL, request.to_header())
@@ -48,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT") or 29500))
     p.add_argument("--token", default=os.environ.get("HETERO_PS_TOKEN", ""))
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("HETERO_PS_TLS_CA", ""),
+        metavar="PATH",
+        help="a TLS master: check its certificate against this file (env HETERO_PS_TLS_CA)",
+    )
+    p.add_argument(
+        "--tls-fingerprint",
+        default=os.environ.get("HETERO_PS_TLS_FINGERPRINT", ""),
+        metavar="SHA256",
+        help="a TLS master: pin its certificate's SHA-256 fingerprint (env HETERO_PS_TLS_FINGERPRINT)",
+    )
     p.add_argument("--rank", type=int, required=True, help="the worker to change")
     p.add_argument("--simulate-slowdown", type=float, help="its compute takes F times as long (F >= 1)")
     p.add_argument("--simulate-bandwidth", type=float, metavar="MBIT", help="pace its link (0 = off)")
@@ -67,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p.error("--simulate-slowdown must be a number >= 1 and --simulate-bandwidth a number >= 0")
     try:
-        ack = asyncio.run(send_control(a.master_addr, a.master_port, a.token, a.rank, knobs))
+        tls = client_tls(a.tls_ca, a.tls_fingerprint)
+    except ConfigError as exc:
+        p.error(str(exc))
+    try:
+        ack = asyncio.run(send_control(a.master_addr, a.master_port, a.token, a.rank, knobs, tls=tls))
     except HeteroPSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

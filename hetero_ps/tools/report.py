@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetero_ps.errors import DataError
+from hetero_ps.observe.jsonl import read_jsonl
 
 PHASES = (
     ("compute_s", "compute", "#2f6fde"),
@@ -63,30 +64,6 @@ def rank_color(rank) -> str:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def read_jsonl(path: str, required: bool = True) -> list[dict]:
-    """Records of a JSON-lines file; a missing optional file is empty, a truncated last line is dropped."""
-    if not os.path.exists(path):
-        if required:
-            raise DataError(f"{path} does not exist")
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:  # no newline after it: the writer was interrupted
-                break
-            raise DataError(f"{path}:{i + 1}: not a JSON record ({exc.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
-        out.append(rec)
-    return out
-
-
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}

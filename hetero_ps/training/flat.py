@@ -37,13 +37,6 @@ import numpy as np
 import torch
 
 
-def chunk_layout(numel: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """``(offset, numel)`` of each wire chunk of a flat fp32 buffer: the master and every worker
-    must cut the same chunks, so both call this."""
-    per = max(1, chunk_bytes // 4)
-    return [(off, min(per, numel - off)) for off in range(0, numel, per)]
-
-
 class FlatParams:
     """Flat fp32 parameter, gradient and buffer storage for ``module``. See the module docstring."""
 

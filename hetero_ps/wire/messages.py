@@ -49,7 +49,8 @@ __all__ = [
 
 NONCE_BYTES = 32
 MAC_BYTES = 32  # HMAC-SHA256
-CODEC_PARAM_KEYS = ("block", "k")  # a codec's own parameters in PUSH/PARAMS (int8's block, topk's k)
+# A codec's own parameters in PUSH/PARAMS: int8's block, topk's k, powersgd's rank and matrix shape.
+CODEC_PARAM_KEYS = ("block", "k", "rank", "rows", "cols")
 _U64 = 2**64 - 1
 
 
@@ -376,6 +377,13 @@ def _codec_fields(h: Mapping[str, Any], msg: str) -> dict[str, int]:
     return {k: _int(h, msg, k, 1) for k in CODEC_PARAM_KEYS if k in h}
 
 
+def chunk_layout(numel: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """``(offset, numel)`` of each PUSH/PARAMS chunk of a flat fp32 buffer of ``numel`` values: the
+    master and every worker must cut the same chunks, so all of them call this."""
+    per = max(1, chunk_bytes // 4)
+    return [(off, min(per, numel - off)) for off in range(0, numel, per)]
+
+
 @dataclass(frozen=True)
 class Push(WireMessage):
     """Worker -> server: one encoded chunk of the worker's gradient. Segments: the codec's."""
@@ -388,7 +396,7 @@ class Push(WireMessage):
     numel: int
     codec: str  # the job's codec spec ("int8:64", "topk:0.01", ...)
     codec_id: int
-    codec_fields: dict[str, int] = field(default_factory=dict)  # block (int8) or k (topk)
+    codec_fields: dict[str, int] = field(default_factory=dict)  # block (int8), k (topk), rank/rows/cols (powersgd)
 
     def to_header(self) -> dict[str, Any]:
         return {
@@ -423,7 +431,10 @@ class Push(WireMessage):
 
 @dataclass(frozen=True)
 class Params(WireMessage):
-    """Server -> worker: one encoded chunk of parameter version ``version``. Segments: the codec's."""
+    """Server -> worker: one encoded chunk of parameter version ``version``. Segments: the codec's.
+
+    With ``delta`` the chunk is the change from version ``base`` (what the worker holds) to
+    ``version``: the worker adds it to its parameters instead of replacing them."""
 
     TYPE: ClassVar[MsgType] = MsgType.PARAMS
     version: int
@@ -433,6 +444,8 @@ class Params(WireMessage):
     codec: str
     codec_id: int
     codec_fields: dict[str, int] = field(default_factory=dict)
+    delta: bool = False
+    base: int = -1
 
     def to_header(self) -> dict[str, Any]:
         return {
@@ -443,6 +456,7 @@ class Params(WireMessage):
             "codec": self.codec,
             "codec_id": self.codec_id,
             **self.codec_fields,
+            **({"delta": True, "base": self.base} if self.delta else {}),
         }
 
     def codec_header(self) -> dict[str, Any]:
@@ -452,6 +466,7 @@ class Params(WireMessage):
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Params:
         h = _as_map(header, "PARAMS")
+        delta = bool(_opt_bool(h, "PARAMS", "delta"))
         return cls(
             version=_int(h, "PARAMS", "version"),
             chunk=_int(h, "PARAMS", "chunk"),
@@ -460,6 +475,8 @@ class Params(WireMessage):
             codec=_str(h, "PARAMS", "codec"),
             codec_id=_int(h, "PARAMS", "codec_id", 0, 255),
             codec_fields=_codec_fields(h, "PARAMS"),
+            delta=delta,
+            base=_int(h, "PARAMS", "base") if delta else -1,  # a change needs what it changes
         )
 
 
@@ -483,10 +500,20 @@ def push_from_codec(
 
 
 def params_from_codec(
-    fields_: Mapping[str, Any], *, version: int, chunk: int, offset: int, numel: int, codec: str
+    fields_: Mapping[str, Any],
+    *,
+    version: int,
+    chunk: int,
+    offset: int,
+    numel: int,
+    codec: str,
+    delta: bool = False,
+    base: int = -1,
 ) -> Params:
-    """The PARAMS for one chunk, given what its codec's ``encode()`` returned."""
-    return _encoded(Params, fields_, version=version, chunk=chunk, offset=offset, numel=numel, codec=codec)
+    """The PARAMS for one chunk, given what its codec's ``encode()`` returned (``delta``: a change from ``base``)."""
+    return _encoded(
+        Params, fields_, version=version, chunk=chunk, offset=offset, numel=numel, codec=codec, delta=delta, base=base
+    )
 
 
 @dataclass(frozen=True)

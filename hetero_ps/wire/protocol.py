@@ -103,6 +103,9 @@ class Limits:
     handshake_timeout: float = 10.0  # HELLO -> WELCOME, all of it
     max_handshakes: int = 64  # connections still in their handshake, from everyone together...
     max_handshakes_per_address: int = 8  # ...and from one address; more are closed at once
+    connect_burst_per_address: int = 16  # new connections one address may open at once...
+    connect_rate_per_address: float = 2.0  # ...then this many per second (0: no rate limit)
+    rate_limit_loopback: bool = False  # loopback peers are this machine's own (tests, many local workers)
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,6 +120,7 @@ class Limits:
             "max_unauth_payload_bytes",
             "max_handshakes",
             "max_handshakes_per_address",
+            "connect_burst_per_address",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -130,6 +134,10 @@ class Limits:
         for name in ("frame_timeout", "min_frame_rate", "handshake_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.connect_rate_per_address >= 0:
+            raise ValueError(f"Limits.connect_rate_per_address must be >= 0, got {self.connect_rate_per_address!r}")
+        if self.connect_rate_per_address and self.connect_burst_per_address < 1:
+            raise ValueError("Limits.connect_burst_per_address must be >= 1 while connect_rate_per_address is on")
 
     def frame_deadline(self, frame_nbytes: int) -> float:
         """Seconds a frame of ``frame_nbytes`` may take once its first byte arrived."""
@@ -295,8 +303,14 @@ _PREFIX, _HEADER, _PAYLOAD = 0, 1, 2
 PayloadAllocator = Callable[[MsgType, dict, int], "memoryview | None"]
 
 
-def _not_hetero_ps(start: bytes) -> RemoteProtocolError:
-    """The peer does not speak this protocol; an HTTP peer is most likely the dashboard's port."""
+def not_hetero_ps(start: bytes) -> RemoteProtocolError:
+    """The peer does not speak this protocol; an HTTP peer is most likely the dashboard's port, a
+    TLS one a node given --tls-* flags talking to one without them."""
+    if start[:1] == b"\x16" and start[1:2] in (b"", b"\x03"):  # a TLS handshake record
+        return RemoteProtocolError(
+            f"not a hetero_ps frame: the peer speaks TLS ({start!r}) and this side does not; give the master "
+            "--tls-cert and --tls-key and every worker --tls-fingerprint or --tls-ca, or give no node TLS flags"
+        )
     if start.startswith((b"HTTP", b"GET ", b"POST")):
         return RemoteProtocolError(
             f"not a hetero_ps frame: the peer speaks HTTP ({start!r}), so this is a web port (the master's "
@@ -465,11 +479,11 @@ class FrameDecoder:
             # fail fast on a peer that is not speaking this protocol at all
             k = min(avail, len(MAGIC))
             if st[self._r : self._r + k] != MAGIC[:k]:
-                raise _not_hetero_ps(bytes(st[self._r : self._r + k]))
+                raise not_hetero_ps(bytes(st[self._r : self._r + k]))
             return False
         magic, version, mtype, flags, hlen, plen, pcrc, hcrc = PREFIX.unpack_from(st, self._r)
         if magic != MAGIC:
-            raise _not_hetero_ps(bytes(magic))
+            raise not_hetero_ps(bytes(magic))
         if version != PROTOCOL_VERSION:
             raise VersionMismatch(
                 f"the peer speaks hetero_ps protocol version {version}, this side speaks "

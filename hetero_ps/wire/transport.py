@@ -12,6 +12,10 @@ makes ``send`` wait, it never makes us buffer).
 The handshake's exchange is in ``handshake.py``; here it is bounded in time and wired to the
 application's ``on_hello``.
 
+TLS (optional, ``tls.py``): right after connect/accept and before HELLO, a TLS handshake; from then
+on every frame goes through the connection's ``TLSChannel`` (memory BIOs on the same raw socket), and
+the token handshake runs inside it unchanged. Without TLS nothing of it is on the path.
+
 Timeouts: ``recv(timeout=...)`` bounds the idle wait for a frame's first byte; once it has started,
 the rest must arrive within ``Limits.frame_deadline(frame size)`` or the connection is closed (a
 stalled or slow-loris peer). The handshake as a whole is bounded by ``Limits.handshake_timeout``.
@@ -25,10 +29,12 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from hetero_ps.errors import (
+    AuthenticationError,
     ChecksumError,
     ConfigError,
     ConnectionClosed,
@@ -53,6 +59,7 @@ from hetero_ps.wire.handshake import (
 from hetero_ps.wire.messages import ControlWelcome, Error, Hello, Welcome
 from hetero_ps.wire.protocol import (
     DEFAULT_LIMITS,
+    MAGIC,
     Frame,
     FrameDecoder,
     Limits,
@@ -60,12 +67,16 @@ from hetero_ps.wire.protocol import (
     MsgType,
     PayloadAllocator,
     encode_frame,
+    not_hetero_ps,
     raise_if_error,
 )
+from hetero_ps.wire.ratelimit import AddressRateLimiter
+from hetero_ps.wire.tls import ClientTLS, NotTLS, TLSChannel, fingerprint, unverified_client_context
 
 __all__ = [
     "NONCE_BYTES",
     "SOCKET_BUFFER_BYTES",
+    "TLS_REQUIRED",
     "Connection",
     "Server",
     "client_mac",
@@ -99,6 +110,13 @@ _IOV_MAX = 1024  # buffers per sendmsg call (Linux's IOV_MAX)
 _CLOSE_WAIT = 2.0  # s a close waits for in-flight socket calls to notice the shutdown
 _ERROR_SEND_TIMEOUT = 2.0  # s we try to deliver an ERROR frame before closing anyway
 _LINGER = 0.5  # s after an ERROR we read and discard, so the peer gets it before a reset
+_REFUSED_LOG_EVERY = 10.0  # s between two "refusing connections from ADDR" lines for one address
+_PROBE_TIMEOUT = 2.0  # s to learn a rejected certificate's fingerprint, for the error message
+
+TLS_REQUIRED = (
+    "this master requires TLS: start the worker (or control client) with --tls-fingerprint SHA256, the "
+    "fingerprint the master printed at start, or with --tls-ca and the master's cert.pem"
+)
 
 _ERROR_CODES = (
     (LimitExceeded, "limit_exceeded"),
@@ -148,6 +166,16 @@ def default_payload_checksum(sock: socket.socket) -> bool:
     return not ip.is_loopback
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def _fmt_addr(addr) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = f"[{addr[0]}]" if ":" in str(addr[0]) else str(addr[0])
@@ -178,6 +206,7 @@ class Connection:
         # default for send(); a received frame's CRC is checked whenever the sender set its flag
         self.payload_checksum = default_payload_checksum(sock) if payload_checksum is None else payload_checksum
         self._dec = FrameDecoder(limits, authenticated=authenticated)
+        self._tls: TLSChannel | None = None
         self._send_lock = asyncio.Lock()
         self._receiving = False
         self._closed = False
@@ -200,6 +229,45 @@ class Connection:
     @property
     def authenticated(self) -> bool:
         return self._dec.authenticated
+
+    @property
+    def tls_version(self) -> str | None:
+        """``TLSv1.3 TLS_AES_256_GCM_SHA384`` once TLS is on; None on a plaintext connection."""
+        return self._tls.version if self._tls is not None else None
+
+    def peer_certificate(self) -> bytes:
+        """The DER certificate the peer presented in the TLS handshake."""
+        if self._tls is None:
+            raise LocalProtocolError(f"the connection to {self.peer} does not use TLS")
+        return self._tls.peer_certificate()
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        """The TLS handshake, right after connect/accept and before the first frame; every frame
+        after it is encrypted. The caller bounds it in time (the handshake timeout).
+
+        Raises ``NotTLS`` when the peer's first bytes are not TLS (a plaintext hetero_ps peer sends
+        ``HTPS``; the connection stays usable in plaintext to tell it so), ``ssl.SSLError`` when
+        the handshake fails (``ssl.SSLCertVerificationError``: the server's certificate is not
+        trusted), ``ConnectionClosed`` when the peer leaves.
+        """
+        if self._tls is not None or self.frames_sent or self.frames_received or self._dec.mid_frame:
+            raise LocalProtocolError(f"TLS starts before the first frame on the connection to {self.peer}")
+        if self._closed:
+            raise ConnectionClosed(f"connection to {self.peer} is closed")
+        chan = TLSChannel(self._sock, context, server_side=server_side, server_hostname=server_hostname, peer=self.peer)
+        self._io_enter()
+        try:
+            await chan.handshake()
+        except (NotTLS, ssl.SSLError):
+            raise
+        except OSError as exc:
+            self._abort()
+            raise ConnectionClosed(f"connection to {self.peer} broke during the TLS handshake: {exc}") from None
+        finally:
+            self._io_exit()
+        self._tls = chan
 
     def mark_authenticated(self) -> None:
         """The handshake succeeded: from now on the full (authenticated) limits apply."""
@@ -277,6 +345,9 @@ class Connection:
         # One sendmsg (scatter) takes a small frame whole, or the head of a big one; what the
         # kernel does not take goes through sock_sendall, which waits for room without copying.
         views = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
+        if self._tls is not None:  # encrypted in bounded chunks instead (a copy TLS cannot avoid)
+            await self._tls.write(views)
+            return
         i = 0
         while i < len(views):
             batch = views[i : i + _IOV_MAX]
@@ -307,6 +378,7 @@ class Connection:
         """Half-close and discard what the peer still sends, so that it reads our ERROR before a reset."""
         if self._receiving or self._closed:
             return
+        self._close_notify()
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -391,8 +463,11 @@ class Connection:
         view = self._dec.get_buffer()
         self._io_enter()
         try:
-            n = await self._loop.sock_recv_into(self._sock, view)
-        except OSError as exc:
+            if self._tls is None:
+                n = await self._loop.sock_recv_into(self._sock, view)
+            else:
+                n = await self._tls.recv_into(view)
+        except OSError as exc:  # ssl.SSLError too: a record that fails its authentication tag
             self._abort()
             raise ConnectionClosed(f"connection to {self.peer} broke: {exc}") from None
         finally:
@@ -420,6 +495,11 @@ class Connection:
             if self._closed:
                 self._close_fd()
 
+    def _close_notify(self) -> None:
+        """TLS: tell the peer we are done (best effort), unless a frame is half sent."""
+        if self._tls is not None and not self._closed and not self._send_lock.locked():
+            self._tls.close_notify()
+
     def _close_fd(self) -> None:
         if not self._fd_closed:
             self._fd_closed = True
@@ -440,6 +520,7 @@ class Connection:
 
     async def close(self) -> None:
         """Close the connection; other tasks waiting in ``recv``/``send`` get ``ConnectionClosed``."""
+        self._close_notify()
         self._abort()
         if self._fd_closed:
             return
@@ -488,13 +569,16 @@ async def connect(
     hello: Hello | dict,
     limits: Limits = DEFAULT_LIMITS,
     timeout: float = 10.0,
+    tls: ClientTLS | None = None,
 ) -> tuple[Connection, Message]:
     """Connect, authenticate both ways and return ``(connection, WELCOME message)``.
 
     ``hello`` adds the caller's fields to HELLO: a ``messages.Hello`` (its ``caller_fields()``), or a
-    dict of them (rank, host, profile...; keys it does not declare travel too). Raises ``RemoteError`` if
-    the server refuses (``code`` ``auth_failed`` for a wrong token, ``version_mismatch``, or what its
-    ``on_hello`` raised), ``AuthenticationError`` if the server cannot prove it knows the token,
+    dict of them (rank, host, profile...; keys it does not declare travel too). ``tls`` (``tls.client_tls``)
+    runs a TLS handshake first, checking the server's certificate. Raises ``RemoteError`` if
+    the server refuses (``code`` ``auth_failed`` for a wrong token, ``version_mismatch``, ``tls_required``,
+    or what its ``on_hello`` raised), ``AuthenticationError`` if the server cannot prove it knows the token
+    or its certificate does not match, ``ConfigError`` if it does not speak TLS while we do,
     ``TransportTimeout`` after ``timeout`` seconds, ``ConnectionClosed`` if it cannot connect.
     """
     caller = hello.caller_fields() if isinstance(hello, Hello) else dict(hello)
@@ -507,6 +591,8 @@ async def connect(
         async with asyncio.timeout(timeout) as cm:
             sock = await _open_socket(host, port)
             conn = Connection(sock, peer=f"{host}:{port}", limits=limits, authenticated=False)
+            if tls is not None:
+                await _client_tls(conn, tls, host, port)
             welcome = await client_handshake(conn, token, caller)
             conn.mark_authenticated()
             ok = True
@@ -520,6 +606,41 @@ async def connect(
     finally:
         if conn is not None and not ok:
             await conn.close()
+
+
+async def _client_tls(conn: Connection, tls: ClientTLS, host: str, port: int) -> None:
+    """The client's TLS handshake, its certificate check, and what to say when they fail."""
+    try:
+        await conn.start_tls(tls.context, server_side=False, server_hostname=host or None)
+    except NotTLS as exc:
+        if exc.first[: len(MAGIC)] == MAGIC[: len(exc.first)]:  # a hetero_ps frame: the master has no TLS
+            raise ConfigError(
+                f"the master at {host}:{port} does not use TLS (it answered in plaintext): start it with "
+                "--tls-cert and --tls-key, or drop this node's --tls-ca / --tls-fingerprint"
+            ) from None
+        raise not_hetero_ps(exc.first) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise tls.verification_failed(exc, host, port, await _probe_fingerprint(host, port)) from None
+    except ssl.SSLError as exc:
+        conn._abort()
+        raise ConnectionClosed(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}") from None
+    tls.check_pin(conn.peer_certificate(), f"{host}:{port}")
+
+
+async def _probe_fingerprint(host: str, port: int) -> str | None:
+    """The fingerprint of the certificate a server presents, unverified: for an error message only."""
+    sock = None
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT):
+            sock = await _open_socket(host, port)
+            chan = TLSChannel(sock, unverified_client_context(), server_side=False, peer=f"{host}:{port}")
+            await chan.handshake()
+            return fingerprint(chan.peer_certificate())
+    except (TimeoutError, OSError, TransportError, AuthenticationError):
+        return None
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 # -- server ----------------------------------------------------------------------------------------
@@ -539,9 +660,11 @@ class Server:
         on_hello: OnHello,
         on_connection: OnConnection,
         limits: Limits,
+        tls: ssl.SSLContext | None = None,
     ):
         self._lsock = lsock
         self._token = token_bytes(token)
+        self.tls = tls
         self._on_hello = on_hello
         self._on_connection = on_connection
         self.limits = limits
@@ -550,7 +673,12 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._in_handshake: collections.Counter[str] = collections.Counter()  # peer address -> count
-        self._refused_logged: dict[str, float] = {}
+        self._rate = (
+            AddressRateLimiter(limits.connect_rate_per_address, limits.connect_burst_per_address)
+            if limits.connect_rate_per_address
+            else None
+        )
+        self._refused_logged: dict[str, float] = {}  # address -> when we last said so (pruned: bounded)
         self.address = lsock.getsockname()[:2]
         self._accept_task = self._loop.create_task(self._accept_loop(), name=f"hetero_ps accept {self.address}")
 
@@ -623,20 +751,33 @@ class Server:
         """Whether another unauthenticated connection may start (a flood of them is cut off at once)."""
         lim = self.limits
         total, mine = sum(self._in_handshake.values()), self._in_handshake[host]
-        if total < lim.max_handshakes and mine < lim.max_handshakes_per_address:
-            return True
-        now = time.monotonic()
-        if now - self._refused_logged.get(host, -60.0) >= 10.0:  # say so, but never flood the log
-            self._refused_logged[host] = now
-            log.warning(
-                "refusing connections from %s: %d handshakes in flight from it, %d in all (limits %d and %d)",
+        if total >= lim.max_handshakes or mine >= lim.max_handshakes_per_address:
+            self._say_refused(
                 host,
-                mine,
-                total,
-                lim.max_handshakes_per_address,
-                lim.max_handshakes,
+                f"{mine} handshakes in flight from it, {total} in all "
+                f"(limits {lim.max_handshakes_per_address} and {lim.max_handshakes})",
             )
-        return False
+            return False
+        # Checked last, so that a connection refused above takes no token: a client that retries
+        # with backoff always finds the bucket refilled in the end.
+        rate = self._rate if lim.rate_limit_loopback or not _is_loopback(host) else None
+        if rate is not None and not rate.allow(host):
+            self._say_refused(
+                host,
+                f"more than {lim.connect_burst_per_address} new connections at once, then "
+                f"{lim.connect_rate_per_address:g} a second, from it (Limits.connect_*_per_address)",
+            )
+            return False
+        return True
+
+    def _say_refused(self, host: str, why: str) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged.get(host, -_REFUSED_LOG_EVERY) < _REFUSED_LOG_EVERY:
+            return  # said so already: never flood the log
+        if len(self._refused_logged) >= 1024:  # a flood from many addresses: keep only the recent ones
+            self._refused_logged = {h: t for h, t in self._refused_logged.items() if now - t < _REFUSED_LOG_EVERY}
+        self._refused_logged[host] = now
+        log.warning("refusing connections from %s: %s", host, why)
 
     async def _serve(self, conn: Connection, host: str) -> None:
         try:
@@ -663,16 +804,19 @@ class Server:
             await conn.close()
 
     async def _handshake(self, conn: Connection) -> bool:
-        """HELLO -> CHALLENGE -> AUTH -> on_hello -> WELCOME. False if the peer was refused."""
+        """[TLS ->] HELLO -> CHALLENGE -> AUTH -> on_hello -> WELCOME. False if the peer was refused."""
         lim = self.limits
         try:
             async with asyncio.timeout(lim.handshake_timeout):
+                if self.tls is not None and not await self._start_tls(conn):
+                    return False
                 side = ServerSide(conn, self._token)
                 if not await side.exchange():
                     return False
         except TimeoutError:
             log.warning("no complete handshake from %s within %s s; closing", conn.peer, lim.handshake_timeout)
-            await conn.send_error("handshake_timeout", f"no complete handshake within {lim.handshake_timeout} s")
+            if self.tls is None or conn.tls_version is not None:  # else it could not read our ERROR
+                await conn.send_error("handshake_timeout", f"no complete handshake within {lim.handshake_timeout} s")
             return False
         conn.mark_authenticated()
         welcome = await self._on_hello(conn, side.hello_fields)
@@ -690,6 +834,28 @@ class Server:
             conn._abort()
         return True
 
+    async def _start_tls(self, conn: Connection) -> bool:
+        """The TLS handshake; False if the peer was refused (told why if it can read it) and closed."""
+        assert self.tls is not None
+        try:
+            await conn.start_tls(self.tls, server_side=True)
+        except NotTLS as exc:
+            if exc.first[: len(MAGIC)] == MAGIC[: len(exc.first)]:  # a plaintext hetero_ps peer: say why, in plaintext
+                log.warning("refusing %s: it does not use TLS, which this master requires", conn.peer)
+                await conn.send_error("tls_required", TLS_REQUIRED)
+            else:
+                log.info("closing %s: %s", conn.peer, exc)
+            return False
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+            hint = ""
+            if "ALERT" in reason.upper():  # the peer rejected us: most likely our certificate
+                hint = " (the peer refused this master's certificate: check its --tls-ca or --tls-fingerprint)"
+            log.warning("TLS handshake with %s failed: %s%s", conn.peer, reason, hint)
+            return False
+        log.debug("TLS with %s: %s", conn.peer, conn.tls_version)
+        return True
+
 
 async def start_server(
     host: str,
@@ -700,6 +866,7 @@ async def start_server(
     on_connection: OnConnection,
     limits: Limits = DEFAULT_LIMITS,
     backlog: int = 128,
+    tls: ssl.SSLContext | None = None,
 ) -> Server:
     """Listen on ``host:port`` (port 0 picks a free one: see ``Server.port``).
 
@@ -712,6 +879,10 @@ async def start_server(
     Once ``on_hello`` has returned, ``on_connection`` always runs, even if the WELCOME could not be
     delivered (it then finds the connection closed), so clean-up in it is reliable. An exception in
     it is logged and closes that connection only.
+
+    ``tls`` (``tls.server_context``) makes every connection start
+    with a TLS handshake, within the handshake timeout; a plaintext hetero_ps client is answered with
+    a plaintext ``tls_required`` ERROR.
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -729,4 +900,4 @@ async def start_server(
             f"cannot listen on {host or '*'}:{port}: {exc.strerror} "
             "(is another master running there? pick another --port)",
         ) from None
-    return Server(lsock, token=token, on_hello=on_hello, on_connection=on_connection, limits=limits)
+    return Server(lsock, token=token, on_hello=on_hello, on_connection=on_connection, limits=limits, tls=tls)

@@ -1,7 +1,8 @@
 """``python -m hetero_ps.worker --master-addr HOST``: join a master and train.
 
 The job (model, data, hyper-parameters) comes from the master; a worker needs only the address, the
-port and the token. The seed guide's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is read
+port and the token (and ``--tls-fingerprint`` or ``--tls-ca`` for a master started with ``--tls-cert``).
+The seed guide's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is read
 too, and its job flags are accepted so old launch lines keep working — the master's job wins.
 """
 
@@ -15,8 +16,9 @@ import socket
 import sys
 
 from hetero_ps.config import env_int
-from hetero_ps.errors import HeteroPSError
+from hetero_ps.errors import ConfigError, HeteroPSError
 from hetero_ps.observe.logs import add_file_log, remove_file_logs, set_role, setup_logging
+from hetero_ps.wire.tls import client_tls
 from hetero_ps.worker.worker import Worker, WorkerConfig
 
 log = logging.getLogger("hetero_ps.worker")
@@ -43,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("HETERO_PS_TOKEN", ""),
         help="shared secret, the same as the master's (env HETERO_PS_TOKEN)",
+    )
+    g.add_argument(
+        "--tls-ca",
+        default=os.environ.get("HETERO_PS_TLS_CA", ""),
+        metavar="PATH",
+        help="use TLS and check the master's certificate against this file: its cert.pem, or the CA that "
+        "signed it (env HETERO_PS_TLS_CA)",
+    )
+    g.add_argument(
+        "--tls-fingerprint",
+        default=os.environ.get("HETERO_PS_TLS_FINGERPRINT", ""),
+        metavar="SHA256",
+        help="use TLS and pin the master's certificate by its SHA-256 fingerprint, which the master prints "
+        "(env HETERO_PS_TLS_FINGERPRINT)",
     )
     g.add_argument(
         "--rank",
@@ -138,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.simulate_slowdown < 1.0:
         log.error("--simulate-slowdown must be >= 1, got %s", args.simulate_slowdown)
         return 2
+    try:
+        tls = client_tls(args.tls_ca, args.tls_fingerprint)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     ignored = [f for f in ("model", "dataset", "batch_size", "epochs", "backend") if getattr(args, f) is not None]
     if ignored:
         log.info(
@@ -148,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         master_addr=args.master_addr,
         master_port=args.master_port,
         token=args.token,
+        tls=tls,
         rank=args.rank,
         device=args.device,
         connect_timeout=args.connect_timeout,

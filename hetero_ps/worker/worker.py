@@ -18,9 +18,9 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict, TypeVar
+from typing import TypedDict
 
 import numpy as np
 import psutil
@@ -38,7 +38,6 @@ from hetero_ps.errors import (
 )
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
-from hetero_ps.training.flat import chunk_layout
 from hetero_ps.wire import codecs, transport
 from hetero_ps.wire.messages import (
     Bye,
@@ -50,9 +49,11 @@ from hetero_ps.wire.messages import (
     Schedule,
     StepReport,
     Welcome,
+    chunk_layout,
     push_from_codec,
 )
 from hetero_ps.wire.protocol import Message, MsgType, raise_if_error
+from hetero_ps.wire.tls import ClientTLS
 from hetero_ps.worker.pacing import BandwidthPacer
 from hetero_ps.worker.profile import (
     calibrate,
@@ -61,7 +62,6 @@ from hetero_ps.worker.profile import (
     resolve_device,
 )
 
-T = TypeVar("T")
 log = logging.getLogger("hetero_ps.worker")
 
 
@@ -72,6 +72,7 @@ class WorkerConfig:
     master_addr: str = "127.0.0.1"  # the master's address (MASTER_ADDR)
     master_port: int = 29500  # the master's port (MASTER_PORT)
     token: str = ""  # shared secret (HETERO_PS_TOKEN)
+    tls: ClientTLS | None = None  # TLS to the master, checking its certificate (--tls-ca / --tls-fingerprint)
     rank: int = -1  # RANK; -1 lets the master pick
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     connect_timeout: float = 60.0  # give up reaching the master after this many seconds
@@ -102,6 +103,7 @@ async def connect_with_retry(cfg: WorkerConfig, hello: Hello) -> tuple[transport
                 token=cfg.token,
                 hello=hello,
                 timeout=min(10.0, max(1.0, deadline - time.monotonic())),
+                tls=cfg.tls,
             )
         except (OSError, TransportError) as exc:
             last = exc
@@ -137,7 +139,7 @@ class Worker:
             torch.set_num_threads(cfg.torch_threads)
         self.slowdown = cfg.simulate_slowdown
         self.conn: transport.Connection | None = None
-        self.heartbeat_s = 0.0  # from WELCOME: how often to say we live while busy
+        self.heartbeat_s = 0.0  # from WELCOME: say HEARTBEAT when nothing else was sent for this long
         self.joined = False  # a master has welcomed us (in this run)
         self.steps_done = 0
         self.samples_done = 0
@@ -185,10 +187,6 @@ class Worker:
 
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
-        from hetero_ps.training import data, models
-        from hetero_ps.training.flat import FlatParams
-        from hetero_ps.training.trainer import LocalTrainer
-
         hello = Hello(
             rank=self.cfg.rank, host=socket.gethostname(), device=self.device, profile=hardware_profile(self.device)
         )
@@ -204,17 +202,39 @@ class Worker:
         if self.on_welcome:
             self.on_welcome(w.experiment, self.rank)
         log.info(
-            "joined master %s:%d as rank %d (worker id %d) on %s; experiment %s",
+            "joined master %s:%d as rank %d (worker id %d) on %s; experiment %s%s",
             self.cfg.master_addr,
             self.cfg.master_port,
             self.rank,
             self.wid,
             self.device,
             w.experiment,
+            f"; over {self.conn.tls_version}" if self.conn.tls_version else "",
         )
+        keep_alive = asyncio.ensure_future(self._keep_alive(self.conn)) if self.heartbeat_s else None
         try:
+            return await self._take_part(w)
+        finally:
+            if keep_alive is not None:
+                keep_alive.cancel()
+            await self.conn.close()
+
+    async def _take_part(self, w: Welcome) -> dict:
+        """Set up the job the master sent, calibrate, say we are ready, and train until BYE."""
+        from hetero_ps.training import data, models
+        from hetero_ps.training.flat import FlatParams
+        from hetero_ps.training.trainer import LocalTrainer
+
+        conn = self.conn
+        assert conn is not None, "run() connects first"
+
+        def build() -> tuple:  # in a thread: a big data set or model takes a while to load
             train_set, _, info = data.load_datasets(self.job)
             model = models.build_model(self.job, info).to(self.device)
+            return train_set, info, model
+
+        try:
+            train_set, info, model = await asyncio.to_thread(build)
             self.flat = FlatParams(model)
             if self.flat.numel != w.numel:
                 raise ConfigError(
@@ -223,7 +243,7 @@ class Worker:
                 )
             self.trainer = LocalTrainer(self.job, model, self.flat, train_set, info, self.device)
         except (HeteroPSError, ImportError, RuntimeError) as exc:
-            await self.conn.send_error("job_setup_failed", f"rank {self.rank}: {exc}")
+            await conn.send_error("job_setup_failed", f"rank {self.rank}: {exc}")
             raise HeteroPSError(f"cannot set up the job: {exc}") from exc
         self.sampler = data_sampler(self.job, len(train_set))
         self.progress = Progress(w.total_steps, f"worker[{self.rank}]", self.cfg.log_format, epochs=self.job.epochs)
@@ -237,15 +257,14 @@ class Worker:
                 device=self.device,
             )
         self._setup_codecs()
-        self.conn.set_payload_allocator(self._allocate)
+        conn.set_payload_allocator(self._allocate)
         ready = Metrics(ready=True, probe=await self._calibrate(len(train_set)))
-        await self.conn.send(MsgType.METRICS, ready.to_header())
+        await conn.send(MsgType.METRICS, ready.to_header())
         try:
             with self.progress.redirect_logging():
                 return await self._loop()
         finally:
             self.progress.close()
-            await self.conn.close()
 
     async def _recv_from_master(self, conn: transport.Connection) -> Message:
         """The next message; a master silent for four heartbeat periods is gone (cable pulled, host
@@ -262,19 +281,20 @@ class Worker:
                 "it is gone or unreachable"
             ) from None
 
-    async def _busy(self, work: Awaitable[T]) -> T:
-        """Await ``work`` (run in a thread), saying HEARTBEAT every ``heartbeat_s`` meanwhile.
+    async def _keep_alive(self, conn: transport.Connection) -> None:
+        """Say HEARTBEAT whenever nothing was sent for ``heartbeat_s``, so the master hears from us while
+        we compute, calibrate, load data or receive a long pull (it then sends us nothing we could answer).
 
-        The loop reads nothing while it waits, so without these a step longer than the master's
-        ``--worker-timeout`` would look like a dead worker."""
-        task = asyncio.ensure_future(work)
-        conn = self.conn
-        assert conn is not None, "busy only once connected"
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=self.heartbeat_s or None)
-            if done:
-                return task.result()
-            await conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
+        A frame being sent counts only once it is out: a HEARTBEAT then queues behind it, which is fine."""
+        sent = -1
+        while not conn.closed:
+            await asyncio.sleep(self.heartbeat_s)
+            if conn.frames_sent == sent:
+                try:
+                    await conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
+                except (TransportError, OSError):
+                    return  # the receive loop sees the connection end and says why
+            sent = conn.frames_sent
 
     async def _parse(self, cls, header: dict):
         """The typed message, or tell the master what was malformed and stop."""
@@ -290,9 +310,9 @@ class Worker:
         """A short probe of the real model so the master's first split already fits this node."""
         if not self.cfg.calibrate:
             return {}
-        probe = await self._busy(asyncio.to_thread(calibrate, self.trainer, n_samples, slowdown=self.slowdown))
-        probe["max_batch"] = await self._busy(
-            asyncio.to_thread(estimate_max_batch, self.trainer, self.device, max(self.job.global_batch // 4, 8))
+        probe = await asyncio.to_thread(calibrate, self.trainer, n_samples, slowdown=self.slowdown)
+        probe["max_batch"] = await asyncio.to_thread(
+            estimate_max_batch, self.trainer, self.device, max(self.job.global_batch // 4, 8)
         )
         log.info(
             "calibration: %.0f samples/s, largest batch %s",
@@ -358,7 +378,16 @@ class Worker:
         off, numel = p.offset, p.numel
         if p.chunk >= len(self.chunks) or self.chunks[p.chunk] != (off, numel):
             raise ConfigError(f"master sent a parameter chunk {p.chunk} ({off}+{numel}) this node does not have")
-        if p.codec != "none":
+        if p.delta:  # the change since what we hold: added, exactly as the master added it to our replica
+            if p.base != getattr(self, "version", -1):
+                raise ConfigError(
+                    f"master sent a parameter change from version {p.base}, this node holds "
+                    f"{getattr(self, 'version', 'none')}"
+                )
+            self.pull_codecs[p.chunk].decode_accumulate(
+                self.params_cpu[off : off + numel].numpy(), p.codec_header(), segments, 1.0
+            )
+        elif p.codec != "none":
             self.pull_codecs[p.chunk].decode_into(
                 self.params_cpu[off : off + numel].numpy(), p.codec_header(), segments
             )
@@ -405,10 +434,10 @@ class Worker:
             with self.profiler.step(step):
                 stats = self.trainer.compute_gradient(indices)
         else:
-            stats = await self._busy(asyncio.to_thread(self.trainer.compute_gradient, indices))
+            stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
         compute_s = time.perf_counter() - t0
         if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
-            await self._busy(asyncio.sleep(compute_s * (self.slowdown - 1.0)))
+            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
             compute_s *= self.slowdown
         if self.device != "cpu":
             self.grads_cpu.copy_(self.flat.grads)
@@ -453,30 +482,30 @@ class Worker:
         self.progress.update(step, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
 
     def _keep_feedback_exact(self, step: int, attempt: int) -> None:
-        """Top-k's residual must not count an aborted attempt's values as sent.
+        """An error-feedback codec's residual (top-k, PowerSGD) must not count an aborted attempt's values as sent.
 
         Before each step the residuals are copied (one memcpy of the gradient); when the master
         redoes the same step (a worker was lost), they are put back first.
         """
-        topk = [c for c in self.push_codecs if isinstance(c, codecs.TopKCodec)]
-        if not topk:
+        carried = [c for c in self.push_codecs if c.error_feedback]
+        if not carried:
             return
         if attempt > 0 and self._feedback_step == step:
             feedback = self._feedback
             assert feedback is not None, "saved when _feedback_step was set"
-            for c, saved in zip(topk, feedback):
+            for c, saved in zip(carried, feedback):
                 if saved is None:
                     c.reset()  # the aborted attempt was the first ever: nothing was owed
                 else:
-                    residual = c.residual
+                    residual = c.feedback()
                     assert residual is not None, "a saved copy means the residual existed (reset keeps it)"
                     residual[:] = saved
             return
         if self._feedback is None or any(x is None for x in self._feedback):
-            self._feedback = [None if c.residual is None else np.empty_like(c.residual) for c in topk]
-        for c, saved in zip(topk, self._feedback):
+            self._feedback = [None if (r := c.feedback()) is None else np.empty_like(r) for c in carried]
+        for c, saved in zip(carried, self._feedback):
             if saved is not None:
-                saved[:] = c.residual
+                saved[:] = c.feedback()
         self._feedback_step = step
 
     def _utilisation(self) -> dict:
