@@ -2,13 +2,12 @@
 
 The worker runs in a network namespace of its own, joined to this one by a veth pair; setting the
 veth down drops every packet both ways and no FIN or RST is ever sent, as when a laptop's WiFi
-goes. Needs root and ``ip netns`` (skipped with the reason otherwise).
+goes. Needs root and ``ip netns`` (``testing/netlinks.py``; skipped with the reason otherwise).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,50 +15,30 @@ import sys
 import pytest
 from conftest import find_all, metrics_path, read_jsonl, still_running, wait_until
 
-from hetero_ps.testing import LocalCluster
+from hetero_ps.testing import LocalCluster, netlinks
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 TIMEOUT_S = 8  # --worker-timeout: the master's heartbeat period is a quarter of it, the worker's patience 4 of those
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def netns():
-    """A namespace ``ns`` reachable at ``inner`` from this one's ``outer`` address over veth ``link``."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and the ip command to make a network namespace")
-    tag = os.getpid() % 10000
-    ns, link, peer = f"hpsv{tag}", f"hpsa{tag}", f"hpsb{tag}"
-    subnet = f"10.213.{tag % 250}"
-    try:
-        _ip("netns", "add", ns)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc.stderr.decode().strip()}")
-    try:
-        _ip("link", "add", link, "type", "veth", "peer", "name", peer)
-        _ip("link", "set", peer, "netns", ns)
-        _ip("addr", "add", f"{subnet}.1/24", "dev", link)
-        _ip("link", "set", link, "up")
-        _ip("netns", "exec", ns, "ip", "addr", "add", f"{subnet}.2/24", "dev", peer)
-        _ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
-        _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield {"ns": ns, "link": link, "outer": f"{subnet}.1"}
-    finally:
-        subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    """A namespace reachable from this one over an unlimited veth link."""
+    why = netlinks.unavailable()
+    if why:
+        pytest.skip(why)
+    with netlinks.Link() as link:
+        yield link
 
 
 def test_a_vanished_link_is_noticed_on_both_sides_and_the_worker_comes_back(tmp_path, netns):
-    args = ["--host", netns["outer"], "--world-size", "2", "--no-local-worker", "--no-dashboard", "--epochs", "200"]
+    args = ["--host", netns.outer, "--world-size", "2", "--no-local-worker", "--no-dashboard", "--epochs", "200"]
     args += ["--worker-timeout", str(TIMEOUT_S), "--experiment", "vanish"]
     with LocalCluster(tmp_path, args) as c:
         log = open(tmp_path / "worker-ns.log", "wb")
         worker = subprocess.Popen(
-            ["ip", "netns", "exec", netns["ns"], sys.executable, "-m", "hetero_ps.worker"]
-            + ["--master-addr", netns["outer"], "--master-port", str(c.port), "--rank", "1"]
+            netns.command([sys.executable, "-m", "hetero_ps.worker"])
+            + ["--master-addr", netns.outer, "--master-port", str(c.port), "--rank", "1"]
             + ["--reconnect-timeout", "120", "--simulate-slowdown", "4", "--torch-threads", "1"],
             env=c.env,
             stdout=log,
@@ -71,7 +50,7 @@ def test_a_vanished_link_is_noticed_on_both_sides_and_the_worker_comes_back(tmp_
             alive = lambda: still_running(c.server, lambda: c.output("server"))  # noqa: E731
             wait_until(lambda: alive() and len(read_jsonl(steps, missing_ok=True)) >= 3, 120, what="three steps")
 
-            _ip("link", "set", netns["link"], "down")  # every packet dropped, no reset: the peer "vanishes"
+            netns.set_up(False)  # every packet dropped, no reset: the peer "vanishes"
             lost = wait_until(
                 lambda: alive() and find_all(read_jsonl(events, missing_ok=True), event="worker_lost", rank=1),
                 timeout=120,
@@ -83,7 +62,7 @@ def test_a_vanished_link_is_noticed_on_both_sides_and_the_worker_comes_back(tmp_
                 what="the worker noticing the silent master",
             )
             at = len(read_jsonl(steps))
-            _ip("link", "set", netns["link"], "up")
+            netns.set_up(True)
             wait_until(
                 lambda: alive() and any(s["step"] >= at and "1" in s["workers"] for s in read_jsonl(steps)),
                 timeout=180,

@@ -187,27 +187,54 @@ class WorkerTotals:
     pull_s: float = doc("total pull time")
 
 
-def worker_totals(history: list[StepRecord]) -> dict[str, WorkerTotals]:
-    """Each rank's totals over ``history``."""
-    sums: dict[str, dict[str, float]] = {}
-    for rec in history:
+_WORKER_SUMS = ("compute_s", "push_s", "wait_s", "pull_s")
+
+
+@dataclass
+class RunTotals:
+    """Running sums over a run's step records: what its summary needs, in memory that does not grow
+    with the number of steps (the records themselves are in ``metrics/steps.jsonl``)."""
+
+    steps: int = 0
+    samples: int = 0
+    step_s: float = 0.0
+    busy_s: float = 0.0  # per step, the slowest worker's compute
+    final_loss: float | None = None  # the last step's, whatever the order of the losses
+    workers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, history: list[StepRecord]) -> RunTotals:
+        totals = cls()
+        for rec in history:
+            totals.add(rec)
+        return totals
+
+    def add(self, rec: StepRecord) -> None:
+        self.steps += 1
+        self.samples += rec.samples
+        self.step_s += rec.step_s
+        self.busy_s += max((w.compute_s for w in rec.workers.values()), default=0.0)
+        self.final_loss = rec.loss
         for rank, w in rec.workers.items():
-            s = sums.setdefault(rank, dict.fromkeys(("samples", "steps", "compute_s", "push_s", "wait_s", "pull_s"), 0))
+            s = self.workers.setdefault(rank, dict.fromkeys(("samples", "steps", *_WORKER_SUMS), 0.0))
             s["samples"] += w.batch
             s["steps"] += 1
-            for k in ("compute_s", "push_s", "wait_s", "pull_s"):
+            for k in _WORKER_SUMS:
                 s[k] += getattr(w, k)
-    return {
-        rank: WorkerTotals(
-            samples=int(s["samples"]),
-            steps=int(s["steps"]),
-            compute_s=s["compute_s"],
-            push_s=s["push_s"],
-            wait_s=s["wait_s"],
-            pull_s=s["pull_s"],
-        )
-        for rank, s in sums.items()
-    }
+
+    def worker_totals(self) -> dict[str, WorkerTotals]:
+        """Each rank's totals."""
+        return {
+            rank: WorkerTotals(
+                samples=int(s["samples"]),
+                steps=int(s["steps"]),
+                compute_s=s["compute_s"],
+                push_s=s["push_s"],
+                wait_s=s["wait_s"],
+                pull_s=s["pull_s"],
+            )
+            for rank, s in self.workers.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -248,32 +275,30 @@ class RunSummary:
         parameters: int,
         epochs: int,
         train_s: float,
-        history: list[StepRecord],
+        totals: RunTotals,
         evaluations: list[EpochRecord],
         probes: list[float],
         compression: str,
         sync: str,
     ) -> RunSummary:
-        samples = sum(r.samples for r in history)
-        busy = sum(max((w.compute_s for w in r.workers.values()), default=0.0) for r in history)
-        step_s = sum(r.step_s for r in history)
+        samples, busy, step_s = totals.samples, totals.busy_s, totals.step_s
         last_eval = evaluations[-1] if evaluations else None
         return cls(
             experiment=experiment,
             model=model,
             dataset=dataset,
             parameters=parameters,
-            steps=len(history),
+            steps=totals.steps,
             epochs=epochs,
             samples=samples,
             train_s=train_s,
             samples_per_s=samples / train_s if train_s else 0.0,
-            final_loss=history[-1].loss if history else None,  # the run's last step, whatever the order
+            final_loss=totals.final_loss,
             eval=last_eval,
             final_eval_accuracy=last_eval.eval_accuracy if last_eval else None,
             communication_overhead=(1 - busy / step_s) if sync == "bsp" and step_s else None,
             ideal_samples_per_s=sum(probes) if probes and all(probes) else None,
-            workers=worker_totals(history),
+            workers=totals.worker_totals(),
             compression=compression,
             sync=sync,
         )

@@ -538,12 +538,12 @@ async def run(a: argparse.Namespace) -> dict:
                 sink.close()
         if local_worker is not None:
             local_worker.stop()
-        if not finished and ps is not None and ps.records.history:
+        if not finished and ps is not None and ps.records.step:
             try:  # the last step boundary, so `--resume` continues from here
                 ps.save_checkpoint(at_exit=True)
             except Exception:
                 log.exception("could not write the checkpoint at exit")
-        if not finished and not a.resume and (ps is None or not ps.records.history):
+        if not finished and not a.resume and (ps is None or not ps.records.step):
             # It failed before its first step: leave no folder of bare logs behind (the error is on stderr).
             remove_file_logs()
             shutil.rmtree(exp.path, ignore_errors=True)

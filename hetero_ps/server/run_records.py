@@ -13,7 +13,7 @@ from typing import Any
 
 from hetero_ps.errors import HeteroPSError
 from hetero_ps.observe.jsonl import read_jsonl
-from hetero_ps.observe.records import EpochRecord, Event, JSONObject, StepRecord
+from hetero_ps.observe.records import EpochRecord, Event, JSONObject, RunTotals, StepRecord
 
 log = logging.getLogger("hetero_ps.server")
 
@@ -23,36 +23,38 @@ class RunRecords:
         self.experiment = experiment
         self.sinks = list(sinks)
         self.progress = progress
-        self.history: list[StepRecord] = []
+        self.totals = RunTotals()  # the steps themselves go to the files and sinks, not to memory
         self.evaluations: list[EpochRecord] = []
         self.started = time.time()
 
     @property
     def step(self) -> int:
         """Steps done so far (the index the next step record will carry)."""
-        return len(self.history)
+        return self.totals.steps
 
     def add_step(self, rec: StepRecord) -> None:
-        self.history.append(rec)
+        self.totals.add(rec)
         self._publish("step", rec.to_json())
         if self.progress is not None:
             self.progress.update(rec.step, rec.epoch, rec.loss, rec.samples_per_s, rec.samples)
 
-    def restore(self, positions: dict[str, int], step: int) -> None:
+    def restore(self, positions: dict[str, int], step: int) -> list[StepRecord]:
         """Go back to a checkpoint: cut the metrics files to ``positions`` (steps and events after it
-        are redone) and reload the steps and evaluations recorded up to ``step``."""
+        are redone), take up the totals and evaluations recorded up to ``step``, and return the steps."""
         metrics = self.experiment.metrics
         metrics.rewind({s: n for s, n in positions.items() if s != "epochs"})
         # An evaluation may be written after the checkpoint of an epoch that ended before it: keep
         # what scored a step the checkpoint covers, by content rather than by position.
         metrics.keep("epochs", lambda rec: rec.get("step", 0) <= step)
-        self.history = [StepRecord.from_json(d) for d in read_jsonl(metrics.path("steps"))]
-        if [r.step for r in self.history] != list(range(step)):
+        history = [StepRecord.from_json(d) for d in read_jsonl(metrics.path("steps"))]
+        if [r.step for r in history] != list(range(step)):
             raise HeteroPSError(
                 f"{metrics.path('steps')} does not hold steps 0..{step - 1} as the checkpoint says; "
                 "it was changed after the run: start a new experiment"
             )
+        self.totals = RunTotals.of(history)
         self.evaluations = [EpochRecord.from_json(d) for d in read_jsonl(metrics.path("epochs"))]
+        return history
 
     def add_epoch(self, rec: EpochRecord) -> None:
         self.evaluations.append(rec)

@@ -544,9 +544,9 @@ class ParameterServer:
         """Continue from ``ckpt``: parameters, optimizer, schedule, records, the loop's position, the
         scheduler's worker models and the evaluations that were still to be scored."""
         checkpoint.check_compatible(ckpt, self.job.to_wire(), self.numel)
-        self.records.restore(ckpt["metrics"], int(ckpt["step"]))
+        done = self.records.restore(ckpt["metrics"], int(ckpt["step"]))
         self.state.load_checkpoint_state(ckpt)
-        self.divergence.replay([r.loss for r in self.records.history])
+        self.divergence.replay([r.loss for r in done])
         self.resumed_loop = dict(ckpt["loop"])
         self.scheduler.restore(ckpt["scheduler"])
         self._train_s_before = float(ckpt["train_s"])
@@ -669,7 +669,7 @@ class ParameterServer:
             parameters=self.numel,
             epochs=epochs,
             train_s=train_s,
-            history=self.records.history,
+            totals=self.records.totals,
             evaluations=self.records.evaluations,
             probes=probes,
             compression=self.job.compression,

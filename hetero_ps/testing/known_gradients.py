@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,6 +149,7 @@ class ExpectedParams:
     verified: int = 0  # versions × workers compared bit for bit
     unverified: int = 0  # received before anyone saw version 0, or older than the predictions kept
     mismatches: list[Mismatch] = field(default_factory=list)
+    on_new_version: Callable[[int], None] | None = None  # called as each version reaches its first worker
 
     @property
     def latest(self) -> int:
@@ -167,7 +169,10 @@ class ExpectedParams:
 
     def observe(self, version: int, params: np.ndarray, rank: int) -> bool:
         """Check a whole received version; False (and a ``Mismatch``) when it differs from the prediction."""
-        self.first_seen.setdefault(version, time.monotonic())
+        if version not in self.first_seen:
+            self.first_seen[version] = time.monotonic()
+            if self.on_new_version is not None:
+                self.on_new_version(version)
         if not self.versions:
             if version != 0:
                 self.unverified += 1
@@ -192,8 +197,9 @@ class Oracle:
 
     MAX_PROBLEMS = 200  # a broken run says enough in its first few hundred
 
-    def __init__(self, n_samples: int):
+    def __init__(self, n_samples: int, on_new_version: Callable[[int], None] | None = None):
         self.n_samples = n_samples
+        self.on_new_version = on_new_version
         self.job: JobConfig | None = None
         self.known: KnownGradients | None = None
         self.expected: ExpectedParams | None = None
@@ -204,7 +210,7 @@ class Oracle:
         if self.known is None:
             check_exact_job(job, self.n_samples)
             self.job, self.known = job, KnownGradients(self.n_samples, numel, job.seed, job.global_batch)
-            self.expected = ExpectedParams(self.known, float(job.lr or 0.0))
+            self.expected = ExpectedParams(self.known, float(job.lr or 0.0), on_new_version=self.on_new_version)
         elif job != self.job or numel != self.known.numel:
             raise ConfigError("a welcome carried another job than the first one")
         return self.known

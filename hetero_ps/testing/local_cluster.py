@@ -60,12 +60,14 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict | None = None, prefix: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
 
         log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
         self._logs.append(log)
         return subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             cwd=self.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -78,13 +80,18 @@ class LocalCluster:
         for args in self.worker_args:
             self.add_worker(args)
 
-    def add_worker(self, args: list[str], env: dict | None = None):
+    def add_worker(self, args: list[str], env: dict | None = None, link=None):
+        """Start ``python -m hetero_ps.worker`` with ``args``; with ``link`` (a ``netlinks.Link``) it
+        runs in that link's namespace and reaches the master at ``link.outer`` (start the master
+        with ``--host 0.0.0.0`` or that address)."""
         if self.tls and not {"--tls-ca", "--tls-fingerprint"} & set(args):
             args = ["--tls-ca", os.path.join(self.tls, "cert.pem"), *args]
+        addr = link.outer if link is not None else "127.0.0.1"
         p = self._spawn(
             f"worker{len(self.workers)}",
-            ["-m", "hetero_ps.worker", "--master-addr", "127.0.0.1", "--master-port", str(self.port), *args],
+            ["-m", "hetero_ps.worker", "--master-addr", addr, "--master-port", str(self.port), *args],
             env,
+            prefix=tuple(link.command([])) if link is not None else (),
         )
         self.workers.append(p)
         return p
