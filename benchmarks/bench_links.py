@@ -22,9 +22,10 @@ codecs, so it is measured on loopback with two workers, ``ACC_EPOCHS`` epochs pe
 Quick mode (CI): a small model (simple_cnn tiny, digits), 100 Mbit/s, codecs none and top-k, the
 fast + slow scenario and the fast worker alone, a few steps each. Full mode
 (``HETERO_PS_BENCH_FULL=1``): everything above for 1000, 300, 100 and 20 Mbit/s
-(``HETERO_PS_LINK_RATES=100,20`` picks rates), writing ``benchmarks/RESULTS_links.md`` and
-``benchmarks/links.png``. ``--compression auto`` (per-worker codecs chosen from the link) is not
-built yet: its rows come with it.
+(``HETERO_PS_LINK_RATES=100,20`` picks rates, ``HETERO_PS_LINK_CODECS=auto,none`` rows), writing
+``benchmarks/RESULTS_links.md`` and ``benchmarks/links.png``. ``auto`` is ``--compression auto
+--pull-compression auto``: each worker's codecs chosen by the master from its measured link
+(``server/codec_choice.py``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from hetero_ps.observe.jsonl import read_jsonl
 from hetero_ps.testing import LocalCluster, netlinks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS_links.md")
-PLOT = os.path.join(HERE, "links.png")
+# A run of some rates or rows only goes beside the tracked results (untracked), not over them.
+PARTIAL = ".partial" if os.environ.get("HETERO_PS_LINK_RATES") or os.environ.get("HETERO_PS_LINK_CODECS") else ""
+RESULTS = os.path.join(HERE, f"RESULTS_links{PARTIAL}.md")
+PLOT = os.path.join(HERE, f"links{PARTIAL}.png")
 
 if FULL:
     MODEL = ["--model", "simple_cnn", "--model-arg", "hidden=10240", "--dataset", "synthetic_image"]
@@ -52,7 +55,10 @@ if FULL:
         "int8": ("int8", "int8"),
         "top-k 1 %": ("topk:0.01", "topk:0.01"),
         "PowerSGD r4 + int8 pull": ("powersgd:4", "int8"),
+        "auto": ("auto", "auto"),
     }
+    if os.environ.get("HETERO_PS_LINK_CODECS"):  # e.g. "auto,none": a partial run of those rows
+        CODECS = {k: v for k, v in CODECS.items() if k in os.environ["HETERO_PS_LINK_CODECS"].split(",")}
     WARM, MEASURED = 2, 6
     ACC_EPOCHS = 3
 else:
@@ -225,7 +231,7 @@ def write_results(rows: list, accuracy: dict, measured: dict, kind: str) -> None
         ]
         lines += [f"| {k} | {'n/a' if v is None else f'{100 * v:.1f} %'} |" for k, v in accuracy.items()]
         lines.append("")
-    lines += ["![samples/s by codec and link](links.png)", ""]
+    lines += [f"![samples/s by codec and link]({os.path.basename(PLOT)})", ""]
     with open(RESULTS, "w") as f:
         f.write("\n".join(lines))
 

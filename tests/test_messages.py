@@ -83,7 +83,16 @@ SAMPLES = {
     "WELCOME (control client)": (ControlWelcome, {"role": "control", "workers": [0, 2]}),
     "SCHEDULE": (
         Schedule,
-        {"step": 7, "attempt": 1, "epoch": 0, "offset": 128, "count": 64, "version": 7, "total": 256},
+        {
+            "step": 7,
+            "attempt": 1,
+            "epoch": 0,
+            "offset": 128,
+            "count": 64,
+            "version": 7,
+            "total": 256,
+            "compression": "topk:0.01",
+        },
     ),
     "PUSH": (
         Push,

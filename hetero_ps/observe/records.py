@@ -152,6 +152,8 @@ EVENT_KINDS: dict[str, str] = {
     "worker_resumed": "`rank`: a suspended worker answered again; it gets work from the next step",
     "pull_resync": "`rank`, `reason`, `version`: delta pulls: that worker got the full parameters (first pull, "
     "every N pulls, or its copy past `--pull-bound`)",
+    "codec_choice": "`rank`, `push`, `pull`, `reason`: `--compression`/`--pull-compression auto` moved that worker "
+    "to these codecs (its link's measured rate, the transfer time before and after, the step's compute)",
     "resumed": "`epoch`, `offset`, `version`, `evaluations` (re-scored): a restarted master continues from its "
     "checkpoint here",
     "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",

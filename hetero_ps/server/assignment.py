@@ -34,6 +34,7 @@ class Assignment:
     version: int = 0  # parameter version the work was computed on
     slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # wid -> (epoch, offset, count)
     reports: dict[int, StepReport] = field(default_factory=dict)  # wid -> the worker's report
+    codecs: dict[int, str] = field(default_factory=dict)  # wid -> the push codec its SCHEDULE named
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)

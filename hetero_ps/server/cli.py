@@ -191,13 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="SSP/ASP: scale a gradient of staleness t by 1/(1+t) (inverse), 1/sqrt(1+t), or not",
     )
     g.add_argument(
-        "--compression", default=d.compression, help="push codec: none|fp16|bf16|int8|topk:RATIO|powersgd[:RANK]"
+        "--compression",
+        default=d.compression,
+        help="push codec: none|fp16|bf16|int8|topk:RATIO|powersgd[:RANK], or auto: each worker's, chosen from its link",
     )
     g.add_argument(
         "--pull-compression",
         default=d.pull_compression,
         help="pull codec: none|fp16|bf16 send the parameters; int8[:BLOCK]|topk:RATIO send each worker the change "
-        "since what it holds, with error feedback",
+        "since what it holds, with error feedback; auto: each worker's, chosen from its link",
     )
     g.add_argument(
         "--pull-bound",
@@ -289,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
-    from hetero_ps.wire.codecs import parse_codec
+    from hetero_ps.wire.codecs import is_auto, parse_codec
 
     global_batch = a.global_batch_size or a.batch_size * trainers
     if a.eval_samples < 0:
@@ -303,7 +305,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
     if global_batch < trainers:
         raise ConfigError(f"a global batch of {global_batch} cannot be shared by {trainers} workers")
     for spec in (a.compression, a.pull_compression):
-        parse_codec(spec)  # raises ConfigError with the valid choices
+        if not is_auto(spec):
+            parse_codec(spec)  # raises ConfigError with the valid choices
     if not 0 < a.pull_bound < float("inf") or a.pull_resync_every < 0:
         raise ConfigError(
             f"--pull-bound must be a number > 0 and --pull-resync-every >= 0, "

@@ -47,6 +47,13 @@ class ReplicaPull:
         self.error = 0.0  # the replica's relative distance to the master's parameters after the last pull
         self._delta: np.ndarray | None = None
 
+    def use_codec(self, spec: str) -> None:
+        """Encode the next deltas with ``spec`` (``--pull-compression auto`` moved this worker); the
+        replica stays: it is what the worker holds, whichever codec brought it there."""
+        if spec != self.spec:
+            self.spec = spec
+            self.codecs = [codecs.make_codec(spec, n) for _, n in self.chunks]
+
     def forget(self) -> None:
         """The worker may not have received all of the last frames: resync it next time."""
         self.replica = None

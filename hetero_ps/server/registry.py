@@ -35,7 +35,8 @@ class WorkerHandle:
     assignment: Assignment | None = None  # the work in flight for it, if any
     clock: int = 0  # SSP/ASP: updates it has pushed
     suspended: bool = False  # stalled past its limit in a step: given no work until it answers again
-    pull: Any = None  # pull_delta.ReplicaPull: what it holds, with a delta --pull-compression
+    pull: Any = None  # pull_delta.ReplicaPull: what it holds, while its pull codec is a delta one
+    link: Any = None  # codec_choice.LinkChoice: its link's measured rate and its codecs
 
     def set_activity(self, what: str) -> None:
         self.activity, self.activity_since = what, time.monotonic()

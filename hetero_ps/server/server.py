@@ -37,7 +37,7 @@ from hetero_ps.errors import (
     TransportError,
 )
 from hetero_ps.observe.records import EpochRecord, RunSummary, StepRecord
-from hetero_ps.server import checkpoint
+from hetero_ps.server import checkpoint, codec_choice, pull_delta
 from hetero_ps.server.admission import Admission
 from hetero_ps.server.assignment import Assignment
 from hetero_ps.server.control import ControlDesk
@@ -282,7 +282,8 @@ class ParameterServer:
             return  # a push for an aborted attempt: its samples are being redone
         a.take_chunk(h.wid, push.chunk, h.name)
         h.set_activity(f"pushing step {a.step} (chunk {push.chunk + 1}/{self.n_chunks})")
-        self.state.accumulate(push, segments, a.acc_np, a.weight(h.wid))
+        self._link(h).on_push(push.step, push.attempt, sum(memoryview(s).nbytes for s in segments))
+        self.state.accumulate(push, segments, a.acc_np, a.weight(h.wid), a.codecs[h.wid])
         self._maybe_done(h, a)
 
     def _on_metrics(self, h: WorkerHandle, m: Metrics) -> None:
@@ -293,6 +294,7 @@ class ParameterServer:
         if a is None or m.report is None or not a.is_current(m.step, m.attempt) or h.wid not in a.sizes:
             return
         a.add_report(h.wid, m.report)
+        self._link(h).on_report(a.step, a.attempt, m.report.encode_s)
         util = m.report.util
         self.records.worker_utilisation(
             h.rank, **{k: util.get(k) for k in ("cpu_util", "mem_bytes", "gpu_util", "gpu_mem_bytes")}
@@ -357,10 +359,13 @@ class ParameterServer:
         if h.params_version == self.version:
             return True
         version = self.version
-        if self.state.delta_pulls:
-            frames = await self._delta_frames(h)
+        spec = self._link(h).pull
+        if pull_delta.is_delta_codec(spec):
+            frames = await self._delta_frames(h, spec)
         else:
-            frames = self.state.encoded_params()
+            if h.pull is not None:
+                h.pull = None  # full pulls from now on: the replica would fall behind
+            frames = self.state.encoded_params(spec)
         try:
             for f in frames:
                 await h.conn.send_frame(f)
@@ -374,12 +379,13 @@ class ParameterServer:
         h.params_version = version
         return True
 
-    async def _delta_frames(self, h: WorkerHandle) -> list[Any]:
-        """``h``'s delta pull (or resync) from its replica. In BSP the parameters stay still while
-        they are sent, so the encoding runs in a thread, beside the other workers'; SSP/ASP update
-        them between two awaits, so there it runs here, on one consistent version."""
+    async def _delta_frames(self, h: WorkerHandle, spec: str) -> list[Any]:
+        """``h``'s delta pull (or resync) from its replica, with the delta codec ``spec``. In BSP the
+        parameters stay still while they are sent, so the encoding runs in a thread, beside the other
+        workers'; SSP/ASP update them between two awaits, so there it runs here, on one consistent version."""
         if h.pull is None:
-            h.pull = self.state.replica_pull()
+            h.pull = self.state.replica_pull(spec)
+        h.pull.use_codec(spec)
         params = self.state.flat.params.detach().numpy()
         if self.job.sync == "bsp":
             frames, why = await asyncio.to_thread(h.pull.frames, params, self.version, h.params_version)
@@ -392,8 +398,16 @@ class ParameterServer:
 
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]
+        a.codecs[h.wid] = push_codec = self._link(h).push
         header = Schedule(
-            step=a.step, attempt=a.attempt, epoch=epoch, offset=offset, count=count, version=self.version, total=a.total
+            step=a.step,
+            attempt=a.attempt,
+            epoch=epoch,
+            offset=offset,
+            count=count,
+            version=self.version,
+            total=a.total,
+            compression=push_codec if codec_choice.is_auto(self.job.compression) else None,
         ).to_header()
         h.batch = count
         h.assignment = a
@@ -472,6 +486,25 @@ class ParameterServer:
             h.samples += a.sizes[wid]
             h.steps += 1
             self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
+        self._choose_codecs(a)
+
+    def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
+        if h.link is None:
+            h.link = codec_choice.LinkChoice(self.job.compression, self.job.pull_compression, self.state.chunks)
+        return h.link
+
+    def _choose_codecs(self, a: Assignment) -> None:
+        """--compression/--pull-compression auto: re-choose the codecs of the workers that just
+        reported, against the step's compute (the slowest worker's: what everyone waits for)."""
+        compute_s = max((r.compute_s for r in a.reports.values()), default=0.0)
+        for wid in a.reports:
+            h = self.admission.registry.workers.get(wid)
+            if h is None or h.link is None:
+                continue
+            why = h.link.decide(compute_s)
+            if why:
+                log.info("%s: push %s, pull %s — %s", h.name, h.link.push, h.link.pull, why)
+                self.emit_event("codec_choice", rank=h.rank, push=h.link.push, pull=h.link.pull, reason=why)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def update_done(self) -> None:

@@ -527,6 +527,13 @@ if _missing:  # not an assert: must hold under python -O too
     raise ImportError(f"codecs without an implementation: {sorted(c.name for c in _missing)}")
 
 
+AUTO = "auto"  # --compression/--pull-compression auto: the master picks each worker's codec (not a codec itself)
+
+
+def is_auto(spec: object) -> bool:
+    return isinstance(spec, str) and spec.strip().lower() == AUTO
+
+
 def make_codec(spec, numel: int) -> Codec:
     """A fresh codec instance for one chunk of ``numel`` values (``spec``: string or CodecSpec)."""
     s = parse_codec(spec)

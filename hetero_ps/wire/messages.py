@@ -347,9 +347,10 @@ class Schedule(WireMessage):
     count: int
     version: int
     total: int  # the weight's divisor: samples in the BSP step, or the global batch
+    compression: str | None = None  # --compression auto: the codec to push this step with
 
     def to_header(self) -> dict[str, Any]:
-        return {
+        h: dict[str, Any] = {
             "step": self.step,
             "attempt": self.attempt,
             "epoch": self.epoch,
@@ -358,6 +359,9 @@ class Schedule(WireMessage):
             "version": self.version,
             "total": self.total,
         }
+        if self.compression is not None:
+            h["compression"] = self.compression
+        return h
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Schedule:
@@ -370,6 +374,7 @@ class Schedule(WireMessage):
             count=_int(h, "SCHEDULE", "count"),
             version=_int(h, "SCHEDULE", "version"),
             total=_int(h, "SCHEDULE", "total", 1),
+            compression=_opt_str(h, "SCHEDULE", "compression"),
         )
 
 

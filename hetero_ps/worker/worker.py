@@ -152,6 +152,8 @@ class Worker:
         self._set_bandwidth(cfg.simulate_bandwidth)
         self._feedback: list[np.ndarray | None] | None = None  # top-k residuals before the current step
         self._feedback_step = -1  # the step they were saved for
+        self._carry: list[np.ndarray | None] | None = None  # owed by the push codec before a switch...
+        self._carry_step = -1  # ...added to this step's gradient
 
     async def run_and_rejoin(self) -> dict:
         """``run``; when the master goes away mid-job, rejoin it (with our rank) for ``reconnect_timeout``.
@@ -196,6 +198,7 @@ class Worker:
         self.joined = True
         # A rejoin starts afresh: nothing from the previous master's job carries over.
         self._feedback, self._feedback_step, self._push_done_at = None, -1, 0.0
+        self._carry, self._carry_step = None, -1
         self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         self.heartbeat_s = w.heartbeat_s
         self.job = JobConfig.from_wire(w.job)
@@ -325,8 +328,10 @@ class Worker:
     def _setup_codecs(self) -> None:
         n = self.flat.numel
         self.chunks = chunk_layout(n, self.job.chunk_bytes)
-        self.push_codecs = [codecs.make_codec(self.job.compression, numel) for _, numel in self.chunks]
-        self.pull_codecs = [codecs.make_codec(self.job.pull_compression, numel) for _, numel in self.chunks]
+        # With --compression auto the master names the push codec in each SCHEDULE: none until then.
+        self.push_spec = "none" if codecs.is_auto(self.job.compression) else self.job.compression
+        self.push_codecs = [codecs.make_codec(self.push_spec, numel) for _, numel in self.chunks]
+        self.pull_codecs: dict[str, list[codecs.Codec]] = {}  # by the codec each PARAMS frame names
         # Parameters live on the CPU for the wire; on a GPU node they are copied in once per step.
         self.params_cpu = self.flat.params if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
         self.grads_cpu = self.flat.grads if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
@@ -384,11 +389,11 @@ class Worker:
                     f"master sent a parameter change from version {p.base}, this node holds "
                     f"{getattr(self, 'version', 'none')}"
                 )
-            self.pull_codecs[p.chunk].decode_accumulate(
+            self._pull_codec(p.codec, p.chunk).decode_accumulate(
                 self.params_cpu[off : off + numel].numpy(), p.codec_header(), segments, 1.0
             )
         elif p.codec != "none":
-            self.pull_codecs[p.chunk].decode_into(
+            self._pull_codec(p.codec, p.chunk).decode_into(
                 self.params_cpu[off : off + numel].numpy(), p.codec_header(), segments
             )
         elif not _same_buffer(segments[0], self.params_np, off):
@@ -399,6 +404,33 @@ class Worker:
             self.version = p.version
         self._prev["pull_s"] += time.perf_counter() - t0
         self._prev["bytes_in"] += sum(len(s) for s in segments)
+
+    def _pull_codec(self, spec: str, chunk: int) -> codecs.Codec:
+        if spec not in self.pull_codecs:
+            try:
+                self.pull_codecs[spec] = [codecs.make_codec(spec, numel) for _, numel in self.chunks]
+            except ConfigError as exc:
+                raise RemoteProtocolError(f"PARAMS.codec: {exc}") from None
+        return self.pull_codecs[spec][chunk]
+
+    def _use_push_codec(self, spec: str, step: int) -> None:
+        """Push with ``spec`` from this step on (the master's choice under --compression auto).
+
+        What an error-feedback codec (top-k, PowerSGD) still owed is not lost: it is added to this
+        step's gradient (``_carry``), again if the step is redone, and dropped once a later step starts."""
+        if codecs.is_auto(spec):
+            raise RemoteProtocolError("SCHEDULE.compression: required (a codec, not auto) when the job's is auto")
+        try:
+            fresh = [codecs.make_codec(spec, numel) for _, numel in self.chunks]
+        except ConfigError as exc:
+            raise RemoteProtocolError(f"SCHEDULE.compression: {exc}") from None
+        owed = [c.feedback() for c in self.push_codecs]
+        if any(r is not None for r in owed):
+            self._carry = [None if r is None else r.copy() for r in owed]
+            self._carry_step = step
+        self.push_codecs, self.push_spec = fresh, spec
+        self._feedback, self._feedback_step = None, -1
+        log.info("pushing with %s from step %d on (the master's choice for this link)", spec, step)
 
     def _on_control(self, c: Control) -> None:
         if c.simulate_slowdown is not None:
@@ -426,6 +458,15 @@ class Worker:
         except ValueError as exc:
             await conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
             raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
+        if self._carry is not None and step != self._carry_step:
+            self._carry = None  # delivered with the step it was added to
+        spec = s.compression or self.job.compression
+        if spec != self.push_spec:
+            try:
+                self._use_push_codec(spec, step)
+            except RemoteProtocolError as exc:
+                await conn.send_error("protocol_error", f"rank {self.rank}: {exc}")
+                raise
         if self._push_done_at:  # from our last push to this schedule: barrier, optimizer and pull
             self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
         t0 = time.perf_counter()
@@ -446,12 +487,16 @@ class Worker:
         prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         encode_s = push_s = 0.0
         nbytes = 0
+        carry = self._carry if self._carry_step == step else None
         for i, (off, numel) in enumerate(self.chunks):
             te = time.perf_counter()
-            fields, segments = self.push_codecs[i].encode(grads[off : off + numel])
+            chunk = grads[off : off + numel]
+            if carry is not None and carry[i] is not None:
+                chunk = chunk + carry[i]  # a copy: a redone step adds it to its new gradient again
+            fields, segments = self.push_codecs[i].encode(chunk)
             tp = time.perf_counter()
             push = push_from_codec(
-                fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel, codec=self.job.compression
+                fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel, codec=self.push_spec
             )
             await conn.send(MsgType.PUSH, push.to_header(), segments)
             sent = sum(memoryview(s).nbytes for s in segments)
