@@ -101,6 +101,24 @@ def test_a_pull_the_worker_may_have_missed_part_of_is_resynced():
     assert pull.frames(params, 3, 2)[1] == "first pull"
 
 
+def test_a_worker_that_holds_the_exact_parameters_needs_no_resync_and_the_codec_may_change():
+    rng = np.random.default_rng(1)
+    params = rng.standard_normal(NUMEL).astype(np.float32)
+    worker = Worker("int8")
+    worker.params[:], worker.version = params, 5  # it got version 5 uncompressed
+    pull = ReplicaPull("int8", CHUNKS, bound=1.0, resync_every=0)
+    pull.assume(params)
+    params += 0.01 * rng.standard_normal(NUMEL).astype(np.float32)
+    frames, why = pull.frames(params, 6, 5)
+    assert why == "" and worker.receive(frames) < 2 * NUMEL  # a delta, a quarter of fp32's bytes
+    assert np.array_equal(worker.params, pull.replica)
+    pull.use_codec("topk:0.05")  # --pull-compression auto moved it: the replica stays
+    worker.codecs = [codecs.make_codec("topk:0.05", n) for _, n in CHUNKS]
+    frames, why = pull.frames(params, 7, 6)
+    worker.receive(frames)
+    assert why == "" and np.array_equal(worker.params, pull.replica)
+
+
 def test_which_codecs_send_changes():
     assert is_delta_codec("int8") and is_delta_codec("topk:0.01")
     assert not any(is_delta_codec(s) for s in ("none", "fp16", "bf16"))

@@ -54,6 +54,14 @@ class ReplicaPull:
             self.spec = spec
             self.codecs = [codecs.make_codec(spec, n) for _, n in self.chunks]
 
+    def assume(self, params: np.ndarray) -> None:
+        """The worker holds exactly ``params`` (its last pull was uncompressed): start its replica
+        from them instead of a full resync at its first delta pull."""
+        self.replica = np.array(params, dtype=np.float32, copy=True)
+        if self._delta is None:
+            self._delta = np.empty_like(self.replica)
+        self.pulls, self.error = 0, 0.0
+
     def forget(self) -> None:
         """The worker may not have received all of the last frames: resync it next time."""
         self.replica = None
@@ -98,13 +106,12 @@ class ReplicaPull:
     def _resync(self, params: np.ndarray, version: int) -> list[Any]:
         """Full float32 parameters; the frames point into the new replica (a copy, which the master's
         next updates do not touch), so they stay valid while they are sent."""
-        self.replica = np.array(params, dtype=np.float32, copy=True)
-        if self._delta is None:
-            self._delta = np.empty_like(self.replica)
-        self.pulls, self.error = 0, 0.0
+        self.assume(params)
+        replica = self.replica
+        assert replica is not None
         out = []
         for i, (off, n) in enumerate(self.chunks):
-            segment = self.replica[off : off + n].data.cast("B")
+            segment = replica[off : off + n].data.cast("B")
             fields = {"codec_id": int(codecs.CodecId.NONE), "numel": n}
             header = params_from_codec(fields, version=version, chunk=i, offset=off, numel=n, codec="none")
             out.append(protocol.encode_frame(MsgType.PARAMS, header.to_header(), [segment]))

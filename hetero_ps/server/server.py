@@ -501,8 +501,13 @@ class ParameterServer:
             h = self.admission.registry.workers.get(wid)
             if h is None or h.link is None:
                 continue
+            pulled = h.link.pull
             why = h.link.decide(compute_s)
             if why:
+                if pulled == "none" and h.params_version == self.version and pull_delta.is_delta_codec(h.link.pull):
+                    # It holds this version bit for bit: its first delta needs no full resync.
+                    h.pull = self.state.replica_pull(h.link.pull)
+                    h.pull.assume(self.state.flat.params.detach().numpy())
                 log.info("%s: push %s, pull %s — %s", h.name, h.link.push, h.link.pull, why)
                 self.emit_event("codec_choice", rank=h.rank, push=h.link.push, pull=h.link.pull, reason=why)
 

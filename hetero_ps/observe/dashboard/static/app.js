@@ -328,6 +328,8 @@
         el("div", { class: "reason" }, `limit ${fmtSeconds(e.limit_s)}; its samples were redone by the others`));
     } else if (e.event === "worker_resumed") {
       what.append(`rank ${e.rank} answers again: back at work`);
+    } else if (e.event === "codec_choice") {
+      what.append(`rank ${e.rank} now pushes ${e.push} and pulls ${e.pull}`, el("div", { class: "reason" }, e.reason || ""));
     } else if (e.event === "nonfinite_gradient") {
       what.append("non-finite gradient: step skipped", el("div", { class: "reason" }, (e.workers || []).join(", ")));
     } else {
