@@ -59,7 +59,7 @@ if FULL:
     }
     if os.environ.get("HETERO_PS_LINK_CODECS"):  # e.g. "auto,none": a partial run of those rows
         CODECS = {k: v for k, v in CODECS.items() if k in os.environ["HETERO_PS_LINK_CODECS"].split(",")}
-    WARM, MEASURED = 4, 8  # auto measures the link in its first two steps, then moves
+    WARM, MEASURED = 4, 8  # auto measures the link in its first three steps, then moves
     ACC_EPOCHS = 3
 else:
     MODEL = ["--model", "simple_cnn", "--model-size", "tiny", "--dataset", "digits"]

@@ -15,7 +15,7 @@ CHUNKS = chunk_layout(10_500_000, 4 << 20)  # the 10.5 M-parameter model of the 
 MB = 1 << 20
 
 
-def _measured(link: LinkChoice, rate: float, *, samples: int = 2, step: int = 0) -> None:
+def _measured(link: LinkChoice, rate: float, *, samples: int = 3, step: int = 0) -> None:
     """Feed ``samples`` pushes of 11 chunks of 1 MiB arriving at ``rate`` bytes/s."""
     for s in range(step, step + samples):
         for i in range(11):
@@ -64,16 +64,25 @@ def test_a_fast_link_stays_uncompressed_and_a_slow_one_gets_top_k():
     assert lan.push == "fp16" and lan.transfer_s(LADDER.index("fp16")) <= 0.5 < lan.transfer_s(LADDER.index("none"))
 
 
-def test_one_sample_is_not_enough_and_a_fixed_direction_keeps_its_codec():
+def test_two_samples_are_not_enough_and_a_fixed_direction_keeps_its_codec():
     link = LinkChoice("fp16", "auto", CHUNKS)
-    _measured(link, 100e6 / 8, samples=1)
+    _measured(link, 100e6 / 8, samples=2)
     assert link.decide(compute_s=0.3) == ""
-    _measured(link, 100e6 / 8, samples=1, step=1)
+    _measured(link, 100e6 / 8, samples=1, step=2)
     assert link.decide(compute_s=0.3)
     assert (link.push, link.pull) == ("fp16", "topk:0.01")  # only the pull is auto
     fixed = LinkChoice("int8", "none", CHUNKS)
     _measured(fixed, 1e6)
     assert fixed.decide(compute_s=0.1) == "" and (fixed.push, fixed.pull) == ("int8", "none")
+
+
+def test_one_odd_span_is_outvoted():
+    link = LinkChoice("auto", "auto", CHUNKS)
+    _measured(link, 2e9, samples=1)
+    _measured(link, 2e6, samples=1, step=1)  # a hiccup on loopback: 1000x slower for one push
+    _measured(link, 2e9, samples=1, step=2)
+    assert link.rate == pytest.approx(2e9)
+    assert link.decide(compute_s=0.3) == "" and link.push == "none"
 
 
 def test_going_back_to_less_compression_needs_room_to_spare():
@@ -84,7 +93,7 @@ def test_going_back_to_less_compression_needs_room_to_spare():
     compute = 2.0 * link.transfer_s(LADDER.index("int8"))  # int8 would just fit the 0.5 budget...
     assert link.decide(compute_s=compute) == ""  # ...but not the 0.2 one needed to go back
     assert link.push == "topk:0.01"
-    assert "less compression" in link.decide(compute_s=10 * compute)
+    assert "less compression: it fits 0.2 × compute" in link.decide(compute_s=10 * compute)
     assert link.push == "none"
 
 

@@ -6,9 +6,10 @@ others arrive at the link's pace: ``bytes after the first / (last arrival − fi
 sample of the link's rate. It is used only when it says something about the link: at least
 ``MIN_SPAN_BYTES`` after the first chunk, and a span longer than ``LINK_BOUND`` × the worker's
 own encode time (else the worker's encoder, not the link, set the pace, as with top-k on loopback).
-The estimate is an EWMA of the samples, acted on from the second one; a link is taken to carry the
-same rate both ways. A worker on top-k over a fast link would push too little to be measured
-again, which is why it takes two samples, not one, to leave the uncompressed start.
+The estimate is the median of the latest ``RECENT`` samples, acted on from the third one, so one
+odd span (a hiccup on a fast link, a burst) is outvoted; a link is taken to carry the same rate
+both ways. A worker on top-k over a fast link would push too little to be measured again, which is
+why a bad first estimate must not send it there.
 
 The codecs form a ladder, from least to most compressed, the same for pushes and pulls (a pull of
 int8 or top-k is a delta against the worker's replica, ``pull_delta.py``)::
@@ -30,6 +31,8 @@ the next SCHEDULE and reads each pull's codec from its PARAMS frames.
 
 from __future__ import annotations
 
+import collections
+import statistics
 import time
 
 from hetero_ps.wire import codecs
@@ -39,8 +42,8 @@ COMM_SHARE = 0.5  # transfer may take up to this share of the step's compute...
 RELAX_SHARE = 0.2  # ...and a less compressed level is taken back only if it fits in this share
 MIN_SPAN_BYTES = 64 << 10  # a push span's bytes after its first chunk, to count as a rate sample
 LINK_BOUND = 1.5  # the span must be this many times the worker's encode time
-EWMA = 0.3  # weight of a new rate sample
-MIN_SAMPLES = 2  # samples before the first decision: one hiccup on a fast link must not look like a slow link
+RECENT = 5  # the rate is the median of this many latest samples: one odd span moves nothing...
+MIN_SAMPLES = 3  # ...and the first decision waits for three, so one hiccup on a fast link is outvoted
 
 
 is_auto = codecs.is_auto
@@ -54,8 +57,7 @@ class LinkChoice:
         self.chunks = chunks
         self.level = 0
         self.fixed_push, self.fixed_pull = push, pull
-        self.rate: float | None = None  # bytes/s, once measured
-        self.samples = 0
+        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)  # rate samples, bytes/s
         self._span: tuple[int, int, float, float, int, int] | None = None  # step, attempt, t0, t1, bytes, chunks
 
     @property
@@ -90,21 +92,26 @@ class LinkChoice:
         if nbytes < MIN_SPAN_BYTES or span <= 0 or span < LINK_BOUND * encode_after_first:
             return None
         sample = nbytes / span
-        self.rate = sample if self.rate is None else (1 - EWMA) * self.rate + EWMA * sample
-        self.samples += 1
+        self.recent.append(sample)
         return sample
+
+    @property
+    def rate(self) -> float | None:
+        """The link's rate in bytes/s: the median of the recent samples (None before the first)."""
+        return statistics.median(self.recent) if self.recent else None
 
     # -- deciding -----------------------------------------------------------------------------------
     def transfer_s(self, level: int) -> float:
         """Predicted seconds of push + pull per step at ``level`` (needs a rate)."""
-        assert self.rate, "measured first"
+        rate = self.rate
+        assert rate, "measured first"
         push = LADDER[level] if self.push_auto else self.fixed_push
         pull = LADDER[level] if self.pull_auto else self.fixed_pull
-        return (_wire_bytes(push, self.chunks) + _wire_bytes(pull, self.chunks)) / self.rate
+        return (_wire_bytes(push, self.chunks) + _wire_bytes(pull, self.chunks)) / rate
 
     def decide(self, compute_s: float) -> str:
         """Re-choose the level for a step of ``compute_s`` seconds of compute; the reason if it moved ('' if not)."""
-        if not self.auto or not self.rate or self.samples < MIN_SAMPLES or not compute_s > 0:
+        if not self.auto or len(self.recent) < MIN_SAMPLES or not compute_s > 0:
             return ""
         levels = range(len(LADDER))
         fits = [lv for lv in levels if self.transfer_s(lv) <= COMM_SHARE * compute_s]
@@ -115,11 +122,15 @@ class LinkChoice:
         if target == self.level:
             return ""
         before, now = self.transfer_s(self.level), self.transfer_s(target)
-        direction = "more" if target > self.level else "less"
+        why = (
+            f"more compression; budget {COMM_SHARE:g} × compute"
+            if target > self.level
+            else f"less compression: it fits {RELAX_SHARE:g} × compute"
+        )
         self.level = target
         return (
-            f"link {8 * self.rate / 1e6:.0f} Mbit/s: {before:.3g} s of transfer per step before, {now:.3g} s now, "
-            f"against {compute_s:.3g} s of compute ({direction} compression; budget {COMM_SHARE:g} × compute)"
+            f"link {8 * (self.rate or 0.0) / 1e6:.0f} Mbit/s: {before:.3g} s of transfer per step before, "
+            f"{now:.3g} s now, against {compute_s:.3g} s of compute ({why})"
         )
 
 

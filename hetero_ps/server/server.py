@@ -361,11 +361,11 @@ class ParameterServer:
         version = self.version
         spec = self._link(h).pull
         if pull_delta.is_delta_codec(spec):
-            frames = await self._delta_frames(h, spec)
+            frames, exact = await self._delta_frames(h, spec)
         else:
             if h.pull is not None:
                 h.pull = None  # full pulls from now on: the replica would fall behind
-            frames = self.state.encoded_params(spec)
+            frames, exact = self.state.encoded_params(spec), spec == "none"
         try:
             for f in frames:
                 await h.conn.send_frame(f)
@@ -377,12 +377,14 @@ class ParameterServer:
                 h.pull.forget()  # part of a delta may be out: what it holds is unknown now
             raise
         h.params_version = version
+        h.exact_version = version if exact else -1
         return True
 
-    async def _delta_frames(self, h: WorkerHandle, spec: str) -> list[Any]:
-        """``h``'s delta pull (or resync) from its replica, with the delta codec ``spec``. In BSP the
-        parameters stay still while they are sent, so the encoding runs in a thread, beside the other
-        workers'; SSP/ASP update them between two awaits, so there it runs here, on one consistent version."""
+    async def _delta_frames(self, h: WorkerHandle, spec: str) -> tuple[list[Any], bool]:
+        """``h``'s delta pull (or resync) from its replica, with the delta codec ``spec``, and whether it
+        is a full resync. In BSP the parameters stay still while they are sent, so the encoding runs in
+        a thread, beside the other workers'; SSP/ASP update them between two awaits, so there it runs
+        here, on one consistent version."""
         if h.pull is None:
             h.pull = self.state.replica_pull(spec)
         h.pull.use_codec(spec)
@@ -394,7 +396,7 @@ class ParameterServer:
         if why:
             log.info("%s: full parameters (%s)", h.name, why)
             self.emit_event("pull_resync", rank=h.rank, reason=why, version=self.version)
-        return frames
+        return frames, bool(why)
 
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]
@@ -501,11 +503,11 @@ class ParameterServer:
             h = self.admission.registry.workers.get(wid)
             if h is None or h.link is None:
                 continue
-            pulled = h.link.pull
+            delta_before = pull_delta.is_delta_codec(h.link.pull)
             why = h.link.decide(compute_s)
             if why:
-                if pulled == "none" and h.params_version == self.version and pull_delta.is_delta_codec(h.link.pull):
-                    # It holds this version bit for bit: its first delta needs no full resync.
+                if h.exact_version == self.version and not delta_before and pull_delta.is_delta_codec(h.link.pull):
+                    # Its last pull gave it this version bit for bit: its first delta needs no full resync.
                     h.pull = self.state.replica_pull(h.link.pull)
                     h.pull.assume(self.state.flat.params.detach().numpy())
                 log.info("%s: push %s, pull %s — %s", h.name, h.link.push, h.link.pull, why)
