@@ -92,6 +92,7 @@ SAMPLES = {
             "version": 7,
             "total": 256,
             "compression": "topk:0.01",
+            "discarded": 5,
         },
     ),
     "PUSH": (

@@ -17,6 +17,7 @@ def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejo
     args = ["--world-size", "4", "--no-local-worker", "--no-dashboard", "--epochs", "500", "--experiment", "stall"]
     args += ["--stall-factor", "4", "--stall-floor", "2"]
     args += ["--worker-timeout", "120"]  # stopped longer than the default 30 s on a loaded machine: suspended, not lost
+    args += ["--compression", "topk:0.1"]  # error feedback: its discarded push must not be sent again later
     workers = [["--rank", str(r), "--simulate-slowdown", "4", "--torch-threads", "1"] for r in (1, 2, 3)]
     with LocalCluster(tmp_path, args, workers=workers) as c:
         events, steps = metrics_path(tmp_path, "stall", "events"), metrics_path(tmp_path, "stall", "steps")
@@ -50,6 +51,7 @@ def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejo
         )
         records = read_jsonl(steps)
         log = read_jsonl(events)
+        said = c.output("worker1")
 
     assert suspended["waited_s"] >= suspended["limit_s"] >= 2.0
     assert {e["rank"] for e in find_all(log, event="worker_suspended")} == {2}  # never one that had finished
@@ -58,3 +60,5 @@ def test_a_stopped_worker_is_suspended_its_step_redone_by_the_others_and_it_rejo
     assert sum(w["batch"] for w in redone["workers"].values()) == redone["samples"]  # none lost
     assert not find_all(log, event="worker_lost")
     assert [s["step"] for s in records] == list(range(len(records)))
+    # The master told it, with its next SCHEDULE, that its push for the redone step was thrown away.
+    assert f"our push for step {after} was discarded (redone by the others): residual restored" in said, said[-3000:]

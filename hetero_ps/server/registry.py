@@ -34,6 +34,7 @@ class WorkerHandle:
     params_version: int = -1  # the parameter version it last received
     exact_version: int = -1  # ...if that pull gave it the master's parameters bit for bit (none, a resync), else -1
     assignment: Assignment | None = None  # the work in flight for it, if any
+    discarded_step: int = -1  # a BSP step whose attempt it was given was aborted (its push thrown away)
     clock: int = 0  # SSP/ASP: updates it has pushed
     suspended: bool = False  # stalled past its limit in a step: given no work until it answers again
     pull: Any = None  # pull_delta.ReplicaPull: what it holds, while its pull codec is a delta one

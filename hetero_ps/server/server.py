@@ -401,6 +401,9 @@ class ParameterServer:
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]
         a.codecs[h.wid] = push_codec = self._link(h).push
+        # A redo of that step gives it a higher attempt, which says the same; another step must say it.
+        discarded = h.discarded_step if h.discarded_step not in (-1, a.step) else None
+        h.discarded_step = -1
         header = Schedule(
             step=a.step,
             attempt=a.attempt,
@@ -410,6 +413,7 @@ class ParameterServer:
             version=self.version,
             total=a.total,
             compression=push_codec if codec_choice.is_auto(self.job.compression) else None,
+            discarded=discarded,
         ).to_header()
         h.batch = count
         h.assignment = a

@@ -348,6 +348,7 @@ class Schedule(WireMessage):
     version: int
     total: int  # the weight's divisor: samples in the BSP step, or the global batch
     compression: str | None = None  # --compression auto: the codec to push this step with
+    discarded: int | None = None  # BSP: an earlier step whose push from this worker was thrown away (aborted)
 
     def to_header(self) -> dict[str, Any]:
         h: dict[str, Any] = {
@@ -361,6 +362,8 @@ class Schedule(WireMessage):
         }
         if self.compression is not None:
             h["compression"] = self.compression
+        if self.discarded is not None:
+            h["discarded"] = self.discarded
         return h
 
     @classmethod
@@ -375,6 +378,7 @@ class Schedule(WireMessage):
             version=_int(h, "SCHEDULE", "version"),
             total=_int(h, "SCHEDULE", "total", 1),
             compression=_opt_str(h, "SCHEDULE", "compression"),
+            discarded=_opt_int(h, "SCHEDULE", "discarded"),
         )
 
 

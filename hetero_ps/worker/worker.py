@@ -458,6 +458,8 @@ class Worker:
         except ValueError as exc:
             await conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
             raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
+        if s.discarded is not None:
+            self._take_back(s.discarded, step)
         if self._carry is not None and step != self._carry_step:
             self._carry = None  # delivered with the step it was added to
         spec = s.compression or self.job.compression
@@ -536,15 +538,7 @@ class Worker:
         if not carried:
             return
         if attempt > 0 and self._feedback_step == step:
-            feedback = self._feedback
-            assert feedback is not None, "saved when _feedback_step was set"
-            for c, saved in zip(carried, feedback):
-                if saved is None:
-                    c.reset()  # the aborted attempt was the first ever: nothing was owed
-                else:
-                    residual = c.feedback()
-                    assert residual is not None, "a saved copy means the residual existed (reset keeps it)"
-                    residual[:] = saved
+            self._restore_feedback()
             return
         if self._feedback is None or any(x is None for x in self._feedback):
             self._feedback = [None if (r := c.feedback()) is None else np.empty_like(r) for c in carried]
@@ -552,6 +546,29 @@ class Worker:
             if saved is not None:
                 saved[:] = c.feedback()
         self._feedback_step = step
+
+    def _restore_feedback(self) -> None:
+        """Put the error-feedback residuals back as they were before ``_feedback_step``'s push."""
+        feedback = self._feedback
+        assert feedback is not None, "saved when _feedback_step was set"
+        for c, saved in zip([c for c in self.push_codecs if c.error_feedback], feedback):
+            if saved is None:
+                c.reset()  # the aborted attempt was the first ever: nothing was owed
+            else:
+                residual = c.feedback()
+                assert residual is not None, "a saved copy means the residual existed (reset keeps it)"
+                residual[:] = saved
+
+    def _take_back(self, step: int, now: int) -> None:
+        """The master threw away our push for ``step`` (the others redid it without us): what it sent
+        must count as never sent, or the residual would send it again later, on top of the redo.
+        A carry that push delivered is owed still: it goes with step ``now`` instead."""
+        if self._feedback_step == step and self._feedback is not None:
+            self._restore_feedback()
+            log.info("our push for step %d was discarded (redone by the others): residual restored", step)
+        if self._carry is not None and self._carry_step == step:
+            self._carry_step = now
+        self._feedback_step = -1
 
     def _utilisation(self) -> dict:
         """CPU/GPU utilisation and memory of this node, for the dashboard's worker table."""

@@ -96,6 +96,9 @@ class BSPLoop:
                 await ps.wait_done(a, stalls=True)
                 break
             except WorkerLost as exc:
+                for h in live:
+                    if h.wid in sizes:
+                        h.discarded_step = a.step  # told with its next SCHEDULE if that is for another step
                 attempt += 1
                 log.warning(
                     "step %d: %s; redoing the step with the %d remaining worker(s)",
