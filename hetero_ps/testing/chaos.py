@@ -440,6 +440,9 @@ def run_chaos(workdir: str | os.PathLike[str], cfg: ChaosConfig) -> ChaosReport:
     """Start a master in ``workdir``, drive it with ``cfg``, and report (the master is always stopped)."""
     t0 = time.monotonic()
     os.makedirs(workdir, exist_ok=True)
+    earlier = os.path.join(workdir, "experiments", cfg.experiment)
+    if os.path.exists(earlier):  # the master would write beside it, and the checks would read the old run
+        raise FileExistsError(f"{earlier} holds an earlier run: remove it or give another --workdir")
     cluster = LocalCluster(workdir, cfg.server_args(), start_timeout=120.0)
     try:
         cluster.start()
@@ -473,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=".", help="the master runs here (experiments/chaos/)")
     a = p.parse_args(argv)
     cfg = ChaosConfig(workers=a.workers, epochs=a.epochs, faults=a.faults, seed=a.seed)
-    report = run_chaos(a.workdir, cfg)
+    try:
+        report = run_chaos(a.workdir, cfg)
+    except FileExistsError as exc:
+        p.error(str(exc))
     print(report.summary())
     problems = report.problems()
     print("\n".join(["problems:", *problems]) if problems else "no problems")

@@ -107,11 +107,12 @@ class LocalCluster:
         self._dead_masters.append(self.server)
         if server_args is not None:
             self.server_args = list(server_args)
-        os.remove(os.path.join(self.workdir, "port"))
         self._start_master(name, self.port)
 
     def _start_master(self, name: str, port: int) -> None:
         port_file = os.path.join(self.workdir, "port")
+        if os.path.exists(port_file):  # a previous cluster's, in a reused workdir: its port is not ours
+            os.remove(port_file)
         server = self._spawn(
             name,
             [
