@@ -82,7 +82,9 @@ def _model_pt_is_exact(report: ChaosReport, workdir) -> None:
 
 @pytest.mark.slow
 def test_four_simulated_workers_give_exactly_the_predicted_parameters(tmp_path):
-    report = run_chaos(tmp_path, ChaosConfig(workers=4, epochs=3, faults=0, timeout_s=240))
+    # 15 steps after the warm-up cannot tell a leak from a one-time allocation (an evaluation's thread
+    # and buffers: +9 MB seen once on a fast machine): the memory bound is the long runs' (bench_chaos).
+    report = run_chaos(tmp_path, ChaosConfig(workers=4, epochs=3, faults=0, timeout_s=240, rss_slack_mb=64.0))
     assert report.problems() == [], report.summary()
     assert sorted(s["step"] for s in report.steps) == list(range(30))
     _model_pt_is_exact(report, tmp_path)
