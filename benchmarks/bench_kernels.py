@@ -252,3 +252,46 @@ def bench_checksum(data):
         },
     )
     report(f"checksum crc32c [{kernels.BACKEND}]", ours, base, len(buf))
+
+
+def _torch_step(
+    make: Callable[..., torch.optim.Optimizer], p0: np.ndarray, g: np.ndarray, **kw
+) -> Callable[[], object]:
+    """One torch optimizer's step on a copy of the parameter (state made by a first step)."""
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    p.grad = torch.from_numpy(g)
+    opt = make([p], **kw)
+    return opt.step
+
+
+def bench_optimizer_sgd_momentum(data):
+    """The master's per-chunk step (server/chunked_step.py) vs torch's SGD-momentum on the same tensor."""
+    g, p0 = data["g"], data["acc"]
+    p, buf = p0.copy(), np.zeros(N, np.float32)
+    hyper = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ours, base = _race(
+        lambda: kernels.sgd_step(p, g, buf, **hyper),
+        {
+            "torch SGD foreach": _torch_step(torch.optim.SGD, p0, g, foreach=True, **hyper),
+            "torch SGD fused": _torch_step(torch.optim.SGD, p0, g, fused=True, **hyper),
+            "np.copyto": _copy(data),
+        },
+    )
+    rec = report(f"sgd_step momentum [{kernels.BACKEND}]", ours, base, NBYTES)
+    _target("sgd_step momentum", rec, "torch SGD foreach", 2.0)
+
+
+def bench_optimizer_adamw(data):
+    g, p0 = data["g"], data["acc"]
+    p, m, v = p0.copy(), np.zeros(N, np.float32), np.zeros(N, np.float32)
+    hyper = dict(lr=1e-3, weight_decay=1e-2)
+    ours, base = _race(
+        lambda: kernels.adam_step(p, g, m, v, step=5, decoupled=True, **hyper),
+        {
+            "torch AdamW foreach": _torch_step(torch.optim.AdamW, p0, g, foreach=True, **hyper),
+            "torch AdamW fused": _torch_step(torch.optim.AdamW, p0, g, fused=True, **hyper),
+            "np.copyto": _copy(data),
+        },
+    )
+    rec = report(f"adam_step AdamW [{kernels.BACKEND}]", ours, base, NBYTES)
+    _target("adam_step AdamW", rec, "torch AdamW foreach", 2.0)

@@ -219,6 +219,45 @@ uint32_t checksum(const py::object& buf, uint32_t value) {
     return hps::crc32c(value, v.view.buf, n);
 }
 
+// The optimizer steps: every array float32, C-contiguous, as long as `param`.
+void sgd_step(const py::array& param, const py::array& grad, const py::object& momentum_buf, double lr, double momentum,
+              double weight_decay) {
+    const void* pp = check(param, "param", DT::f32, true);
+    const void* pg = check(grad, "grad", DT::f32, false, param.size());
+    const void* pb = nullptr;
+    if (!momentum_buf.is_none()) {
+        const py::array buf = momentum_buf.cast<py::array>();
+        pb = check(buf, "momentum_buf", DT::f32, true, param.size());
+    }
+    const hps::SgdHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(weight_decay)};
+    const size_t n = static_cast<size_t>(param.size());
+    py::gil_scoped_release nogil;
+    hps::sgd_step(mut(pp), pg, mut(pb), n, h);
+}
+
+void adam_step(const py::array& param, const py::array& grad, const py::array& exp_avg, const py::array& exp_avg_sq,
+               double step_size, double bias2_sqrt, double beta1, double beta2, double eps, double weight_decay,
+               double decay, bool decoupled) {
+    const void* pp = check(param, "param", DT::f32, true);
+    const void* pg = check(grad, "grad", DT::f32, false, param.size());
+    const void* pm = check(exp_avg, "exp_avg", DT::f32, true, param.size());
+    const void* pv = check(exp_avg_sq, "exp_avg_sq", DT::f32, true, param.size());
+    hps::AdamHyper h{};
+    h.step_size = static_cast<float>(step_size);
+    h.bias2_sqrt = static_cast<float>(bias2_sqrt);
+    h.beta1 = static_cast<float>(beta1);
+    h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+    h.beta2 = static_cast<float>(beta2);
+    h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    h.eps = static_cast<float>(eps);
+    h.weight_decay = static_cast<float>(weight_decay);
+    h.decay = static_cast<float>(decay);
+    h.decoupled = decoupled;
+    const size_t n = static_cast<size_t>(param.size());
+    py::gil_scoped_release nogil;
+    hps::adam_step(mut(pp), pg, mut(pm), mut(pv), n, h);
+}
+
 py::dict cpu_features() {
     const hps::CpuFlags& f = hps::cpu_flags();
     py::dict flags;
@@ -237,6 +276,7 @@ py::dict cpu_features() {
     paths["int8"] = simd;
     paths["topk"] = active >= hps::Isa::avx2 ? "avx2" : "scalar";  // the candidate scan; AVX2 also on avx512
     paths["scatter_accumulate"] = "scalar";
+    paths["optimizer"] = simd;
     paths["checksum"] = hps::crc32c_impl();
     py::dict out;
     out["detected"] = hps::isa_name(hps::detected_isa());
@@ -290,6 +330,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("idx_out"), py::arg("val_out"));
     m.def("scatter_accumulate", &scatter_accumulate, py::arg("acc"), py::arg("indices"), py::arg("values"),
           py::arg("w"));
+    m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"), py::arg("lr"),
+          py::arg("momentum"), py::arg("weight_decay"));
+    m.def("adam_step", &adam_step, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+          py::arg("step_size"), py::arg("bias2_sqrt"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+          py::arg("weight_decay"), py::arg("decay"), py::arg("decoupled"));
     m.def("checksum", &checksum, py::arg("buf"), py::arg("value") = 0, "CRC-32C, continuing from `value`");
 
     m.def("set_num_threads", [](int n) { hps::set_num_threads(n); }, py::arg("n"));

@@ -39,6 +39,24 @@ void topk_error_feedback(const void* g, void* residual, size_t n, size_t k, void
 template <class IndexT>
 void scatter_accumulate(void* acc, size_t n, const void* idx, const void* values, size_t k, float w);
 
+// One optimizer step over n float32 values (docs/KERNELS.md, "Optimizer steps"); every value is
+// rounded to float32 after each multiply, add, divide or square root, in the order written there.
+struct SgdHyper {
+    float lr, momentum, weight_decay;
+};
+// p -= lr * d, where d = g (+ weight_decay * p) and, with a momentum buffer, buf = momentum * buf + d; d = buf.
+void sgd_step(void* param, const void* grad, void* momentum_buf, size_t n, const SgdHyper& h);
+
+struct AdamHyper {
+    float step_size;   // lr / (1 - beta1^t)
+    float bias2_sqrt;  // sqrt(1 - beta2^t)
+    float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+    float weight_decay;  // Adam: added to the gradient as weight_decay * p
+    float decay;         // AdamW: p *= decay (1 - lr * weight_decay) first
+    bool decoupled;      // AdamW
+};
+void adam_step(void* param, const void* grad, void* exp_avg, void* exp_avg_sq, size_t n, const AdamHyper& h);
+
 // CRC-32C (Castagnoli) of data, continuing from a previous finished CRC `crc` (0 to start).
 uint32_t crc32c(uint32_t crc, const void* data, size_t n);
 // Which CRC implementation crc32c() uses at the active ISA level ("sse4.2" or "table").

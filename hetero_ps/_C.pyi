@@ -39,3 +39,25 @@ def topk_error_feedback(
 def scatter_accumulate(
     acc: np.ndarray, indices: np.ndarray, values: np.ndarray, w: SupportsFloat | SupportsIndex
 ) -> None: ...
+def sgd_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buf: np.ndarray | None,
+    lr: SupportsFloat | SupportsIndex,
+    momentum: SupportsFloat | SupportsIndex,
+    weight_decay: SupportsFloat | SupportsIndex,
+) -> None: ...
+def adam_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    step_size: SupportsFloat | SupportsIndex,
+    bias2_sqrt: SupportsFloat | SupportsIndex,
+    beta1: SupportsFloat | SupportsIndex,
+    beta2: SupportsFloat | SupportsIndex,
+    eps: SupportsFloat | SupportsIndex,
+    weight_decay: SupportsFloat | SupportsIndex,
+    decay: SupportsFloat | SupportsIndex,
+    decoupled: bool,
+) -> None: ...

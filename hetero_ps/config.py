@@ -58,6 +58,8 @@ class JobConfig:
     policy: str = "dynamic"  # one of POLICIES (used when load_balancing)
     rebalance_interval: int = 10  # steps between rebalances
     chunk_bytes: int = 4 << 20  # gradient chunk size on the wire (bytes of f32)
+    overlap: bool = True  # push chunks during backward, step and send the update chunk by chunk (BSP)
+    momentum_correction: bool = False  # DGC: workers keep the momentum of top-k pushes; the master steps without
     eval_every_epoch: bool = True  # evaluate on the held-out split on the master each epoch
 
     def __post_init__(self) -> None:

@@ -805,9 +805,29 @@ def _battery(B, ref) -> None:
                 B.dequantize_accumulate_int8(a1, q1, s1, -0.3, block=block)
                 ref.dequantize_accumulate_int8(a2, q1, s1, -0.3, block=block)
                 assert same_values(a1, a2)
+        _optimizer_battery(B, ref, x, rb)
         data = rb.tobytes()
         assert B.checksum(data) == ref.checksum(data)
         assert B.checksum(data[1:]) == ref.checksum(data[1:])
+
+
+def _optimizer_battery(B, ref, x: np.ndarray, g: np.ndarray) -> None:
+    """The optimizer steps on special values and random bit patterns: the same values on both."""
+    for kw in ({}, {"weight_decay": 0.01}):
+        for buf in (None, np.abs(g[::-1])):
+            p1, p2 = x.copy(), x.copy()
+            b1, b2 = (None, None) if buf is None else (buf.copy(), buf.copy())
+            B.sgd_step(p1, g, b1, lr=0.1, momentum=0.9 if buf is not None else 0.0, **kw)
+            ref.sgd_step(p2, g, b2, lr=0.1, momentum=0.9 if buf is not None else 0.0, **kw)
+            assert same_values(p1, p2) and (buf is None or same_values(b1, b2))
+        for decoupled in (False, True):
+            state = [x.copy(), np.abs(x)]
+            out = []
+            for K in (B, ref):
+                p, m, v = x[::-1].copy(), state[0].copy(), state[1].copy()
+                K.adam_step(p, g, m, v, lr=1e-3, step=3, decoupled=decoupled, **kw)
+                out.append((p, m, v))
+            assert all(same_values(a, b) for a, b in zip(*out)), (kw, decoupled)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "sse4.2", "avx2", "avx512"])
@@ -865,3 +885,59 @@ def test_property_topk_equals_brute_force(x, frac):
     for B in kernels.backends().values():
         idx, vals = B.topk(x, k)
         assert np.array_equal(idx, expect) and same_bits(vals, x[expect])
+
+
+# ------------------------------------------------------------------ optimizer steps
+def _torch_steps(opt_cls, p0: np.ndarray, grads: list[np.ndarray], **kw) -> np.ndarray:
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = opt_cls([p], **kw)
+    for g in grads:
+        p.grad = torch.from_numpy(g)
+        opt.step()
+    return p.detach().numpy()
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.0, 1e-3), (0.9, 0.0), (0.9, 5e-4)])
+def test_sgd_step_is_torchs_sgd(K, momentum, weight_decay):
+    n = BIG  # threaded on the native backend
+    p0 = RNG.standard_normal(n).astype(np.float32)
+    grads = [RNG.standard_normal(n).astype(np.float32) for _ in range(3)]
+    p, buf = p0.copy(), np.zeros(n, np.float32) if momentum else None
+    for g in grads:
+        K.sgd_step(p, g, buf, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    want = _torch_steps(torch.optim.SGD, p0, grads, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    np.testing.assert_allclose(p, want, rtol=1e-6, atol=1e-6)  # torch may fuse its multiply-adds
+    assert not np.array_equal(p, p0)
+    # Without momentum or decay: exactly p − lr·g, one rounding (what the chaos test's exact updates need).
+    q, g = p0.copy(), grads[0]
+    K.sgd_step(q, g, None, lr=0.5)
+    assert same_bits(q, p0 - np.float32(0.5) * g)
+
+
+@pytest.mark.parametrize("decoupled,weight_decay", [(False, 0.0), (False, 0.01), (True, 0.01)])
+def test_adam_step_is_torchs_adam(K, decoupled, weight_decay):
+    n = BIG
+    p0 = RNG.standard_normal(n).astype(np.float32)
+    grads = [RNG.standard_normal(n).astype(np.float32) for _ in range(3)]
+    p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for t, g in enumerate(grads, start=1):
+        K.adam_step(p, g, m, v, lr=1e-3, step=t, weight_decay=weight_decay, decoupled=decoupled)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    want = _torch_steps(cls, p0, grads, lr=1e-3, weight_decay=weight_decay)
+    np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_steps_refuse_bad_arguments(K):
+    p, g = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="grad has 7 elements"):
+        K.sgd_step(p, g[:7], None, lr=0.1)
+    with pytest.raises(ValueError, match="momentum_buf has 4 elements"):
+        K.sgd_step(p, g, np.zeros(4, np.float32), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="param must be float32"):
+        K.sgd_step(p.astype(np.float64), g, None, lr=0.1)
+    with pytest.raises(ValueError, match="param is read-only"):
+        ro = p.copy()
+        ro.flags.writeable = False
+        K.sgd_step(ro, g, None, lr=0.1)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        K.adam_step(p, g, p.copy(), p.copy(), lr=0.1, step=0)

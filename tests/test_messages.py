@@ -110,6 +110,7 @@ SAMPLES = {
             "rank": 4,
             "rows": 32,
             "cols": 32,
+            "early": True,
         },
     ),
     "PARAMS": (

@@ -43,7 +43,18 @@ BSP_STEP_KEYS = {
     "workers",
 }
 ASYNC_STEP_KEYS = BSP_STEP_KEYS | {"worker", "tau", "scale", "clock"}
-WORKER_KEYS = {"batch", "loss", "compute_s", "encode_s", "push_s", "wait_s", "pull_s", "bytes_out", "bytes_in"}
+WORKER_KEYS = {
+    "batch",
+    "loss",
+    "compute_s",
+    "encode_s",
+    "push_s",
+    "wait_s",
+    "pull_s",
+    "bytes_out",
+    "bytes_in",
+    "early_chunks",
+}
 
 
 def _timing(batch: int, compute_s: float) -> WorkerTiming:

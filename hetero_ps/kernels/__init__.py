@@ -30,6 +30,9 @@ Functions (all of them release the GIL in the native backend)::
     topk(x, k) -> (indices, values)
     scatter_accumulate(acc, indices, values, w) -> acc
     checksum(buf, value=0) -> int                                  CRC-32C
+    sgd_step(param, grad, momentum_buf, *, lr, momentum, weight_decay)        one SGD(-momentum) step
+    adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, step, betas, eps,
+              weight_decay, decoupled)                                         one Adam/AdamW step
     set_num_threads(n), get_num_threads()
 
 PowerSGD's low-rank products live in ``kernels.lowrank`` (``power_step``, ``lowrank_accumulate``,
@@ -70,6 +73,8 @@ __all__ = [
     "topk",
     "scatter_accumulate",
     "checksum",
+    "sgd_step",
+    "adam_step",
     "set_num_threads",
     "get_num_threads",
     "cpu_features",
@@ -352,6 +357,41 @@ class Kernels:
             raise ValueError(f"value must be a CRC in [0, 2^32), got {value}")
         return self.impl.checksum(buf, value)
 
+    def sgd_step(self, param, grad, momentum_buf=None, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        """One SGD step in place: ``d = g + wd·p``; with ``momentum_buf``, ``buf = momentum·buf + d`` and
+        ``d = buf``; ``p = p − lr·d`` (float32, each operation rounded; torch's SGD with dampening 0)."""
+        p = _arr(param, "param", (F32,), out=True)
+        g = _arr(grad, "grad", (F32,), size=p.size)
+        b = None if momentum_buf is None else _arr(momentum_buf, "momentum_buf", (F32,), out=True, size=p.size)
+        self.impl.sgd_step(p, g, b, _weight(lr), _weight(momentum), _weight(weight_decay))
+        return param
+
+    def adam_step(
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        *,
+        lr: float,
+        step: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ):
+        """One Adam (``decoupled``: AdamW) step in place, ``step`` counted from 1 (torch's, no amsgrad)."""
+        step = _count(step, "step", 1)
+        p = _arr(param, "param", (F32,), out=True)
+        g = _arr(grad, "grad", (F32,), size=p.size)
+        m = _arr(exp_avg, "exp_avg", (F32,), out=True, size=p.size)
+        v = _arr(exp_avg_sq, "exp_avg_sq", (F32,), out=True, size=p.size)
+        lr, wd, (b1, b2) = _weight(lr), _weight(weight_decay), (_weight(betas[0]), _weight(betas[1]))
+        step_size = lr / (1.0 - b1**step)
+        bias2_sqrt = (1.0 - b2**step) ** 0.5
+        self.impl.adam_step(p, g, m, v, step_size, bias2_sqrt, b1, b2, _weight(eps), wd, 1.0 - lr * wd, bool(decoupled))
+        return param
+
     def set_num_threads(self, n: int) -> None:
         """Threads a kernel may use on large inputs (default min(cores, 8))."""
         self.impl.set_num_threads(_count(n, "n", 1))
@@ -434,6 +474,8 @@ topk_error_feedback = _ACTIVE.topk_error_feedback
 topk = _ACTIVE.topk
 scatter_accumulate = _ACTIVE.scatter_accumulate
 checksum = _ACTIVE.checksum
+sgd_step = _ACTIVE.sgd_step
+adam_step = _ACTIVE.adam_step
 set_num_threads = _ACTIVE.set_num_threads
 get_num_threads = _ACTIVE.get_num_threads
 cpu_features = _ACTIVE.cpu_features

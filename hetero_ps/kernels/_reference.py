@@ -184,6 +184,39 @@ def scatter_accumulate(acc: np.ndarray, indices: np.ndarray, values: np.ndarray,
         np.add.at(acc, indices, np.multiply(values, np.float32(w), dtype=np.float32))
 
 
+# ------------------------------------------------------------------ optimizer steps
+_F = np.float32
+
+
+def sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay) -> None:
+    """d = g (+ wd·p); with a buffer: buf = momentum·buf + d, d = buf; p = p − lr·d (float32 each op)."""
+    with np.errstate(all="ignore"):
+        d = grad.copy()
+        if _F(weight_decay) != 0:
+            d = d + _F(weight_decay) * param
+        if momentum_buf is not None:
+            d = _F(momentum) * momentum_buf + d
+            momentum_buf[...] = d
+        param[...] = param - _F(lr) * d
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, step_size, bias2_sqrt, beta1, beta2, eps, weight_decay, decay,
+              decoupled) -> None:  # fmt: skip
+    """Adam(W) in float32, in the native kernel's order (docs/KERNELS.md, "Optimizer steps")."""
+    with np.errstate(all="ignore"):
+        g, p = grad, param.copy()
+        if _F(weight_decay) != 0 and not decoupled:
+            g = g + _F(weight_decay) * p
+        if _F(weight_decay) != 0 and decoupled:
+            p = p * _F(decay)
+        m = _F(beta1) * exp_avg + _F(1.0 - beta1) * g
+        v = _F(beta2) * exp_avg_sq + _F(1.0 - beta2) * (g * g)
+        exp_avg[...] = m
+        exp_avg_sq[...] = v
+        denom = np.sqrt(v) / _F(bias2_sqrt) + _F(eps)
+        param[...] = p - _F(step_size) * (m / denom)
+
+
 # ------------------------------------------------------------------ CRC-32C
 def _crc_table() -> list[int]:
     table = []

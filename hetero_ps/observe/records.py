@@ -42,12 +42,16 @@ class WorkerTiming:
     pull_s: float = doc("receiving and decoding the parameters")
     bytes_out: float = doc("bytes it pushed")
     bytes_in: float = doc("bytes it pulled")
+    early_chunks: int = doc(
+        "gradient chunks it pushed while its backward pass still ran (seen by the master)", default=0
+    )
 
     @classmethod
-    def from_report(cls, batch: int, report: Mapping[str, Any]) -> WorkerTiming:
+    def from_report(cls, batch: int, report: Mapping[str, Any], early_chunks: int = 0) -> WorkerTiming:
         """From the ``report`` of the worker's METRICS frame; absent or non-numeric fields count as 0."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "batch"]
-        return cls(batch, *(_float(report, k) for k in names))
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("batch", "early_chunks")]
+        timings: dict[str, Any] = {k: _float(report, k) for k in names}
+        return cls(batch=batch, early_chunks=early_chunks, **timings)
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,11 @@ class ServerTiming:
     """Where the master's time in a step went (``server`` in a step record)."""
 
     aggregate_s: float = doc("from the step's start until every push of it was in")
-    optimizer_s: float = doc("the optimizer update")
-    broadcast_s: float = doc("sending the new parameters (BSP; 0 in SSP/ASP, where the next slice carries them)")
+    optimizer_s: float = doc("the optimizer update (BSP: stepped chunk by chunk inside broadcast_s)")
+    broadcast_s: float = doc(
+        "from the update's start until every worker had the new parameters (BSP; 0 in SSP/ASP, where the next "
+        "slice carries them)"
+    )
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class Assignment:
     slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # wid -> (epoch, offset, count)
     reports: dict[int, StepReport] = field(default_factory=dict)  # wid -> the worker's report
     codecs: dict[int, str] = field(default_factory=dict)  # wid -> the push codec its SCHEDULE named
+    early: dict[int, int] = field(default_factory=dict)  # wid -> chunks it pushed during its backward pass
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)
@@ -73,7 +74,7 @@ class Assignment:
         """A worker's share of the step: its gradient enters the mean with ``b_i / total``."""
         return self.sizes[wid] / self.total
 
-    def take_chunk(self, wid: int, chunk: Any, name: str) -> None:
+    def take_chunk(self, wid: int, chunk: Any, name: str, early: bool = False) -> None:
         """Mark chunk ``chunk`` of ``wid`` received; a chunk not owed (or owed twice) is a protocol error."""
         if wid not in self.pending:
             raise RemoteError("unexpected_push", f"{name} was not given step {self.step}")
@@ -82,6 +83,8 @@ class Assignment:
                 "bad_chunk", f"chunk {chunk!r} does not match this model's chunking or was already received"
             )
         self.pending[wid].discard(chunk)
+        if early:
+            self.early[wid] = self.early.get(wid, 0) + 1
 
     def add_report(self, wid: int, report: StepReport) -> None:
         self.reports[wid] = report

@@ -217,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
         "bound only)",
     )
     g.add_argument("--chunk-mb", type=float, default=d.chunk_bytes / 2**20, help="gradient chunk size on the wire")
+    g.add_argument(
+        "--momentum-correction",
+        action="store_true",
+        help="with --compression topk:R and --optimizer momentum: DGC's momentum correction (each worker keeps "
+        "the momentum, the top-k of its accumulated velocity is pushed, the master steps without momentum) and "
+        "its sparsity warm-up over --warmup-steps",
+    )
+    g.add_argument(
+        "--no-overlap",
+        dest="overlap",
+        action="store_false",
+        help="push after backward and step the whole update before sending it (the serial step: a baseline)",
+    )
     g = p.add_argument_group("load balancing")
     g.add_argument(
         "--enable-load-balancing",
@@ -343,6 +356,8 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         policy=a.load_balance_policy,
         rebalance_interval=a.rebalance_interval,
         chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4,
+        overlap=a.overlap,
+        momentum_correction=a.momentum_correction,
     )
 
 

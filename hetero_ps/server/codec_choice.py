@@ -1,8 +1,9 @@
 """``--compression auto`` / ``--pull-compression auto``: each worker's codecs, from its link.
 
 The master measures each worker's link where it can see it: the arrival of the worker's pushed
-chunks. The chunks of one push leave the worker back to back, so once the first one is in, the
-others arrive at the link's pace: ``bytes after the first / (last arrival − first arrival)`` is a
+chunks. The chunks a worker pushes after its backward pass leave back to back, so once the first
+one is in, the others arrive at the link's pace (chunks marked ``early``, pushed while backward still
+ran, came at backward's pace and are not counted): ``bytes after the first / (last arrival − first arrival)`` is a
 sample of the link's rate. It is used only when it says something about the link: at least
 ``MIN_SPAN_BYTES`` after the first chunk, and a span longer than ``LINK_BOUND`` × the worker's
 own encode time (else the worker's encoder, not the link, set the pace, as with top-k on loopback).
@@ -73,8 +74,10 @@ class LinkChoice:
         return LADDER[self.level] if self.pull_auto else self.fixed_pull
 
     # -- measuring ----------------------------------------------------------------------------------
-    def on_push(self, step: int, attempt: int, nbytes: int, now: float | None = None) -> None:
-        """A pushed chunk of ``nbytes`` arrived (``now``: time.perf_counter())."""
+    def on_push(self, step: int, attempt: int, nbytes: int, now: float | None = None, early: bool = False) -> None:
+        """A pushed chunk of ``nbytes`` arrived (``now``: time.perf_counter()); ``early``: sent during backward."""
+        if early:
+            return
         now = time.perf_counter() if now is None else now
         s = self._span
         if s is None or (s[0], s[1]) != (step, attempt):

@@ -3,19 +3,25 @@
 The parameters are cut into the same chunks the workers cut their gradients into
 (:func:`~hetero_ps.wire.messages.chunk_layout`); each chunk has a push decoder and a pull encoder.
 ``version`` counts the optimizer updates applied; the encoded parameters are cached per version, so
-every worker is sent the same frames.
+every worker is sent the same frames. Updates run through the native optimizer kernels
+(``chunked_step.py``) on torch's optimizer state: all at once (``apply``), or chunk by chunk beside
+the broadcast (``start_update``, BSP; ``streamed_update.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from hetero_ps.config import JobConfig
-from hetero_ps.errors import RemoteError
+from hetero_ps.errors import ConfigError, RemoteError
 from hetero_ps.server import codec_choice, pull_delta
+from hetero_ps.server.chunked_step import ChunkedStep
+from hetero_ps.server.streamed_update import StreamedUpdate
 from hetero_ps.training import models, optim
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.wire import codecs, protocol
@@ -29,14 +35,18 @@ class ModelState:
         self.model = models.build_model(job, info)
         self.flat = FlatParams(self.model)
         self.param = torch.nn.Parameter(self.flat.params)  # shares storage with the model's views
-        self.optimizer, self.lr_scheduler = optim.build_optimizer(job, self.param, total_steps)
+        # DGC: the workers' pushes already carry the momentum, so the master's step must not add it again.
+        opt_job = dataclasses.replace(job, momentum=0.0) if momentum_correction_of(job) else job
+        self.optimizer, self.lr_scheduler = optim.build_optimizer(opt_job, self.param, total_steps)
+        self.stepper = ChunkedStep(self.optimizer)
+        self.update: StreamedUpdate | None = None  # the update being stepped and sent (BSP)
         self.chunks = chunk_layout(self.flat.numel, job.chunk_bytes)
         # Per codec spec, one decoder (pushes) or encoder (full pulls) per chunk: with --compression
         # auto each worker may use its own (codec_choice.py).
         self._decoders: dict[str, list[codecs.Codec]] = {}
         self._encoders: dict[str, list[codecs.Codec]] = {}
         self.version = 0
-        self._params_frames: dict[str, tuple[int, list[Any]]] = {}  # spec -> (version, frames)
+        self._params_frames: dict[str, tuple[int, list[Any]]] = {}  # spec -> (version, frames; None: not yet)
 
     @property
     def numel(self) -> int:
@@ -75,16 +85,44 @@ class ModelState:
         decoder.decode_accumulate(acc[off : off + n], push.codec_header(), segments, weight)
 
     def apply(self, grad: torch.Tensor) -> bool:
-        """One optimizer update with ``grad``; skipped (False) if it holds NaN/Inf."""
-        if not bool(torch.isfinite(grad).all()):
+        """One optimizer update with ``grad``, all of it now; skipped (False) if it holds NaN/Inf."""
+        if not optim.all_finite(grad):
             return False
-        self.param.grad = grad
-        self.optimizer.step()
+        plan = self.stepper.begin()
+        self.stepper.chunk(plan, 0, self.numel, grad.numpy())
+        self.stepper.finish(plan)
         self.version += 1
         return True
 
+    def start_update(self, grad: torch.Tensor) -> bool:
+        """Begin one update with ``grad``, stepped chunk by chunk on a thread (``chunk_ready``,
+        ``update_finished``); skipped (False) if it holds NaN/Inf. ``grad`` must stay untouched until
+        ``update_finished``."""
+        if not optim.all_finite(grad):
+            return False
+        self.update = StreamedUpdate(self.stepper, self.chunks, grad)
+        self.version += 1
+        return True
+
+    async def chunk_ready(self, i: int) -> None:
+        """Chunk ``i`` holds the current version's parameters (at once unless an update is being stepped)."""
+        if self.update is not None:
+            await self.update.chunk(i)
+
+    async def update_finished(self) -> float:
+        """Wait for the update being stepped, if any; the seconds its stepping took."""
+        update = self.update
+        if update is None:
+            return 0.0
+        await update.finished()
+        if self.update is update:  # cleared only now: until then every chunk_ready must wait for it
+            self.update = None
+        return update.seconds
+
     def step_lr(self) -> None:
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():  # torch warns since it never saw optimizer.step(): ChunkedStep steps it
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.lr_scheduler.step()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Parameters, optimizer and LR schedule, as plain tensors and numbers (for ``checkpoint.save``)."""
@@ -110,25 +148,51 @@ class ModelState:
         return pull_delta.ReplicaPull(spec, self.chunks, job.pull_bound, job.pull_resync_every)
 
     def encoded_params(self, spec: str) -> list[Any]:
-        """The current parameters as PARAMS frames of the full-pull codec ``spec`` (none, fp16, bf16),
-        encoded once per version and shared by every worker that pulls with it.
+        """Every chunk of the current parameters as PARAMS frames of the full-pull codec ``spec`` (none,
+        fp16, bf16), encoded here at once, so all of them hold one version (SSP/ASP update the
+        parameters between two sends). Not while an update is being stepped: use ``params_frame``."""
+        assert self.update is None, "an update is being stepped: its chunks go out with params_frame"
+        return [self._frame(spec, i) for i in range(len(self.chunks))]
 
-        In BSP nothing changes the parameters while they are being sent, so uncompressed frames
-        point straight at the parameter buffer. SSP/ASP may update them mid-send, so there every
-        version's frames own a copy of their bytes.
-        """
+    async def params_frame(self, spec: str, i: int) -> Any:
+        """Chunk ``i`` of the current parameters as a PARAMS frame, once that chunk is stepped (BSP)."""
+        await self.chunk_ready(i)
+        return self._frame(spec, i)
+
+    def _frame(self, spec: str, i: int) -> Any:
+        """Chunk ``i``'s frame, encoded once per version and shared by every worker that pulls with ``spec``.
+
+        In BSP nothing changes a stepped chunk while it is being sent, so uncompressed frames point
+        straight at the parameter buffer. SSP/ASP may update them mid-send, so there every version's
+        frames own a copy of their bytes."""
         cached = self._params_frames.get(spec)
-        if cached and cached[0] == self.version:
-            return cached[1]
-        params = self.flat.params.detach().numpy()
-        snapshot = self.job.sync != "bsp"
-        encoders = self._codecs(self._encoders, spec)
-        frames = []
-        for i, (off, n) in enumerate(self.chunks):
-            fields, segments = encoders[i].encode(params[off : off + n])
-            if snapshot:
+        if not cached or cached[0] != self.version:
+            cached = self._params_frames[spec] = (self.version, [None] * len(self.chunks))
+        frames = cached[1]
+        if frames[i] is None:
+            off, n = self.chunks[i]
+            params = self.flat.params.detach().numpy()[off : off + n]
+            fields, segments = self._codecs(self._encoders, spec)[i].encode(params)
+            if self.job.sync != "bsp":
                 segments = [bytes(memoryview(s).cast("B")) for s in segments]
             header = params_from_codec(fields, version=self.version, chunk=i, offset=off, numel=n, codec=spec)
-            frames.append(protocol.encode_frame(MsgType.PARAMS, header.to_header(), segments))
-        self._params_frames[spec] = (self.version, frames)
-        return frames
+            frames[i] = protocol.encode_frame(MsgType.PARAMS, header.to_header(), segments)
+        return frames[i]
+
+
+def momentum_correction_of(job: JobConfig) -> bool:
+    """Whether ``job`` (its knobs resolved) runs DGC's momentum correction; ConfigError if it cannot."""
+    if not job.momentum_correction:
+        return False
+    spec = "" if codecs.is_auto(job.compression) else job.compression
+    if not spec or codecs.parse_codec(spec).id != codecs.CodecId.TOPK:
+        raise ConfigError(
+            f"--momentum-correction needs top-k pushes (--compression topk:RATIO), not {job.compression}: it "
+            "corrects the momentum of the values top-k holds back"
+        )
+    if job.optimizer != "momentum" or not job.momentum:
+        raise ConfigError(
+            f"--momentum-correction needs --optimizer momentum with a momentum > 0 (this job: {job.optimizer}, "
+            f"momentum {job.momentum}): it moves that momentum to the workers"
+        )
+    return True

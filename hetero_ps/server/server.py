@@ -280,9 +280,9 @@ class ParameterServer:
         a = h.assignment
         if a is None or not a.is_current(push.step, push.attempt):
             return  # a push for an aborted attempt: its samples are being redone
-        a.take_chunk(h.wid, push.chunk, h.name)
+        a.take_chunk(h.wid, push.chunk, h.name, push.early)
         h.set_activity(f"pushing step {a.step} (chunk {push.chunk + 1}/{self.n_chunks})")
-        self._link(h).on_push(push.step, push.attempt, sum(memoryview(s).nbytes for s in segments))
+        self._link(h).on_push(push.step, push.attempt, sum(memoryview(s).nbytes for s in segments), early=push.early)
         self.state.accumulate(push, segments, a.acc_np, a.weight(h.wid), a.codecs[h.wid])
         self._maybe_done(h, a)
 
@@ -360,15 +360,22 @@ class ParameterServer:
             return True
         version = self.version
         spec = self._link(h).pull
-        if pull_delta.is_delta_codec(spec):
-            frames, exact = await self._delta_frames(h, spec)
-        else:
-            if h.pull is not None:
-                h.pull = None  # full pulls from now on: the replica would fall behind
-            frames, exact = self.state.encoded_params(spec), spec == "none"
         try:
-            for f in frames:
-                await h.conn.send_frame(f)
+            if pull_delta.is_delta_codec(spec):
+                await self.state.update_finished()  # a delta needs every chunk of the new version
+                frames, exact = await self._delta_frames(h, spec)
+                for f in frames:
+                    await h.conn.send_frame(f)
+            else:
+                if h.pull is not None:
+                    h.pull = None  # full pulls from now on: the replica would fall behind
+                exact = spec == "none"
+                if self.state.update is None:
+                    for f in self.state.encoded_params(spec):
+                        await h.conn.send_frame(f)
+                else:  # BSP's update being stepped: each chunk as soon as it is done
+                    for i in range(self.n_chunks):
+                        await h.conn.send_frame(await self.state.params_frame(spec, i))
         except (TransportError, OSError) as exc:
             self.admission.lose(h, f"could not send parameters: {exc}")
             return False
@@ -479,6 +486,13 @@ class ParameterServer:
     def apply_update(self, grad: torch.Tensor) -> bool:
         self._at_boundary = False
         return self.state.apply(grad)
+
+    def start_update(self, grad: torch.Tensor) -> bool:
+        self._at_boundary = False
+        return self.state.start_update(grad)
+
+    async def update_finished(self) -> float:
+        return await self.state.update_finished()
 
     def step_lr(self) -> None:
         self.state.step_lr()

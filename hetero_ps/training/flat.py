@@ -105,6 +105,10 @@ class FlatParams:
         """``[(name, shape, offset, numel), ...]`` in flat order (for checks and debugging)."""
         return list(self._layout)
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters, in ``layout()`` order."""
+        return list(self._params)
+
     def buffer_layout(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         return list(self._buffer_layout)
 

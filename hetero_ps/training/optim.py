@@ -2,7 +2,8 @@
 
 The server wraps ``FlatParams.params`` as one ``nn.Parameter`` (sharing its storage), sets its
 ``.grad`` to the aggregated gradient and calls ``optimizer.step()`` then ``scheduler.step()`` once
-per global step. One tensor means one fused update over all parameters.
+per global step (the server steps it with its own kernels instead, on torch's optimizer state:
+``server/chunked_step.py``). One tensor means one fused update over all parameters.
 
 Optimizers (``job.optimizer``):
 
@@ -105,3 +106,11 @@ def build_optimizer(job, flat_param: torch.Tensor, total_steps: int | None = Non
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(job, total_steps))
     return opt, sched
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``: one sum (a mask of every value would cost a pass and an allocation),
+    and the exact check only when the sum is not finite (it may have overflowed)."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())

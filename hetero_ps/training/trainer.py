@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero_ps.training.data import collate, to_device
+from hetero_ps.training.optim import all_finite
 from hetero_ps.training.plugins import load_callable
 
 
@@ -89,13 +91,6 @@ def batch_loss(out, y, loss_fn=None) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _grads_finite(g: torch.Tensor) -> bool:
-    # One reduction instead of a numel-sized bool mask; an overflowing sum is re-checked exactly.
-    if bool(torch.isfinite(g.sum())):
-        return True
-    return bool(torch.isfinite(g).all())
-
-
 class LocalTrainer:
     """Computes mean gradients into ``flat.grads`` for slices of the training set."""
 
@@ -111,8 +106,11 @@ class LocalTrainer:
         self.task = getattr(model, "hetero_ps_task", "plain")
         self.loss_fn = resolve_loss(job)
 
-    def compute_gradient(self, indices) -> StepStats:
-        """Mean gradient over the samples ``indices`` into ``flat.grads``; see the module docstring."""
+    def compute_gradient(self, indices, before_last_backward: Callable[[], None] | None = None) -> StepStats:
+        """Mean gradient over the samples ``indices`` into ``flat.grads``; see the module docstring.
+
+        ``before_last_backward`` is called just before the backward pass that makes the gradients
+        final (the last micro-batch's): the worker arms its push-as-ready hooks there."""
         t0 = time.perf_counter()
         idx = np.asarray(indices, dtype=np.int64)
         b = len(idx)
@@ -131,10 +129,12 @@ class LocalTrainer:
             data_s += time.perf_counter() - td
             loss = batch_loss(_forward(self.model, self.task, x, y), y, self.loss_fn)
             w = len(part) / b
+            if before_last_backward is not None and s + step >= b:
+                before_last_backward()
             (loss * w).backward()
             total += loss.detach().float() * w
         loss_value = float(total)  # syncs the device
-        finite = math.isfinite(loss_value) and _grads_finite(self.flat.grads)
+        finite = math.isfinite(loss_value) and all_finite(self.flat.grads)
         return StepStats(
             loss=loss_value, count=b, compute_s=time.perf_counter() - t0, nonfinite=not finite, data_s=data_s
         )

@@ -406,9 +406,10 @@ class Push(WireMessage):
     codec: str  # the job's codec spec ("int8:64", "topk:0.01", ...)
     codec_id: int
     codec_fields: dict[str, int] = field(default_factory=dict)  # block (int8), k (topk), rank/rows/cols (powersgd)
+    early: bool = False  # sent while the worker's backward pass was still running
 
     def to_header(self) -> dict[str, Any]:
-        return {
+        header = {
             "step": self.step,
             "attempt": self.attempt,
             "chunk": self.chunk,
@@ -418,6 +419,9 @@ class Push(WireMessage):
             "codec_id": self.codec_id,
             **self.codec_fields,
         }
+        if self.early:
+            header["early"] = True
+        return header
 
     def codec_header(self) -> dict[str, Any]:
         """What ``Codec.decode_*`` reads."""
@@ -435,6 +439,7 @@ class Push(WireMessage):
             codec=_str(h, "PUSH", "codec"),
             codec_id=_int(h, "PUSH", "codec_id", 0, 255),
             codec_fields=_codec_fields(h, "PUSH"),
+            early=bool(_opt_bool(h, "PUSH", "early")),
         )
 
 

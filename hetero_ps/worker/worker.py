@@ -19,7 +19,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypedDict
 
 import numpy as np
@@ -54,6 +54,8 @@ from hetero_ps.wire.messages import (
 )
 from hetero_ps.wire.protocol import Message, MsgType, raise_if_error
 from hetero_ps.wire.tls import ClientTLS
+from hetero_ps.worker.dgc import MomentumCorrection
+from hetero_ps.worker.overlap import ChunkReadiness
 from hetero_ps.worker.pacing import BandwidthPacer
 from hetero_ps.worker.profile import (
     calibrate,
@@ -127,6 +129,20 @@ class _Interval(TypedDict):
     wait_s: float
     pull_s: float
     bytes_in: int
+
+
+@dataclass
+class _Pushing:
+    """One step's pushes: which chunks are ready (``None``: backward is over, push the rest) and the totals."""
+
+    step: int
+    attempt: int
+    carry: list[np.ndarray | None] | None  # owed by the previous push codec, added to this step's chunks
+    ready: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
+    backward_done: bool = False  # pushes from now on are not "early"
+    encode_s: float = 0.0
+    push_s: float = 0.0
+    nbytes: int = 0
 
 
 class Worker:
@@ -335,6 +351,11 @@ class Worker:
         # Parameters live on the CPU for the wire; on a GPU node they are copied in once per step.
         self.params_cpu = self.flat.params if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
         self.grads_cpu = self.flat.grads if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
+        self.readiness = ChunkReadiness(self.flat, self.chunks)
+        self.dgc: MomentumCorrection | None = None  # the job's --momentum-correction (top-k pushes)
+        if self.job.momentum_correction:
+            ratio = codecs.parse_codec(self.job.compression).ratio
+            self.dgc = MomentumCorrection(self.job.momentum or 0.0, ratio, self.job.warmup_steps or 0, len(self.chunks))
         self.params_np = self.params_cpu.numpy()
 
     def _allocate(self, msg_type, header, nbytes):
@@ -471,42 +492,33 @@ class Worker:
                 raise
         if self._push_done_at:  # from our last push to this schedule: barrier, optimizer and pull
             self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
-        t0 = time.perf_counter()
-        if self.profiler is not None and not self.profiler.done:
-            # torch's profiler records the thread that started it: compute here for profiled steps.
-            with self.profiler.step(step):
-                stats = self.trainer.compute_gradient(indices)
-        else:
-            stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
-        compute_s = time.perf_counter() - t0
-        if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
-            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
-            compute_s *= self.slowdown
-        if self.device != "cpu":
-            self.grads_cpu.copy_(self.flat.grads)
-        grads = self.grads_cpu.numpy()
-        self._keep_feedback_exact(step, attempt)
+        self._keep_feedback_exact(step, attempt)  # before any chunk is encoded (encoding moves the residuals)
         prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
-        encode_s = push_s = 0.0
-        nbytes = 0
-        carry = self._carry if self._carry_step == step else None
-        for i, (off, numel) in enumerate(self.chunks):
-            te = time.perf_counter()
-            chunk = grads[off : off + numel]
-            if carry is not None and carry[i] is not None:
-                chunk = chunk + carry[i]  # a copy: a redone step adds it to its new gradient again
-            fields, segments = self.push_codecs[i].encode(chunk)
-            tp = time.perf_counter()
-            push = push_from_codec(
-                fields, step=step, attempt=attempt, chunk=i, offset=off, numel=numel, codec=self.push_spec
-            )
-            await conn.send(MsgType.PUSH, push.to_header(), segments)
-            sent = sum(memoryview(s).nbytes for s in segments)
-            if self.pacer is not None:
-                await self.pacer.pace(sent)
-            encode_s += tp - te
-            push_s += time.perf_counter() - tp
-            nbytes += sent
+        pushing = _Pushing(step, attempt, self._carry if self._carry_step == step else None)
+        pusher = asyncio.ensure_future(self._push_as_ready(pushing))
+        t0 = time.perf_counter()
+        try:
+            if self.profiler is not None and not self.profiler.done:
+                # torch's profiler records the thread that started it: compute here for profiled steps.
+                with self.profiler.step(step):
+                    stats = self.trainer.compute_gradient(indices)
+            else:
+                # On the CPU each chunk is pushed as soon as backward finished it (worker/overlap.py).
+                arm = self._arm_readiness(pushing) if self.device == "cpu" and self.job.overlap else None
+                stats = await asyncio.to_thread(self.trainer.compute_gradient, indices, arm)
+            compute_s = time.perf_counter() - t0
+            pushing.backward_done = True
+            if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
+                await asyncio.sleep(compute_s * (self.slowdown - 1.0))
+                compute_s *= self.slowdown
+            if self.device != "cpu":
+                self.grads_cpu.copy_(self.flat.grads)
+            pushing.ready.put_nowait(None)  # and the rest, in order
+            await pusher
+        finally:
+            self.readiness.disarm()
+            pusher.cancel()
+        encode_s, push_s, nbytes = pushing.encode_s, pushing.push_s, pushing.nbytes
         # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
         report = StepReport(
             loss=float(stats.loss),
@@ -528,6 +540,62 @@ class Worker:
         self.samples_done += count
         self.progress.update(step, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
 
+    def _arm_readiness(self, pushing: _Pushing) -> Callable[[], None]:
+        """What the trainer calls before its last backward: from then on, each chunk backward finishes
+        is queued for the pusher (from backward's thread)."""
+        loop = asyncio.get_running_loop()
+
+        def queue(chunk: int) -> None:
+            loop.call_soon_threadsafe(pushing.ready.put_nowait, chunk)
+
+        def arm() -> None:
+            self.readiness.arm(queue)
+
+        return arm
+
+    async def _push_as_ready(self, pushing: _Pushing) -> None:
+        """Push each chunk as it is queued; on ``None`` (backward is over) every chunk not pushed yet."""
+        pushed = [False] * len(self.chunks)
+        while True:
+            chunk = await pushing.ready.get()
+            todo = [c for c in range(len(self.chunks)) if not pushed[c]] if chunk is None else [chunk]
+            for c in todo:
+                if not pushed[c]:
+                    pushed[c] = True
+                    await self._push_chunk(pushing, c)
+            if chunk is None:
+                return
+
+    async def _push_chunk(self, pushing: _Pushing, i: int) -> None:
+        conn = self.conn
+        assert conn is not None, "pushes happen only once connected"
+        off, numel = self.chunks[i]
+        te = time.perf_counter()
+        chunk = self.grads_cpu.numpy()[off : off + numel]
+        carry = pushing.carry
+        if carry is not None and carry[i] is not None:
+            chunk = chunk + carry[i]  # a copy: a redone step adds it to its new gradient again
+        codec = self.push_codecs[i]
+        if self.dgc is not None:  # top-k of the accumulated velocity (worker/dgc.py)
+            codec.k = self.dgc.k(pushing.step, numel)  # type: ignore[attr-defined]
+            chunk = self.dgc.velocity(i, chunk)
+        fields, segments = codec.encode(chunk)
+        if self.dgc is not None:
+            self.dgc.mask(i, np.frombuffer(segments[0], dtype=np.int32))
+        tp = time.perf_counter()
+        push = push_from_codec(
+            fields, step=pushing.step, attempt=pushing.attempt, chunk=i, offset=off, numel=numel, codec=self.push_spec
+        )
+        if not pushing.backward_done:
+            push = dataclasses.replace(push, early=True)
+        await conn.send(MsgType.PUSH, push.to_header(), segments)
+        sent = sum(memoryview(s).nbytes for s in segments)
+        if self.pacer is not None:
+            await self.pacer.pace(sent)
+        pushing.encode_s += tp - te
+        pushing.push_s += time.perf_counter() - tp
+        pushing.nbytes += sent
+
     def _keep_feedback_exact(self, step: int, attempt: int) -> None:
         """An error-feedback codec's residual (top-k, PowerSGD) must not count an aborted attempt's values as sent.
 
@@ -545,6 +613,8 @@ class Worker:
         for c, saved in zip(carried, self._feedback):
             if saved is not None:
                 saved[:] = c.feedback()
+        if self.dgc is not None:
+            self.dgc.save()  # the velocities move with the residuals
         self._feedback_step = step
 
     def _restore_feedback(self) -> None:
@@ -558,6 +628,8 @@ class Worker:
                 residual = c.feedback()
                 assert residual is not None, "a saved copy means the residual existed (reset keeps it)"
                 residual[:] = saved
+        if self.dgc is not None:
+            self.dgc.restore()
 
     def _take_back(self, step: int, now: int) -> None:
         """The master threw away our push for ``step`` (the others redid it without us): what it sent

@@ -260,7 +260,7 @@ class AsyncLoop:
                 applied=applied,
                 staleness=lead,
                 server=ServerTiming(aggregate_s=t_opt - t0, optimizer_s=now - t_opt, broadcast_s=0.0),
-                workers={str(h.rank): WorkerTiming.from_report(count, r.to_map())},
+                workers={str(h.rank): WorkerTiming.from_report(count, r.to_map(), a.early.get(h.wid, 0))},
                 asynchronous=AsyncStep(worker=h.rank, tau=tau, scale=scale, clock=h.clock),
             )
         )

@@ -6,7 +6,8 @@ Step ``s`` over ``total`` samples (the global batch B, or an epoch's remainder):
    slice ``perm[offset_i : offset_i + b_i]`` of the epoch's seeded permutation;
 2. its chunks are accumulated as ``acc += (b_i / total) · decode(chunk)``, so ``acc`` is the mean
    gradient over the union of the slices — exactly what one process would compute on that batch;
-3. one optimizer update, then the new parameters are encoded once and written to every worker.
+3. one optimizer update, stepped chunk by chunk on a thread while each stepped chunk is encoded once
+   and written to every worker (``streamed_update.py``: the optimizer hides behind the broadcast).
 
 A worker lost mid-step aborts the attempt: ``acc`` is cleared and the same samples are re-split
 among the workers that remain (pushes of the old attempt are ignored), so every sample counts once.
@@ -114,7 +115,10 @@ class BSPLoop:
     async def _apply(self, a: Assignment, epoch: int, t0: float, t_agg: float) -> None:
         ps = self.ps
         lr = ps.lr
-        applied = ps.apply_update(self.acc)
+        t_opt = time.perf_counter()
+        # Overlapped: stepped chunk by chunk beside the sends below; else all of it before them.
+        applied = ps.start_update(self.acc) if ps.job.overlap else ps.apply_update(self.acc)
+        optimizer_s = time.perf_counter() - t_opt
         if not applied:
             names = {h.wid: h.name for h in ps.ready_workers()}
             flagged = [names[w] for w, r in a.reports.items() if r.nonfinite and w in names]
@@ -124,9 +128,9 @@ class BSPLoop:
                 ", ".join(flagged) or "the aggregate",
             )
             ps.emit_event("nonfinite_gradient", workers=flagged)
-        ps.step_lr()
-        t_bcast = time.perf_counter()
+        ps.step_lr()  # the update read its LR when it started
         await asyncio.gather(*(ps.send_params(h) for h in ps.ready_workers()))
+        optimizer_s = await ps.update_finished() or optimizer_s
         t_end = time.perf_counter()
         ps.feed_scheduler(a)
         step_s = t_end - t0
@@ -144,9 +148,10 @@ class BSPLoop:
                 samples_per_s=a.total / step_s,
                 applied=applied,
                 staleness=0,
-                server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=t_bcast - t_agg, broadcast_s=t_end - t_bcast),
+                server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=optimizer_s, broadcast_s=t_end - t_agg),
                 workers={
-                    str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r.to_map()) for w, r in a.reports.items()
+                    str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r.to_map(), a.early.get(w, 0))
+                    for w, r in a.reports.items()
                 },
             )
         )

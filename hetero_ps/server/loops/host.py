@@ -58,6 +58,8 @@ class LoopHost(Protocol):
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool: ...
     async def wait_done(self, a: Assignment, stalls: bool = False) -> None: ...  # raises WorkerLost (stalls: BSP)
     def apply_update(self, grad: torch.Tensor) -> bool: ...  # False: non-finite, skipped
+    def start_update(self, grad: torch.Tensor) -> bool: ...  # the same, stepped beside the next send_params
+    async def update_finished(self) -> float: ...  # waits for start_update's stepping; its seconds
     def step_lr(self) -> None: ...
     def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model
 
