@@ -95,6 +95,7 @@ def _num(x) -> str:
 KEPT_SECTIONS = (
     ("<!-- convergence: begin -->", "<!-- convergence: end -->"),
     ("<!-- chaos: begin -->", "<!-- chaos: end -->"),
+    ("<!-- overlap: begin -->", "<!-- overlap: end -->"),  # written by hand from bench_overlap/_dgc's output
 )
 
 
