@@ -276,11 +276,12 @@ def plot(rows: list, path: str) -> None:
     fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 3.6), squeeze=False)
     for ax, rate in zip(axes[0], rates):
         mine = {r[1]: r for r in rows if r[0] == rate}
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], [mine[k][4].rate for k in labels], 0.4, label="fast + slow")
-        ax.bar([x + 0.2 for x in xs], [mine[k][5].rate for k in labels], 0.4, label="all behind")
-        ax.plot(xs, [mine[k][2].rate for k in labels], "k_", markersize=18, label="fast alone")
-        ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
+        here = [k for k in labels if k in mine]  # a row skipped at this rate has no bars
+        xs = range(len(here))
+        ax.bar([x - 0.2 for x in xs], [mine[k][4].rate for k in here], 0.4, label="fast + slow")
+        ax.bar([x + 0.2 for x in xs], [mine[k][5].rate for k in here], 0.4, label="all behind")
+        ax.plot(xs, [mine[k][2].rate for k in here], "k_", markersize=18, label="fast alone")
+        ax.set_xticks(list(xs), here, rotation=30, ha="right", fontsize=7)
         ax.set(title=f"{rate:g} Mbit/s", ylabel="samples/s")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -306,3 +306,31 @@ def test_a_resumed_scheduler_starts_from_each_ranks_model_not_from_uniform():
     fresh.restore(saved)
     fresh.add_worker(5)  # a worker without a remembered rank is measured afresh
     assert fresh.models[5].rate == 0
+
+
+def test_a_known_change_of_a_workers_push_is_adopted_at_the_next_split():
+    """--compression auto moves worker 1 off a slow uncompressed push after its first steps: its
+    measured times drop by the predicted push time at once, so the first measured split already
+    gives it its share (not a sample, then a few rebalances as its steps turn out shorter)."""
+    sim = SimCluster([0.01, 1.2], [300, 300], noise=0.01)
+    s = make("dynamic", n=2, batch=64)
+    run(s, sim, range(3), wids=(0, 1))  # uniform, 1.2 s of push a step on worker 1
+    sim.c[1] = 0.01  # its pushes are top-k now
+    s.shift_fixed(1, -1.19, "pushes with topk:0.01 now (-1.19 s a step)")
+    sizes, decision = s.assign(3, [0, 1])
+    assert decision is not None and abs(sizes[0] - sizes[1]) <= 6, (sizes, decision)
+    # Measured already: a shift makes the next split say why.
+    sim.c[1] = 0.5
+    s.shift_fixed(1, 0.49, "pushes with fp16 now (+0.49 s a step)")
+    sizes, decision = s.assign(4, [0, 1])
+    assert decision is not None and "pushes with fp16 now" in decision.reason and sizes[1] < sizes[0] - 20
+    s.shift_fixed(5, 1.0, "unknown worker")  # a worker the scheduler does not hold: nothing happens
+
+
+def test_a_shift_never_makes_a_time_zero_or_negative():
+    m = WorkerModel()
+    for b in (10, 20, 10, 20, 10, 20, 10):
+        m.observe(b, 0.5 + b / 100)
+    m.shift_fixed(-5.0, "a wild estimate")
+    assert all(t > 0 for _, t in m.observations) and m.fixed >= 0 and m.rate > 0
+    assert m.changed and m.changed_why == "a wild estimate"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -116,3 +117,23 @@ def test_master_and_worker_scripts_train_on_loopback(tmp_path):
     assert "worker joined: rank 1" in out, out
     assert worker.returncode == 0, worker.stdout + worker.stderr
     assert "Network Interface: lo (127.0.0.1)" in worker.stdout, worker.stdout
+
+
+def test_gpu_check_passes_without_a_gpu_and_says_why(tmp_path):
+    """scripts/gpu_check.sh on a machine without CUDA: every GPU check skips with its reason, it passes."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run scripts/gpu_check.sh itself")
+    out = tmp_path / "gpu.jsonl"
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts/gpu_check.sh"), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "needs CUDA (no GPU here)" in done.stdout and "no CUDA here: the GPU checks skipped" in done.stdout
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["check"] == "machine" and first["gpus"] == []

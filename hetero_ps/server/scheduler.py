@@ -100,6 +100,7 @@ class WorkerModel:
     rejected: int = 0  # observations held back as outliers and never adopted
     regimes: int = 0  # regime changes detected
     changed: bool = False  # a regime change the scheduler has not acted on yet
+    changed_why: str = "changed speed"  # what the rebalance's reason says about it
 
     @property
     def settled(self) -> bool:
@@ -130,6 +131,19 @@ class WorkerModel:
         self._fit_rate()
         return "fit"
 
+    def shift_fixed(self, delta_s: float, why: str) -> None:
+        """A known change of the fixed cost per step (``delta_s`` seconds; the master changed this
+        worker's push codec): the regime's observations move by it, so the next split uses the new
+        cost at once instead of after ``regime_after`` off-model steps (a millisecond is the floor:
+        the estimate comes from the measured link, and a wrong one is corrected by the next steps)."""
+        if not self.observations:
+            return
+        self.observations = [(b, max(t + delta_s, 1e-3)) for b, t in self.observations]
+        self.fixed = max(0.0, self.fixed + delta_s)
+        self.suspects = []
+        self.changed, self.changed_why = True, why
+        self._fit_rate()
+
     def _familiar(self, batch: int) -> bool:
         """Whether ``batch`` lies near the batch sizes the regime has seen (so a prediction for it is
         an interpolation to judge by, not an extrapolation that the observation should correct)."""
@@ -149,7 +163,7 @@ class WorkerModel:
         self.count += len(self.suspects)
         self.suspects = []
         self.regimes += 1
-        self.changed = True
+        self.changed, self.changed_why = True, "changed speed"
         self._fit_rate()
         return "regime"
 
@@ -310,6 +324,11 @@ class Scheduler:
             return None
         return m.predict(batch)
 
+    def shift_fixed(self, wid: int, delta_s: float, why: str) -> None:
+        """``wid``'s fixed cost per step changed by a known ``delta_s`` (see ``WorkerModel.shift_fixed``)."""
+        if wid in self.models:
+            self.models[wid].shift_fixed(delta_s, why)
+
     def observe(self, wid: int, batch: int, seconds: float) -> None:
         """A worker's measured step: ``batch`` samples in ``seconds`` (without the barrier wait)."""
         if wid in self.models:
@@ -357,7 +376,7 @@ class Scheduler:
             return "every worker measured"
         moved = [w for w, m in zip(wids, ms) if m.changed]
         if moved and self.source == "measured":
-            return f"{', '.join(self._label(w) for w in moved)} changed speed"
+            return ", ".join(f"{self._label(w)} {self.models[w].changed_why}" for w in moved)
         if self._follow_up is not None and step >= self._follow_up:
             # The last move put each worker at a new batch size: that spread tells the fit where the
             # fixed costs are, so look again now instead of a whole interval later.

@@ -521,9 +521,13 @@ class ParameterServer:
             h = self.admission.registry.workers.get(wid)
             if h is None or h.link is None:
                 continue
-            delta_before = pull_delta.is_delta_codec(h.link.pull)
+            delta_before, level_before = pull_delta.is_delta_codec(h.link.pull), h.link.level
             why = h.link.decide(compute_s)
             if why:
+                # Its measured step times included the old push: the scheduler moves them by the change.
+                shift = h.link.push_s(h.link.level) - h.link.push_s(level_before)
+                if h.link.push_auto and shift:
+                    self.scheduler.shift_fixed(wid, shift, f"pushes with {h.link.push} now ({shift:+.3g} s a step)")
                 if h.exact_version == self.version and not delta_before and pull_delta.is_delta_codec(h.link.pull):
                     # Its last pull gave it this version bit for bit: its first delta needs no full resync.
                     h.pull = self.state.replica_pull(h.link.pull)

@@ -507,17 +507,20 @@ class Worker:
                 arm = self._arm_readiness(pushing) if self.device == "cpu" and self.job.overlap else None
                 stats = await asyncio.to_thread(self.trainer.compute_gradient, indices, arm)
             compute_s = time.perf_counter() - t0
-            pushing.backward_done = True
             if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
-                await asyncio.sleep(compute_s * (self.slowdown - 1.0))
+                await asyncio.sleep(compute_s * (self.slowdown - 1.0))  # (its backward would still run)
                 compute_s *= self.slowdown
+            pushing.backward_done = True
             if self.device != "cpu":
                 self.grads_cpu.copy_(self.flat.grads)
             pushing.ready.put_nowait(None)  # and the rest, in order
             await pusher
         finally:
             self.readiness.disarm()
-            pusher.cancel()
+            if not pusher.done():
+                pusher.cancel()
+            elif not pusher.cancelled():
+                pusher.exception()  # seen: a push that failed while compute raised is not "never retrieved"
         encode_s, push_s, nbytes = pushing.encode_s, pushing.push_s, pushing.nbytes
         # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
         report = StepReport(
@@ -588,13 +591,15 @@ class Worker:
         )
         if not pushing.backward_done:
             push = dataclasses.replace(push, early=True)
+        early = not pushing.backward_done
         await conn.send(MsgType.PUSH, push.to_header(), segments)
         sent = sum(memoryview(s).nbytes for s in segments)
         if self.pacer is not None:
             await self.pacer.pace(sent)
-        pushing.encode_s += tp - te
-        pushing.push_s += time.perf_counter() - tp
         pushing.nbytes += sent
+        if not early:  # time spent while backward ran did not lengthen the step: the scheduler must not count it
+            pushing.encode_s += tp - te
+            pushing.push_s += time.perf_counter() - tp
 
     def _keep_feedback_exact(self, step: int, attempt: int) -> None:
         """An error-feedback codec's residual (top-k, PowerSGD) must not count an aborted attempt's values as sent.
