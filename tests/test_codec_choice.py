@@ -64,6 +64,15 @@ def test_a_fast_link_stays_uncompressed_and_a_slow_one_gets_top_k():
     assert lan.push == "fp16" and lan.transfer_s(LADDER.index("fp16")) <= 0.5 < lan.transfer_s(LADDER.index("none"))
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_an_adaptive_optimizer_stops_at_int8(optimizer):
+    wifi = LinkChoice("auto", "auto", CHUNKS, codec_choice.ladder_for(optimizer))
+    _measured(wifi, 20e6 / 8)  # even where int8 does not fit the budget
+    assert "more compression" in wifi.decide(compute_s=0.3)
+    assert (wifi.push, wifi.pull) == ("int8", "int8")
+    assert codec_choice.ladder_for("momentum") == codec_choice.ladder_for(None) == LADDER
+
+
 def test_two_samples_are_not_enough_and_a_fixed_direction_keeps_its_codec():
     link = LinkChoice("fp16", "auto", CHUNKS)
     _measured(link, 100e6 / 8, samples=2)
@@ -102,8 +111,11 @@ def test_auto_is_not_a_codec_anywhere_else():
 
 
 @pytest.mark.slow
-def test_a_worker_on_a_slow_link_is_moved_to_top_k_while_the_job_trains(tmp_path):
+@pytest.mark.parametrize("optimizer, codec, smaller", [("momentum", "topk:0.01", 20), ("adamw", "int8", 3)])
+def test_a_worker_on_a_slow_link_is_moved_to_top_k_while_the_job_trains(tmp_path, optimizer, codec, smaller):
+    """... or to int8 with an adaptive optimizer (codec_choice.ladder_for)."""
     args = ["--world-size", "3", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits"]
+    args += ["--optimizer", optimizer]
     args += ["--epochs", "2", "--global-batch-size", "64", "--no-dashboard", "--experiment", "auto"]
     args += ["--compression", "auto", "--pull-compression", "auto", "--chunk-mb", "0.0625"]
     args += ["--enable-load-balancing", "--load-balance-policy", "dynamic"]
@@ -114,7 +126,7 @@ def test_a_worker_on_a_slow_link_is_moved_to_top_k_while_the_job_trains(tmp_path
         summary = c.summary()
     events = read_jsonl(metrics_path(tmp_path, "auto", "events"))
     moves = find_all(events, event="codec_choice", rank=2)
-    assert moves and (moves[-1]["push"], moves[-1]["pull"]) == ("topk:0.01", "topk:0.01"), moves
+    assert moves and (moves[-1]["push"], moves[-1]["pull"]) == (codec, codec), moves
     assert "link" in moves[0]["reason"] and "compute" in moves[0]["reason"]
     # It held the parameters bit for bit when it moved (uncompressed pulls): no full resync for that.
     assert not find_all(events, event="pull_resync", rank=2, reason="first pull"), events
@@ -122,5 +134,5 @@ def test_a_worker_on_a_slow_link_is_moved_to_top_k_while_the_job_trains(tmp_path
     moved_at = moves[0]["step"]
     before = [s["workers"]["2"]["bytes_out"] for s in steps if s["step"] < moved_at and "2" in s["workers"]]
     after = [s["workers"]["2"]["bytes_out"] for s in steps if s["step"] > moved_at + 1 and "2" in s["workers"]]
-    assert before and after and max(after) * 20 < min(before), (before, after)
+    assert before and after and max(after) * smaller < min(before), (before, after)
     assert summary["final_eval_accuracy"] >= 0.8, summary

@@ -17,6 +17,13 @@ int8 or top-k is a delta against the worker's replica, ``pull_delta.py``)::
 
     none (4 B/value) → fp16 (2) → int8 (~1) → topk:0.01 (~0.08)
 
+An adaptive optimizer (adam, adamw) stops at int8 (``ladder_for``): top-k's error feedback promises
+that what it holds back arrives later, summed, which SGD's linear update honours but Adam's
+per-coordinate normalisation does not (a held-back coordinate arrives as a burst its second moment
+never saw; 1-bit Adam, Tang et al. 2021, freezes the variance for the same reason). Measured on
+gpt2 tiny after 3 epochs: perplexity 130 with top-k 1 % both ways against 36 uncompressed and 36
+with int8 (``benchmarks/RESULTS_links.md``).
+
 With a rate ``R`` the transfer time at a level is ``T = (push bytes + pull bytes) / R`` (the bytes
 from the codecs' own size bounds; a direction that is not ``auto`` keeps its codec). After each
 step, with ``C`` that step's compute time (the slowest worker's in BSP, the barrier everyone waits
@@ -41,6 +48,7 @@ import time
 from hetero_ps.wire import codecs
 
 LADDER = ("none", "fp16", "int8", "topk:0.01")
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")  # their ladder stops at int8 (see above)
 COMM_SHARE = 0.5  # transfer may take up to this share of the step's compute...
 RELAX_SHARE = 0.2  # ...and a less compressed level is taken back only if it fits in this share
 MIN_SPAN_BYTES = 64 << 10  # a push span's bytes after its first chunk, to count as a rate sample
@@ -52,12 +60,18 @@ MIN_SAMPLES = 3  # ...and the first decision waits for three, so one hiccup on a
 is_auto = codecs.is_auto
 
 
+def ladder_for(optimizer: str | None) -> tuple[str, ...]:
+    """The levels ``auto`` may choose from for the job's (resolved) optimizer."""
+    return LADDER[: LADDER.index("int8") + 1] if optimizer in ADAPTIVE_OPTIMIZERS else LADDER
+
+
 class LinkChoice:
     """One worker's link rate estimate and the codecs chosen for it."""
 
-    def __init__(self, push: str, pull: str, chunks: list[tuple[int, int]]):
+    def __init__(self, push: str, pull: str, chunks: list[tuple[int, int]], ladder: tuple[str, ...] = LADDER):
         self.push_auto, self.pull_auto = is_auto(push), is_auto(pull)
         self.chunks = chunks
+        self.ladder = ladder  # ladder_for(the job's optimizer)
         self.level = 0
         self.fixed_push, self.fixed_pull = push, pull
         self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)  # rate samples, bytes/s
@@ -69,11 +83,11 @@ class LinkChoice:
 
     @property
     def push(self) -> str:
-        return LADDER[self.level] if self.push_auto else self.fixed_push
+        return self.ladder[self.level] if self.push_auto else self.fixed_push
 
     @property
     def pull(self) -> str:
-        return LADDER[self.level] if self.pull_auto else self.fixed_pull
+        return self.ladder[self.level] if self.pull_auto else self.fixed_pull
 
     # -- measuring ----------------------------------------------------------------------------------
     def on_push(self, step: int, attempt: int, nbytes: int, now: float | None = None, early: bool = False) -> None:
@@ -110,21 +124,21 @@ class LinkChoice:
         """Predicted seconds of push + pull per step at ``level`` (needs a rate)."""
         rate = self.rate
         assert rate, "measured first"
-        push = LADDER[level] if self.push_auto else self.fixed_push
-        pull = LADDER[level] if self.pull_auto else self.fixed_pull
+        push = self.ladder[level] if self.push_auto else self.fixed_push
+        pull = self.ladder[level] if self.pull_auto else self.fixed_pull
         return (_wire_bytes(push, self.chunks) + _wire_bytes(pull, self.chunks)) / rate
 
     def push_s(self, level: int) -> float:
         """Predicted seconds of the push alone at ``level`` (what the worker's step reports count)."""
         rate = self.rate
         assert rate, "measured first"
-        return _wire_bytes(LADDER[level] if self.push_auto else self.fixed_push, self.chunks) / rate
+        return _wire_bytes(self.ladder[level] if self.push_auto else self.fixed_push, self.chunks) / rate
 
     def decide(self, compute_s: float) -> str:
         """Re-choose the level for a step of ``compute_s`` seconds of compute; the reason if it moved ('' if not)."""
         if not self.auto or len(self.recent) < MIN_SAMPLES or not compute_s > 0:
             return ""
-        levels = range(len(LADDER))
+        levels = range(len(self.ladder))
         fits = [lv for lv in levels if self.transfer_s(lv) <= COMM_SHARE * compute_s]
         target = fits[0] if fits else levels[-1]
         if target < self.level:  # less compression: only with room to spare

@@ -58,7 +58,9 @@ class ModelState:
 
     def push_codecs(self) -> tuple[str, ...]:
         """Every codec a worker may push with."""
-        return codec_choice.LADDER if codec_choice.is_auto(self.job.compression) else (self.job.compression,)
+        if codec_choice.is_auto(self.job.compression):
+            return codec_choice.ladder_for(self.job.optimizer)
+        return (self.job.compression,)
 
     def _codecs(self, table: dict[str, list[codecs.Codec]], spec: str) -> list[codecs.Codec]:
         if spec not in table:

@@ -510,7 +510,8 @@ class ParameterServer:
 
     def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
         if h.link is None:
-            h.link = codec_choice.LinkChoice(self.job.compression, self.job.pull_compression, self.state.chunks)
+            ladder = codec_choice.ladder_for(self.job.optimizer)
+            h.link = codec_choice.LinkChoice(self.job.compression, self.job.pull_compression, self.state.chunks, ladder)
         return h.link
 
     def _choose_codecs(self, a: Assignment) -> None:
