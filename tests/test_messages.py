@@ -61,6 +61,7 @@ SAMPLES = {
             "device": "cpu",
             "profile": {"cpus": 4},
             "role": "worker",
+            "schedule_ahead": True,
             "protocol": 1,
             "software": "0.1.0",
             "client_nonce": b"c" * 32,
@@ -93,6 +94,7 @@ SAMPLES = {
             "total": 256,
             "compression": "topk:0.01",
             "discarded": 5,
+            "ahead": True,
         },
     ),
     "PUSH": (

@@ -4,8 +4,10 @@ on the native kernels beside the broadcast, in torch's optimizer state."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -20,9 +22,10 @@ from hetero_ps.testing import LocalCluster
 from hetero_ps.training import data, models
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.training.optim import build_optimizer
+from hetero_ps.training.sampler import EpochSampler
 from hetero_ps.training.trainer import LocalTrainer
 from hetero_ps.wire.messages import chunk_layout
-from hetero_ps.worker.overlap import ChunkReadiness
+from hetero_ps.worker.overlap import ChunkReadiness, PullAborted, PullArrival, chunks_of_parameters
 
 OPTIMIZERS = [
     dict(optimizer="sgd", lr=0.1, weight_decay=1e-3),
@@ -51,8 +54,8 @@ def test_chunked_step_is_torchs_step_and_keeps_its_state_format(knobs):
     for g in _grads(n, steps):
         plan = stepper.begin()
         for off, k in chunks:
-            stepper.chunk(plan, off, k, g.numpy()[off : off + k])
-        stepper.finish(plan)
+            plan.chunk(off, k, g.numpy()[off : off + k])
+        plan.finish()
         with warnings.catch_warnings():  # torch never saw a step(); the schedule is the same
             warnings.simplefilter("ignore")
             sched.step()
@@ -72,10 +75,7 @@ def test_chunked_step_is_torchs_step_and_keeps_its_state_format(knobs):
     opt2.load_state_dict(copy.deepcopy(mine))
     g = _grads(n, 1)[0]
     for o in (opt, opt2):
-        s = ChunkedStep(o)
-        plan = s.begin()
-        s.chunk(plan, 0, n, g.numpy())
-        s.finish(plan)
+        ChunkedStep(o).step(g.numpy())
     assert torch.equal(ours.detach(), resumed.detach())
 
 
@@ -87,7 +87,7 @@ def test_the_plain_sgd_update_is_one_rounding():
     stepper = ChunkedStep(build_optimizer(job, p, 10)[0])
     g = _grads(1001, 1)[0]
     plan = stepper.begin()
-    stepper.chunk(plan, 0, 1001, g.numpy())
+    plan.chunk(0, 1001, g.numpy())
     assert np.array_equal(p.detach().numpy(), before - np.float32(0.25) * g.numpy())
 
 
@@ -165,6 +165,76 @@ def test_a_parameter_without_a_gradient_holds_its_chunks_back():
     assert seen == []  # the worker pushes it after backward, with the rest
 
 
+# -- layers waiting for their parameter chunks ---------------------------------------------------------
+def _pull_while_computing(per_layer: bool) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """A step computed while its parameters arrive chunk by chunk (NaN until each is in): the
+    gradient, the gradient on the parameters in place, the chunks in when the first layer ran,
+    the chunks it needs and the chunks of the model."""
+    trainer, flat, chunks = _trainer(chunk_bytes=4096)
+    first = next(m for m in trainer.model.modules() if list(m.parameters(recurse=False)))
+    by_param = chunks_of_parameters(flat, chunks)
+    index = {id(p): i for i, p in enumerate(flat.parameters())}
+    needs = max(c for p in first.parameters(recurse=False) for c in by_param[index[id(p)]]) + 1
+    arrival = PullArrival(trainer.model, flat, chunks, per_layer)
+    idx = np.arange(24)
+    params = flat.params.clone()
+    trainer.compute_gradient(idx)
+    expected = flat.grads.clone()
+
+    delivered, ran_with, ran = [0], [-1], threading.Event()
+
+    def note(_m: object, _args: object) -> None:  # runs after PullArrival's hook: what the layer saw
+        if ran_with[0] < 0:
+            ran_with[0] = delivered[0]
+            ran.set()
+
+    first.register_forward_pre_hook(note)
+    flat.params.fill_(float("nan"))
+    arrival.expect()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        step = pool.submit(trainer.compute_gradient, idx)
+        for c, (off, n) in enumerate(chunks):
+            if per_layer and c == needs:  # the first layer may run now, before the rest arrives
+                assert ran.wait(timeout=60), "the first layer did not run once its chunks were in"
+            flat.params[off : off + n] = params[off : off + n]
+            delivered[0] = c + 1
+            arrival.arrived(c)
+        step.result(timeout=60)
+    return flat.grads.clone(), expected, ran_with[0], needs, len(chunks)
+
+
+def test_each_layer_runs_once_its_chunks_are_in_and_reads_no_parameter_early():
+    got, expected, ran_with, needs, n_chunks = _pull_while_computing(per_layer=True)
+    assert torch.equal(got, expected)  # a NaN read anywhere would show
+    assert ran_with == needs < n_chunks
+
+
+def test_a_model_without_per_layer_waits_starts_once_the_whole_pull_is_in():
+    got, expected, ran_with, _, n_chunks = _pull_while_computing(per_layer=False)
+    assert torch.equal(got, expected) and ran_with == n_chunks
+
+
+def test_a_pull_that_will_not_come_releases_the_waiting_forward():
+    trainer, flat, chunks = _trainer(chunk_bytes=4096)
+    arrival = PullArrival(trainer.model, flat, chunks, per_layer=True)
+    arrival.expect()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        step = pool.submit(trainer.compute_gradient, np.arange(8))  # waits for chunk 0 (or gets there late)
+        arrival.abort()
+        with pytest.raises(PullAborted):
+            step.result(timeout=60)
+    arrival.expect()
+    for c in range(len(chunks)):
+        arrival.arrived(c)
+    arrival.abort()  # a pull that is complete is not touched
+    trainer.compute_gradient(np.arange(8))
+    arrival.expect()
+    for c in range(len(chunks)):
+        arrival.arrived(c)
+    assert not arrival.expecting
+    trainer.compute_gradient(np.arange(8))
+
+
 # -- end to end --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_real_worker_pushes_during_backward_and_the_run_trains(tmp_path):
@@ -196,3 +266,33 @@ def test_the_readiness_queue_runs_on_the_loop():
 
     got, n_chunks = asyncio.run(main())
     assert sorted(got) == list(range(n_chunks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [True, False])
+def test_steps_scheduled_ahead_of_their_parameters_are_exactly_sequential_sgd(tmp_path, overlap):
+    """Steps 1.. are scheduled before the previous update's pull (their workers compute while the
+    parameters arrive, layer by layer); the result is still exactly three SGD steps on the union batches."""
+    steps_n, lr = 3, 0.5
+    args = ["--world-size", "3", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits"]
+    args += ["--global-batch-size", "64", "--worker-batch-sizes", "1:23,2:41", "--max-steps", str(steps_n)]
+    args += ["--optimizer", "sgd", "--lr", str(lr), "--lr-schedule", "constant", "--experiment", "ahead"]
+    args += ["--chunk-mb", "0.01"] + ([] if overlap else ["--no-overlap"])
+    with LocalCluster(tmp_path, args, workers=[["--rank", "1"], ["--rank", "2"]]) as c:
+        assert c.wait(timeout=180) == 0, c.output("server")[-3000:]
+        exp = c.experiment_dir()
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    ahead = {s["step"]: sorted(r for r, w in s["workers"].items() if w["scheduled_ahead"]) for s in steps}
+    assert ahead == ({0: [], 1: ["1", "2"], 2: ["1", "2"]} if overlap else {0: [], 1: [], 2: []})
+
+    job = JobConfig(model="simple_cnn", dataset="digits", global_batch=64, optimizer="sgd", lr=lr, momentum=0.0)
+    trainer, flat, _ = _trainer(chunk_bytes=4096)
+    sampler = EpochSampler(len(trainer.train_set), job.seed)
+    for step in range(steps_n):  # one process, the union batch of each step
+        trainer.compute_gradient(sampler.indices(0, 64 * step, 64))
+        flat.params.sub_(lr * flat.grads)
+    expected = flat.params.clone()
+    state = torch.load(os.path.join(exp, "model.pt"), weights_only=True)
+    trainer.model.load_state_dict(state.get("model", state))  # the model's parameters are views of flat's
+    torch.testing.assert_close(flat.params, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(expected, _trainer(chunk_bytes=4096)[1].params)  # the steps moved it

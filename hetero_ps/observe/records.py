@@ -45,13 +45,20 @@ class WorkerTiming:
     early_chunks: int = doc(
         "gradient chunks it pushed while its backward pass still ran (seen by the master)", default=0
     )
+    scheduled_ahead: bool = doc(
+        "its SCHEDULE went out before the parameters it computed on (BSP with overlap): it started while they arrived",
+        default=False,
+    )
 
     @classmethod
-    def from_report(cls, batch: int, report: Mapping[str, Any], early_chunks: int = 0) -> WorkerTiming:
+    def from_report(
+        cls, batch: int, report: Mapping[str, Any], early_chunks: int = 0, scheduled_ahead: bool = False
+    ) -> WorkerTiming:
         """From the ``report`` of the worker's METRICS frame; absent or non-numeric fields count as 0."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("batch", "early_chunks")]
+        own = ("batch", "early_chunks", "scheduled_ahead")
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in own]
         timings: dict[str, Any] = {k: _float(report, k) for k in names}
-        return cls(batch=batch, early_chunks=early_chunks, **timings)
+        return cls(batch=batch, early_chunks=early_chunks, scheduled_ahead=scheduled_ahead, **timings)
 
 
 @dataclass(frozen=True)

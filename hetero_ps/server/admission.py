@@ -48,6 +48,7 @@ class Admission:
         h = self.registry.admit(
             -1 if hello.rank is None else hello.rank, hello.host or "?", hello.device or "?", hello.profile or {}, conn
         )
+        h.schedule_ahead = bool(hello.schedule_ahead)
         log.info("worker joined: %s; preparing the job", h.name)
         self._event("worker_joined", rank=h.rank, host=h.host, device=h.device, profile=h.profile)
         self._changed.set()

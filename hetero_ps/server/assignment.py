@@ -36,6 +36,7 @@ class Assignment:
     reports: dict[int, StepReport] = field(default_factory=dict)  # wid -> the worker's report
     codecs: dict[int, str] = field(default_factory=dict)  # wid -> the push codec its SCHEDULE named
     early: dict[int, int] = field(default_factory=dict)  # wid -> chunks it pushed during its backward pass
+    ahead: set[int] = field(default_factory=set)  # wids whose SCHEDULE went before the parameters (BSP)
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)

@@ -34,7 +34,7 @@ Every worker starts uncompressed: its first pushes measure its link.
 
 A slow link gets top-k both ways; loopback and a fast LAN keep exact or 16-bit transfers. A switch
 also moves the worker's measured step times in the scheduler by the predicted change of its push
-(``Scheduler.shift_fixed``), so the next batch split already counts the new codec. Each
+and pull (``Scheduler.shift_fixed``), so the next batch split already counts the new codec. Each
 switch is logged with its inputs (``codec_choice`` event); the worker learns its push codec from
 the next SCHEDULE and reads each pull's codec from its PARAMS frames.
 """
@@ -127,12 +127,6 @@ class LinkChoice:
         push = self.ladder[level] if self.push_auto else self.fixed_push
         pull = self.ladder[level] if self.pull_auto else self.fixed_pull
         return (_wire_bytes(push, self.chunks) + _wire_bytes(pull, self.chunks)) / rate
-
-    def push_s(self, level: int) -> float:
-        """Predicted seconds of the push alone at ``level`` (what the worker's step reports count)."""
-        rate = self.rate
-        assert rate, "measured first"
-        return _wire_bytes(self.ladder[level] if self.push_auto else self.fixed_push, self.chunks) / rate
 
     def decide(self, compute_s: float) -> str:
         """Re-choose the level for a step of ``compute_s`` seconds of compute; the reason if it moved ('' if not)."""

@@ -90,9 +90,7 @@ class ModelState:
         """One optimizer update with ``grad``, all of it now; skipped (False) if it holds NaN/Inf."""
         if not optim.all_finite(grad):
             return False
-        plan = self.stepper.begin()
-        self.stepper.chunk(plan, 0, self.numel, grad.numpy())
-        self.stepper.finish(plan)
+        self.stepper.step(grad.numpy())
         self.version += 1
         return True
 

@@ -39,6 +39,7 @@ class WorkerHandle:
     suspended: bool = False  # stalled past its limit in a step: given no work until it answers again
     pull: Any = None  # pull_delta.ReplicaPull: what it holds, while its pull codec is a delta one
     link: Any = None  # codec_choice.LinkChoice: its link's measured rate and its codecs
+    schedule_ahead: bool = False  # said in HELLO: it takes a SCHEDULE before the PARAMS of its version
 
     def set_activity(self, what: str) -> None:
         self.activity, self.activity_since = what, time.monotonic()

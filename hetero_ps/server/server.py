@@ -346,9 +346,11 @@ class ParameterServer:
     def next_membership_change(self) -> asyncio.Task[Any]:
         return self.admission.next_change()
 
-    def split_batch(self, workers: list[WorkerHandle], total: int | None = None) -> dict[int, int]:
+    def split_batch(
+        self, workers: list[WorkerHandle], total: int | None = None, step: int | None = None
+    ) -> dict[int, int]:
         sizes, decision = self.scheduler.assign(
-            self.step, [h.wid for h in workers], total, ranks={h.wid: h.rank for h in workers}
+            self.step if step is None else step, [h.wid for h in workers], total, ranks={h.wid: h.rank for h in workers}
         )
         if decision is not None:
             self._record_decision(decision)
@@ -421,6 +423,7 @@ class ParameterServer:
             total=a.total,
             compression=push_codec if codec_choice.is_auto(self.job.compression) else None,
             discarded=discarded,
+            ahead=h.wid in a.ahead and h.params_version != self.version,
         ).to_header()
         h.batch = count
         h.assignment = a
@@ -506,7 +509,6 @@ class ParameterServer:
             h.samples += a.sizes[wid]
             h.steps += 1
             self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
-        self._choose_codecs(a)
 
     def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
         if h.link is None:
@@ -514,7 +516,7 @@ class ParameterServer:
             h.link = codec_choice.LinkChoice(self.job.compression, self.job.pull_compression, self.state.chunks, ladder)
         return h.link
 
-    def _choose_codecs(self, a: Assignment) -> None:
+    def choose_codecs(self, a: Assignment) -> None:
         """--compression/--pull-compression auto: re-choose the codecs of the workers that just
         reported, against the step's compute (the slowest worker's: what everyone waits for)."""
         compute_s = max((r.compute_s for r in a.reports.values()), default=0.0)
@@ -525,10 +527,12 @@ class ParameterServer:
             delta_before, level_before = pull_delta.is_delta_codec(h.link.pull), h.link.level
             why = h.link.decide(compute_s)
             if why:
-                # Its measured step times included the old push: the scheduler moves them by the change.
-                shift = h.link.push_s(h.link.level) - h.link.push_s(level_before)
-                if h.link.push_auto and shift:
-                    self.scheduler.shift_fixed(wid, shift, f"pushes with {h.link.push} now ({shift:+.3g} s a step)")
+                # Its measured step times included the old push and pull: the scheduler moves them by the change.
+                shift = h.link.transfer_s(h.link.level) - h.link.transfer_s(level_before)
+                if shift:
+                    self.scheduler.shift_fixed(
+                        wid, shift, f"pushes with {h.link.push}, pulls with {h.link.pull} now ({shift:+.3g} s a step)"
+                    )
                 if h.exact_version == self.version and not delta_before and pull_delta.is_delta_codec(h.link.pull):
                     # Its last pull gave it this version bit for bit: its first delta needs no full resync.
                     h.pull = self.state.replica_pull(h.link.pull)

@@ -28,9 +28,9 @@ class StreamedUpdate:
         def step_all() -> None:
             t0 = time.perf_counter()
             for fut, (off, n) in zip(self._ready, chunks):
-                stepper.chunk(plan, off, n, grad_np[off : off + n])
+                plan.chunk(off, n, grad_np[off : off + n])
                 loop.call_soon_threadsafe(_resolve, fut)
-            stepper.finish(plan)
+            plan.finish()
             self.seconds = time.perf_counter() - t0
 
         self._task = asyncio.ensure_future(asyncio.to_thread(step_all))

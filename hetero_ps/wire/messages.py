@@ -189,6 +189,7 @@ class Hello(WireMessage):
     device: str | None = None
     profile: dict[str, Any] | None = None  # the hardware profile
     role: str | None = None  # "control" for a control client
+    schedule_ahead: bool | None = None  # takes a SCHEDULE before the PARAMS of its version (they follow)
     protocol: int = PROTOCOL_VERSION
     software: str = hetero_ps.__version__
     client_nonce: bytes = b""
@@ -202,6 +203,7 @@ class Hello(WireMessage):
                 ("device", self.device),
                 ("profile", self.profile),
                 ("role", self.role),
+                ("schedule_ahead", self.schedule_ahead),
             ]
         )
 
@@ -228,6 +230,7 @@ class Hello(WireMessage):
             device=_opt_str(h, "HELLO", "device"),
             profile=_opt_map(h, "HELLO", "profile"),
             role=_opt_str(h, "HELLO", "role"),
+            schedule_ahead=_opt_bool(h, "HELLO", "schedule_ahead"),
             protocol=_int(h, "HELLO", "protocol", 0, 0xFFFF),
             software=_str(h, "HELLO", "software"),
             client_nonce=client_nonce,
@@ -349,6 +352,7 @@ class Schedule(WireMessage):
     total: int  # the weight's divisor: samples in the BSP step, or the global batch
     compression: str | None = None  # --compression auto: the codec to push this step with
     discarded: int | None = None  # BSP: an earlier step whose push from this worker was thrown away (aborted)
+    ahead: bool = False  # the PARAMS of ``version`` follow this SCHEDULE (HELLO schedule_ahead)
 
     def to_header(self) -> dict[str, Any]:
         h: dict[str, Any] = {
@@ -364,6 +368,8 @@ class Schedule(WireMessage):
             h["compression"] = self.compression
         if self.discarded is not None:
             h["discarded"] = self.discarded
+        if self.ahead:
+            h["ahead"] = True
         return h
 
     @classmethod
@@ -379,6 +385,7 @@ class Schedule(WireMessage):
             total=_int(h, "SCHEDULE", "total", 1),
             compression=_opt_str(h, "SCHEDULE", "compression"),
             discarded=_opt_int(h, "SCHEDULE", "discarded"),
+            ahead=bool(_opt_bool(h, "SCHEDULE", "ahead")),
         )
 
 

@@ -4,7 +4,11 @@ One connection, one loop, messages in the order the master sent them:
 
 * PARAMS   — new parameters (a chunk each); loaded straight into the flat parameter buffer.
 * SCHEDULE — compute the mean gradient over this step's slice of the epoch's sample order, then
-  push it chunk by chunk with the job's codec.
+  push it chunk by chunk with the job's codec. The step runs as a task beside the loop: a SCHEDULE
+  may come before the PARAMS of its version (we say ``schedule_ahead``), and then the loop goes on
+  reading them while the step fetches its samples and runs each layer once its chunk is in
+  (``worker/overlap.py``). The next SCHEDULE, and any PARAMS the step does not wait for, wait for
+  the step to end.
 * CONTROL  — change run-time knobs (``simulate_slowdown``) without restarting.
 * BYE      — the job is over (or the master is shutting down): leave cleanly.
 """
@@ -55,7 +59,7 @@ from hetero_ps.wire.messages import (
 from hetero_ps.wire.protocol import Message, MsgType, raise_if_error
 from hetero_ps.wire.tls import ClientTLS
 from hetero_ps.worker.dgc import MomentumCorrection
-from hetero_ps.worker.overlap import ChunkReadiness
+from hetero_ps.worker.overlap import ChunkReadiness, PullArrival
 from hetero_ps.worker.pacing import BandwidthPacer
 from hetero_ps.worker.profile import (
     calibrate,
@@ -170,6 +174,10 @@ class Worker:
         self._feedback_step = -1  # the step they were saved for
         self._carry: list[np.ndarray | None] | None = None  # owed by the push codec before a switch...
         self._carry_step = -1  # ...added to this step's gradient
+        self._stepping: asyncio.Task[None] | None = None  # the step being computed, beside the loop
+        self._awaiting: int | None = None  # the parameter version that step waits for (PARAMS still to come)
+        self._pulled = asyncio.Event()  # set while no parameters are awaited
+        self._pulled.set()
 
     async def run_and_rejoin(self) -> dict:
         """``run``; when the master goes away mid-job, rejoin it (with our rank) for ``reconnect_timeout``.
@@ -206,7 +214,11 @@ class Worker:
     async def run(self) -> dict:
         """Join, train until BYE, return a small summary."""
         hello = Hello(
-            rank=self.cfg.rank, host=socket.gethostname(), device=self.device, profile=hardware_profile(self.device)
+            rank=self.cfg.rank,
+            host=socket.gethostname(),
+            device=self.device,
+            profile=hardware_profile(self.device),
+            schedule_ahead=True,
         )
         self.conn, welcome = await connect_with_retry(self.cfg, hello)
         w = await self._parse(Welcome, welcome.header)
@@ -216,6 +228,8 @@ class Worker:
         self._feedback, self._feedback_step, self._push_done_at = None, -1, 0.0
         self._carry, self._carry_step = None, -1
         self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
+        self._stepping, self._awaiting = None, None
+        self._pulled.set()
         self.heartbeat_s = w.heartbeat_s
         self.job = JobConfig.from_wire(w.job)
         if self.on_welcome:
@@ -352,6 +366,11 @@ class Worker:
         self.params_cpu = self.flat.params if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
         self.grads_cpu = self.flat.grads if self.device == "cpu" else torch.empty(n, dtype=torch.float32)
         self.readiness = ChunkReadiness(self.flat, self.chunks)
+        # Layer by layer on the CPU with a built-in model; else the whole pull first (worker/overlap.py).
+        from hetero_ps.training.plugins import is_plugin_name
+
+        per_layer = self.device == "cpu" and not is_plugin_name(self.job.model)
+        self.arrival = PullArrival(self.trainer.model, self.flat, self.chunks, per_layer)
         self.dgc: MomentumCorrection | None = None  # the job's --momentum-correction (top-k pushes)
         if self.job.momentum_correction:
             ratio = codecs.parse_codec(self.job.compression).ratio
@@ -359,8 +378,11 @@ class Worker:
         self.params_np = self.params_cpu.numpy()
 
     def _allocate(self, msg_type, header, nbytes):
-        """Uncompressed parameter chunks land straight in the parameter buffer (zero copy)."""
+        """Uncompressed parameter chunks land straight in the parameter buffer (zero copy), unless a
+        step is computing on the parameters and does not wait for these (the loop holds them back)."""
         if msg_type != MsgType.PARAMS or header.get("codec") != "none":
+            return None
+        if self._stepping is not None and header.get("version") != self._awaiting:
             return None
         off, numel = header.get("offset"), header.get("numel")
         if not (
@@ -377,27 +399,85 @@ class Worker:
     async def _loop(self) -> dict:
         conn = self.conn
         assert conn is not None, "run() connects before the loop"
-        while True:
-            msg = await self._recv_from_master(conn)
-            t = msg.type
-            if t == MsgType.PARAMS:
-                self._on_params(await self._parse(Params, msg.header), msg.segments)
-                if self.pacer is not None:  # a simulated slow link: the pull takes its time
-                    self._prev["pull_s"] += await self.pacer.pace(sum(memoryview(seg).nbytes for seg in msg.segments))
-            elif t == MsgType.SCHEDULE:
-                await self._on_schedule(await self._parse(Schedule, msg.header))
-            elif t == MsgType.CONTROL:
-                self._on_control(await self._parse(Control, msg.header))
-            elif t == MsgType.HEARTBEAT:
-                await conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
-            elif t == MsgType.BYE:
-                reason = (await self._parse(Bye, msg.header)).reason or ""
-                log.info("master says bye (%s) after %d steps, %d samples", reason, self.steps_done, self.samples_done)
-                return {"steps": self.steps_done, "samples": self.samples_done, "rank": self.rank, "reason": reason}
-            elif t == MsgType.ERROR:
-                raise_if_error(msg)
-            else:
-                log.warning("ignoring unexpected %s from master", t.name)
+        try:
+            while True:
+                msg = await self._next_message(conn)
+                t = msg.type
+                if t == MsgType.PARAMS:
+                    p = await self._parse(Params, msg.header)
+                    if self._stepping is not None and p.version != self._awaiting:
+                        await self._finish_step()  # not the step's own parameters: not while it computes
+                    self._on_params(p, msg.segments)
+                    if self.pacer is not None:  # a simulated slow link: the pull takes its time
+                        self._prev["pull_s"] += await self.pacer.pace(
+                            sum(memoryview(seg).nbytes for seg in msg.segments)
+                        )
+                elif t == MsgType.SCHEDULE:
+                    s = await self._parse(Schedule, msg.header)
+                    await self._finish_step()
+                    self._begin_step(s)
+                elif t == MsgType.CONTROL:
+                    self._on_control(await self._parse(Control, msg.header))
+                elif t == MsgType.HEARTBEAT:
+                    await conn.send(MsgType.HEARTBEAT, Heartbeat(time.time()).to_header())
+                elif t == MsgType.BYE:
+                    reason = (await self._parse(Bye, msg.header)).reason or ""
+                    await self._cancel_step()  # a step still in flight no longer matters
+                    log.info(
+                        "master says bye (%s) after %d steps, %d samples", reason, self.steps_done, self.samples_done
+                    )
+                    return {"steps": self.steps_done, "samples": self.samples_done, "rank": self.rank, "reason": reason}
+                elif t == MsgType.ERROR:
+                    raise_if_error(msg)
+                else:
+                    log.warning("ignoring unexpected %s from master", t.name)
+        finally:
+            await self._cancel_step()
+
+    async def _next_message(self, conn: transport.Connection) -> Message:
+        """The next message from the master; a step that fails meanwhile raises here at once."""
+        recv = asyncio.ensure_future(self._recv_from_master(conn))
+        try:
+            while self._stepping is not None and not recv.done():
+                await asyncio.wait({recv, self._stepping}, return_when=asyncio.FIRST_COMPLETED)
+                if self._stepping.done():
+                    await self._finish_step()
+            return await recv
+        finally:
+            if not recv.done():
+                recv.cancel()
+
+    def _begin_step(self, s: Schedule) -> None:
+        """Start the step ``s`` as a task; when its version's parameters are still to come, its layers
+        wait for their chunks (set up here, before the loop reads the first of them)."""
+        if s.ahead and s.version != getattr(self, "version", -1):
+            self._awaiting = s.version
+            self._pulled.clear()
+            self.arrival.expect()
+        self._stepping = asyncio.ensure_future(self._on_schedule(s))
+
+    async def _finish_step(self) -> None:
+        """Wait for the step in flight, if any (its failure is raised)."""
+        task = self._stepping
+        if task is None:
+            return
+        try:
+            await task
+        finally:
+            self._stepping = None
+
+    async def _cancel_step(self) -> None:
+        """Stop the step in flight, if any, and release its compute thread from any wait for parameters."""
+        task, self._stepping = self._stepping, None
+        if task is None:
+            return
+        self.arrival.abort()
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it is being thrown away
+            pass
 
     def _on_params(self, p: Params, segments: tuple) -> None:
         t0 = time.perf_counter()
@@ -419,10 +499,17 @@ class Worker:
             )
         elif not _same_buffer(segments[0], self.params_np, off):
             self.params_np[off : off + numel] = np.frombuffer(segments[0], dtype=np.float32)
+        if self._awaiting is not None and self.device == "cpu":
+            self.arrival.arrived(p.chunk)  # the layers reading it may run
         if p.chunk == len(self.chunks) - 1:
             if self.device != "cpu":
                 self.flat.params.copy_(self.params_cpu, non_blocking=False)
             self.version = p.version
+            if self._awaiting is not None:
+                self._awaiting = None
+                for c in range(len(self.chunks)):  # (on a GPU: only now, once copied over)
+                    self.arrival.arrived(c)
+                self._pulled.set()
         self._prev["pull_s"] += time.perf_counter() - t0
         self._prev["bytes_in"] += sum(len(s) for s in segments)
 
@@ -493,12 +580,16 @@ class Worker:
         if self._push_done_at:  # from our last push to this schedule: barrier, optimizer and pull
             self._prev["wait_s"] = time.perf_counter() - self._push_done_at - self._prev["pull_s"]
         self._keep_feedback_exact(step, attempt)  # before any chunk is encoded (encoding moves the residuals)
-        prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         pushing = _Pushing(step, attempt, self._carry if self._carry_step == step else None)
         pusher = asyncio.ensure_future(self._push_as_ready(pushing))
+        profiled = self.profiler is not None and not self.profiler.done
+        if profiled:  # computed on this thread (below), which must not wait for parameters inside forward
+            await self._pulled.wait()
+        held = self.arrival.expecting  # forward may be held for parameters still on the wire...
         t0 = time.perf_counter()
         try:
-            if self.profiler is not None and not self.profiler.done:
+            if profiled:
+                assert self.profiler is not None
                 # torch's profiler records the thread that started it: compute here for profiled steps.
                 with self.profiler.step(step):
                     stats = self.trainer.compute_gradient(indices)
@@ -507,6 +598,8 @@ class Worker:
                 arm = self._arm_readiness(pushing) if self.device == "cpu" and self.job.overlap else None
                 stats = await asyncio.to_thread(self.trainer.compute_gradient, indices, arm)
             compute_s = time.perf_counter() - t0
+            if held:  # ...which is the pull's time, not compute's (the scheduler's model needs compute alone)
+                compute_s = max(0.0, compute_s - self.arrival.waited_s)
             if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
                 await asyncio.sleep(compute_s * (self.slowdown - 1.0))  # (its backward would still run)
                 compute_s *= self.slowdown
@@ -522,7 +615,9 @@ class Worker:
             elif not pusher.cancelled():
                 pusher.exception()  # seen: a push that failed while compute raised is not "never retrieved"
         encode_s, push_s, nbytes = pushing.encode_s, pushing.push_s, pushing.nbytes
-        # wait_s / pull_s / bytes_in describe the interval before this step (our last push until now).
+        await self._pulled.wait()  # the version we report (its last chunks may hold unused parameters)
+        # wait_s / pull_s / bytes_in: from our last push to this step's start, and the pull of its parameters.
+        prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         report = StepReport(
             loss=float(stats.loss),
             samples=stats.count,
@@ -580,7 +675,8 @@ class Worker:
             chunk = chunk + carry[i]  # a copy: a redone step adds it to its new gradient again
         codec = self.push_codecs[i]
         if self.dgc is not None:  # top-k of the accumulated velocity (worker/dgc.py)
-            codec.k = self.dgc.k(pushing.step, numel)  # type: ignore[attr-defined]
+            assert isinstance(codec, codecs.TopKCodec), "the job refuses momentum correction without top-k"
+            codec.k = self.dgc.k(pushing.step, numel)
             chunk = self.dgc.velocity(i, chunk)
         fields, segments = codec.encode(chunk)
         if self.dgc is not None:

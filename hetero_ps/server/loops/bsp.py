@@ -9,6 +9,13 @@ Step ``s`` over ``total`` samples (the global batch B, or an epoch's remainder):
 3. one optimizer update, stepped chunk by chunk on a thread while each stepped chunk is encoded once
    and written to every worker (``streamed_update.py``: the optimizer hides behind the broadcast).
 
+With ``overlap`` the next step's schedules go out *before* that broadcast, to the workers that take
+a schedule ahead of its parameters (HELLO ``schedule_ahead``): they fetch their samples and run each
+layer as soon as its chunk is in (``worker/overlap.py``) instead of after the whole pull. The split
+is made from the reports just in, as it would be after the broadcast; the codec choice (which needs
+the pull it decides about to be out) follows the broadcast and takes effect a step later. The update
+reads its gradient until it is finished, so consecutive steps accumulate in two buffers.
+
 A worker lost mid-step aborts the attempt: ``acc`` is cleared and the same samples are re-split
 among the workers that remain (pushes of the old attempt are ignored), so every sample counts once.
 
@@ -20,22 +27,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from hetero_ps.observe.records import ServerTiming, StepRecord, WorkerTiming
 from hetero_ps.server.assignment import Assignment, WorkerLost
 from hetero_ps.server.loops.host import LoopHost
+from hetero_ps.server.registry import WorkerHandle
 
 log = logging.getLogger("hetero_ps.server")
+
+
+@dataclass
+class _Issued:
+    """A step's assignment and the workers it was given; ``unsent``: those whose SCHEDULE is still to go."""
+
+    a: Assignment
+    workers: list[WorkerHandle]
+    unsent: list[WorkerHandle] = field(default_factory=list)
 
 
 class BSPLoop:
     def __init__(self, ps: LoopHost):
         self.ps = ps
-        self.acc = torch.zeros(ps.numel, dtype=torch.float32)  # reused by every step
+        # Two gradient buffers: step s + 1 may accumulate while step s's update still reads its own.
+        self.accs = (torch.zeros(ps.numel, dtype=torch.float32), torch.zeros(ps.numel, dtype=torch.float32))
         resumed = ps.resumed_loop or {}
         self.position = (int(resumed.get("epoch", 0)), int(resumed.get("offset", 0)))  # of the next step
+        self._ahead: _Issued | None = None  # the next step, scheduled before the last update's broadcast
 
     def checkpoint_state(self) -> dict[str, int]:
         return {"epoch": self.position[0], "offset": self.position[1]}
@@ -47,8 +67,11 @@ class BSPLoop:
         while ps.step < ps.total_steps:
             while offset < n and ps.step < ps.total_steps:
                 total = min(ps.job.global_batch, n - offset)
-                await self._step(epoch, offset, total)
-                offset += total
+                after = offset + total
+                # The next step of this epoch may be scheduled ahead, beside this one's broadcast.
+                then = (epoch, after, min(ps.job.global_batch, n - after)) if after < n else None
+                await self._step(epoch, offset, total, then if ps.step + 1 < ps.total_steps else None)
+                offset = after
                 if offset < n:
                     self.position = (epoch, offset)
                     ps.update_done()
@@ -58,49 +81,33 @@ class BSPLoop:
             ps.update_done()  # after the epoch's evaluation was taken: a resume never repeats it
         return epoch
 
-    async def _step(self, epoch: int, offset: int, total: int) -> None:
+    async def _step(self, epoch: int, offset: int, total: int, then: tuple[int, int, int] | None) -> None:
         ps = self.ps
         t0 = time.perf_counter()
+        acc = self.accs[ps.step % 2]
+        issued, self._ahead = self._ahead, None
         attempt = 0
         while True:
-            if not ps.ready_workers():
-                log.warning("no workers left; waiting for one to join")
-                await ps.wait_for_workers(1)
-            live = ps.ready_workers()
-            for h in live:  # newcomers first get the current parameters
-                await ps.send_params(h)
-            live = ps.ready_workers()
-            if not live:
-                continue
-            sizes = {w: b for w, b in ps.split_batch(live, total).items() if b}
-            self.acc.zero_()
-            a = Assignment.for_sizes(
-                step=ps.step,
-                attempt=attempt,
-                total=total,
-                sizes=sizes,
-                n_chunks=ps.n_chunks,
-                acc=self.acc,
-                version=ps.version,
-            )
-            cursor = offset
-            for h in live:
-                if h.wid in sizes:
-                    a.slices[h.wid] = (epoch, cursor, sizes[h.wid])
-                    cursor += sizes[h.wid]
+            if issued is None:
+                issued = await self._issue(ps.step, attempt, epoch, offset, total, acc)
+                if issued is None:
+                    continue
+            a, workers = issued.a, issued.workers
             try:
-                for h in live:
-                    if h.wid in sizes:
-                        await ps.send_schedule(h, a)
+                lost = [h for h in workers if not ps.is_live(h)]
+                if lost:  # lost between a schedule sent ahead and now (its push will never come)
+                    raise WorkerLost(f"{lost[0].name} left before step {a.step} began")
+                for h in issued.unsent:  # schedules not sent ahead: the parameters went first
+                    await ps.send_schedule(h, a)
                 if a.done.done():
                     a.done.result()  # raises WorkerLost if someone left while we were sending
                 await ps.wait_done(a, stalls=True)
                 break
             except WorkerLost as exc:
-                for h in live:
-                    if h.wid in sizes:
-                        h.discarded_step = a.step  # told with its next SCHEDULE if that is for another step
+                for h in workers:
+                    h.discarded_step = a.step  # told with its next SCHEDULE if that is for another step
                 attempt += 1
+                issued = None
                 log.warning(
                     "step %d: %s; redoing the step with the %d remaining worker(s)",
                     ps.step,
@@ -108,16 +115,55 @@ class BSPLoop:
                     len(ps.ready_workers()),
                 )
             finally:
-                for h in live:
+                for h in workers:
                     h.assignment = None
-        await self._apply(a, epoch, t0, time.perf_counter())
+        await self._apply(a, epoch, t0, time.perf_counter(), then)
 
-    async def _apply(self, a: Assignment, epoch: int, t0: float, t_agg: float) -> None:
+    async def _issue(
+        self, step: int, attempt: int, epoch: int, offset: int, total: int, acc: torch.Tensor, ahead: bool = False
+    ) -> _Issued | None:
+        """Split ``total`` samples among the ready workers and send their schedules (None: nobody is left).
+
+        ``ahead`` (before the broadcast of the parameters the step is computed on): only the
+        workers that take a schedule ahead get theirs now; the rest are ``unsent``, for after the
+        broadcast. Otherwise newcomers get the current parameters first."""
+        ps = self.ps
+        if not ps.ready_workers():
+            log.warning("no workers left; waiting for one to join")
+            await ps.wait_for_workers(1)
+        if not ahead:
+            for h in ps.ready_workers():
+                await ps.send_params(h)
+        live = ps.ready_workers()
+        if not live:
+            return None
+        sizes = {w: b for w, b in ps.split_batch(live, total, step).items() if b}
+        acc.zero_()
+        a = Assignment.for_sizes(
+            step=step, attempt=attempt, total=total, sizes=sizes, n_chunks=ps.n_chunks, acc=acc, version=ps.version
+        )
+        issued = _Issued(a, [h for h in live if h.wid in sizes])
+        cursor = offset
+        for h in issued.workers:
+            a.slices[h.wid] = (epoch, cursor, sizes[h.wid])
+            cursor += sizes[h.wid]
+        for h in issued.workers:
+            if ahead and not h.schedule_ahead:
+                issued.unsent.append(h)
+            else:
+                if ahead:
+                    a.ahead.add(h.wid)
+                await ps.send_schedule(h, a)
+        return issued
+
+    async def _apply(
+        self, a: Assignment, epoch: int, t0: float, t_agg: float, then: tuple[int, int, int] | None
+    ) -> None:
         ps = self.ps
         lr = ps.lr
         t_opt = time.perf_counter()
         # Overlapped: stepped chunk by chunk beside the sends below; else all of it before them.
-        applied = ps.start_update(self.acc) if ps.job.overlap else ps.apply_update(self.acc)
+        applied = ps.start_update(a.acc) if ps.job.overlap else ps.apply_update(a.acc)
         optimizer_s = time.perf_counter() - t_opt
         if not applied:
             names = {h.wid: h.name for h in ps.ready_workers()}
@@ -129,10 +175,14 @@ class BSPLoop:
             )
             ps.emit_event("nonfinite_gradient", workers=flagged)
         ps.step_lr()  # the update read its LR when it started
+        ps.feed_scheduler(a)
+        if then is not None and ps.job.overlap and ps.ready_workers():
+            # The next step's schedules go out first: its workers start while the parameters arrive.
+            self._ahead = await self._issue(a.step + 1, 0, *then, self.accs[(a.step + 1) % 2], ahead=True)
         await asyncio.gather(*(ps.send_params(h) for h in ps.ready_workers()))
         optimizer_s = await ps.update_finished() or optimizer_s
         t_end = time.perf_counter()
-        ps.feed_scheduler(a)
+        ps.choose_codecs(a)  # after the pull it may change is out
         step_s = t_end - t0
         loss = sum(r.loss * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
         ps.record_step(
@@ -150,7 +200,9 @@ class BSPLoop:
                 staleness=0,
                 server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=optimizer_s, broadcast_s=t_end - t_agg),
                 workers={
-                    str(ps.rank_of(w)): WorkerTiming.from_report(a.sizes[w], r.to_map(), a.early.get(w, 0))
+                    str(ps.rank_of(w)): WorkerTiming.from_report(
+                        a.sizes[w], r.to_map(), a.early.get(w, 0), w in a.ahead
+                    )
                     for w, r in a.reports.items()
                 },
             )

@@ -50,8 +50,11 @@ class LoopHost(Protocol):
     def next_membership_change(self) -> asyncio.Task[Any]: ...
 
     # -- one step ----------------------------------------------------------------------------------
-    def split_batch(self, workers: list[WorkerHandle], total: int | None = None) -> dict[int, int]:
-        """The scheduler's sizes (wid -> samples) for ``total`` samples (default: the global batch)."""
+    def split_batch(
+        self, workers: list[WorkerHandle], total: int | None = None, step: int | None = None
+    ) -> dict[int, int]:
+        """The scheduler's sizes (wid -> samples) for ``total`` samples (default: the global batch) in
+        ``step`` (default: the next one to be recorded)."""
         ...
 
     async def send_params(self, h: WorkerHandle) -> bool: ...  # False: lost on the way
@@ -62,6 +65,7 @@ class LoopHost(Protocol):
     async def update_finished(self) -> float: ...  # waits for start_update's stepping; its seconds
     def step_lr(self) -> None: ...
     def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model
+    def choose_codecs(self, a: Assignment) -> None: ...  # --compression auto: re-choose after ``a``'s pulls
 
     # -- records -------------------------------------------------------------------------------------
     def record_step(self, rec: StepRecord) -> None: ...
