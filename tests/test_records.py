@@ -54,6 +54,7 @@ WORKER_KEYS = {
     "bytes_out",
     "bytes_in",
     "early_chunks",
+    "scheduled_ahead",
 }
 
 
