@@ -333,4 +333,8 @@ def test_a_shift_never_makes_a_time_zero_or_negative():
         m.observe(b, 0.5 + b / 100)
     m.shift_fixed(-5.0, "a wild estimate")
     assert all(t > 0 for _, t in m.observations) and m.fixed >= 0 and m.rate > 0
+    # With what compute alone takes as the floor, the rate stays that of the compute.
+    m.shift_fixed(-5.0, "a wild estimate", floor_fixed_s=0.01, floor_per_sample_s=1 / 100)
+    assert all(t == 0.01 + b / 100 for b, t in m.observations)
+    assert 90 < m.rate < 110, m.rate
     assert m.changed and m.changed_why == "a wild estimate"

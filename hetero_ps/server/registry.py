@@ -32,7 +32,6 @@ class WorkerHandle:
     steps: int = 0
     ready: bool = False  # built the job and reported its calibration probe
     params_version: int = -1  # the parameter version it last received
-    exact_version: int = -1  # ...if that pull gave it the master's parameters bit for bit (none, a resync), else -1
     assignment: Assignment | None = None  # the work in flight for it, if any
     discarded_step: int = -1  # a BSP step whose attempt it was given was aborted (its push thrown away)
     clock: int = 0  # SSP/ASP: updates it has pushed

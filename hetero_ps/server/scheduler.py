@@ -131,14 +131,19 @@ class WorkerModel:
         self._fit_rate()
         return "fit"
 
-    def shift_fixed(self, delta_s: float, why: str) -> None:
+    def shift_fixed(
+        self, delta_s: float, why: str, floor_fixed_s: float = 1e-3, floor_per_sample_s: float = 0.0
+    ) -> None:
         """A known change of the fixed cost per step (``delta_s`` seconds; the master changed this
-        worker's push codec): the regime's observations move by it, so the next split uses the new
-        cost at once instead of after ``regime_after`` off-model steps (a millisecond is the floor:
-        the estimate comes from the measured link, and a wrong one is corrected by the next steps)."""
+        worker's codecs): the regime's observations move by it, so the next split uses the new
+        cost at once instead of after ``regime_after`` off-model steps. No observation of ``b``
+        samples falls below ``floor_fixed_s + b · floor_per_sample_s`` (what the new transfer and the
+        compute alone take): an observation that held less transfer than ``-delta_s`` (the first
+        step's pull came before it was scheduled) must not make the worker look infinitely fast."""
         if not self.observations:
             return
-        self.observations = [(b, max(t + delta_s, 1e-3)) for b, t in self.observations]
+        floor = max(floor_fixed_s, 1e-3)
+        self.observations = [(b, max(t + delta_s, floor + b * floor_per_sample_s)) for b, t in self.observations]
         self.fixed = max(0.0, self.fixed + delta_s)
         self.suspects = []
         self.changed, self.changed_why = True, why
@@ -324,10 +329,10 @@ class Scheduler:
             return None
         return m.predict(batch)
 
-    def shift_fixed(self, wid: int, delta_s: float, why: str) -> None:
+    def shift_fixed(self, wid: int, delta_s: float, why: str, **floor: float) -> None:
         """``wid``'s fixed cost per step changed by a known ``delta_s`` (see ``WorkerModel.shift_fixed``)."""
         if wid in self.models:
-            self.models[wid].shift_fixed(delta_s, why)
+            self.models[wid].shift_fixed(delta_s, why, **floor)
 
     def observe(self, wid: int, batch: int, seconds: float) -> None:
         """A worker's measured step: ``batch`` samples in ``seconds`` (without the barrier wait)."""

@@ -365,13 +365,12 @@ class ParameterServer:
         try:
             if pull_delta.is_delta_codec(spec):
                 await self.state.update_finished()  # a delta needs every chunk of the new version
-                frames, exact = await self._delta_frames(h, spec)
+                frames = await self._delta_frames(h, spec)
                 for f in frames:
                     await h.conn.send_frame(f)
             else:
                 if h.pull is not None:
                     h.pull = None  # full pulls from now on: the replica would fall behind
-                exact = spec == "none"
                 if self.state.update is None:
                     for f in self.state.encoded_params(spec):
                         await h.conn.send_frame(f)
@@ -386,14 +385,12 @@ class ParameterServer:
                 h.pull.forget()  # part of a delta may be out: what it holds is unknown now
             raise
         h.params_version = version
-        h.exact_version = version if exact else -1
         return True
 
-    async def _delta_frames(self, h: WorkerHandle, spec: str) -> tuple[list[Any], bool]:
-        """``h``'s delta pull (or resync) from its replica, with the delta codec ``spec``, and whether it
-        is a full resync. In BSP the parameters stay still while they are sent, so the encoding runs in
-        a thread, beside the other workers'; SSP/ASP update them between two awaits, so there it runs
-        here, on one consistent version."""
+    async def _delta_frames(self, h: WorkerHandle, spec: str) -> list[Any]:
+        """``h``'s delta pull (or resync) from its replica, with the delta codec ``spec``. In BSP the
+        parameters stay still while they are sent, so the encoding runs in a thread, beside the other
+        workers'; SSP/ASP update them between two awaits, so there it runs here, on one consistent version."""
         if h.pull is None:
             h.pull = self.state.replica_pull(spec)
         h.pull.use_codec(spec)
@@ -405,7 +402,7 @@ class ParameterServer:
         if why:
             log.info("%s: full parameters (%s)", h.name, why)
             self.emit_event("pull_resync", rank=h.rank, reason=why, version=self.version)
-        return frames, bool(why)
+        return frames
 
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool:
         epoch, offset, count = a.slices[h.wid]
@@ -501,7 +498,7 @@ class ParameterServer:
         self.state.step_lr()
 
     def feed_scheduler(self, a: Assignment) -> None:
-        """Feed each worker's measured step time to the scheduler and its counters."""
+        """Feed each worker's measured step time to the scheduler and its counters; re-choose auto codecs."""
         for wid, r in a.reports.items():
             h = self.admission.registry.workers.get(wid)
             if h is None:
@@ -509,6 +506,7 @@ class ParameterServer:
             h.samples += a.sizes[wid]
             h.steps += 1
             self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
+        self._choose_codecs(a)
 
     def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
         if h.link is None:
@@ -516,7 +514,7 @@ class ParameterServer:
             h.link = codec_choice.LinkChoice(self.job.compression, self.job.pull_compression, self.state.chunks, ladder)
         return h.link
 
-    def choose_codecs(self, a: Assignment) -> None:
+    def _choose_codecs(self, a: Assignment) -> None:
         """--compression/--pull-compression auto: re-choose the codecs of the workers that just
         reported, against the step's compute (the slowest worker's: what everyone waits for)."""
         compute_s = max((r.compute_s for r in a.reports.values()), default=0.0)
@@ -524,19 +522,21 @@ class ParameterServer:
             h = self.admission.registry.workers.get(wid)
             if h is None or h.link is None:
                 continue
-            delta_before, level_before = pull_delta.is_delta_codec(h.link.pull), h.link.level
             why = h.link.decide(compute_s)
             if why:
-                # Its measured step times included the old push and pull: the scheduler moves them by the change.
-                shift = h.link.transfer_s(h.link.level) - h.link.transfer_s(level_before)
+                # Its measured step times held its push and pull as it reported them: the scheduler
+                # moves them to the new codecs' predicted transfer (measured, not predicted, before:
+                # a prediction off by more than the compute would make the worker look infinitely fast).
+                r, transfer = a.reports[wid], h.link.transfer_s(h.link.level)
+                shift = transfer - (r.push_s + r.pull_s)
                 if shift:
                     self.scheduler.shift_fixed(
-                        wid, shift, f"pushes with {h.link.push}, pulls with {h.link.pull} now ({shift:+.3g} s a step)"
+                        wid,
+                        shift,
+                        f"pushes with {h.link.push}, pulls with {h.link.pull} now ({shift:+.3g} s a step)",
+                        floor_fixed_s=transfer,
+                        floor_per_sample_s=(r.compute_s + r.encode_s) / max(1, a.sizes[wid]),
                     )
-                if h.exact_version == self.version and not delta_before and pull_delta.is_delta_codec(h.link.pull):
-                    # Its last pull gave it this version bit for bit: its first delta needs no full resync.
-                    h.pull = self.state.replica_pull(h.link.pull)
-                    h.pull.assume(self.state.flat.params.detach().numpy())
                 log.info("%s: push %s, pull %s — %s", h.name, h.link.push, h.link.pull, why)
                 self.emit_event("codec_choice", rank=h.rank, push=h.link.push, pull=h.link.pull, reason=why)
 

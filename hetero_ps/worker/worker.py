@@ -598,8 +598,10 @@ class Worker:
                 arm = self._arm_readiness(pushing) if self.device == "cpu" and self.job.overlap else None
                 stats = await asyncio.to_thread(self.trainer.compute_gradient, indices, arm)
             compute_s = time.perf_counter() - t0
-            if held:  # ...which is the pull's time, not compute's (the scheduler's model needs compute alone)
+            if held:  # ...which is the pull's time, not compute's (the scheduler's model needs compute alone):
                 compute_s = max(0.0, compute_s - self.arrival.waited_s)
+                # what the pull cost this step (its decoding and a paced link ran inside that wait)
+                self._prev["pull_s"] = max(self._prev["pull_s"], self.arrival.waited_s)
             if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
                 await asyncio.sleep(compute_s * (self.slowdown - 1.0))  # (its backward would still run)
                 compute_s *= self.slowdown

@@ -241,7 +241,6 @@ class AsyncLoop:
         self.applied_in_epoch[epoch] += count
         h.clock += 1
         ps.feed_scheduler(a)
-        ps.choose_codecs(a)
         now = time.perf_counter()
         self.recent.append((now, count))
         span = now - self.recent[0][0]

@@ -12,9 +12,9 @@ Step ``s`` over ``total`` samples (the global batch B, or an epoch's remainder):
 With ``overlap`` the next step's schedules go out *before* that broadcast, to the workers that take
 a schedule ahead of its parameters (HELLO ``schedule_ahead``): they fetch their samples and run each
 layer as soon as its chunk is in (``worker/overlap.py``) instead of after the whole pull. The split
-is made from the reports just in, as it would be after the broadcast; the codec choice (which needs
-the pull it decides about to be out) follows the broadcast and takes effect a step later. The update
-reads its gradient until it is finished, so consecutive steps accumulate in two buffers.
+is made from the reports just in, as it would be after the broadcast, and so is ``--compression auto``'s codec
+choice (a worker moved to a delta pull gets this broadcast as its full resync). The update reads its
+gradient until it is finished, so consecutive steps accumulate in two buffers.
 
 A worker lost mid-step aborts the attempt: ``acc`` is cleared and the same samples are re-split
 among the workers that remain (pushes of the old attempt are ignored), so every sample counts once.
@@ -175,14 +175,15 @@ class BSPLoop:
             )
             ps.emit_event("nonfinite_gradient", workers=flagged)
         ps.step_lr()  # the update read its LR when it started
-        ps.feed_scheduler(a)
+        ps.feed_scheduler(a)  # and codec choice: before the next schedule, which names each worker's push codec
         if then is not None and ps.job.overlap and ps.ready_workers():
             # The next step's schedules go out first: its workers start while the parameters arrive.
             self._ahead = await self._issue(a.step + 1, 0, *then, self.accs[(a.step + 1) % 2], ahead=True)
         await asyncio.gather(*(ps.send_params(h) for h in ps.ready_workers()))
+        if self._ahead is not None:  # its stall limits count from here, as for a step scheduled after the pull
+            self._ahead.a.started = time.perf_counter()
         optimizer_s = await ps.update_finished() or optimizer_s
         t_end = time.perf_counter()
-        ps.choose_codecs(a)  # after the pull it may change is out
         step_s = t_end - t0
         loss = sum(r.loss * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
         ps.record_step(

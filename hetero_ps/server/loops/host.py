@@ -64,8 +64,7 @@ class LoopHost(Protocol):
     def start_update(self, grad: torch.Tensor) -> bool: ...  # the same, stepped beside the next send_params
     async def update_finished(self) -> float: ...  # waits for start_update's stepping; its seconds
     def step_lr(self) -> None: ...
-    def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model
-    def choose_codecs(self, a: Assignment) -> None: ...  # --compression auto: re-choose after ``a``'s pulls
+    def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model (and auto's codecs)
 
     # -- records -------------------------------------------------------------------------------------
     def record_step(self, rec: StepRecord) -> None: ...
