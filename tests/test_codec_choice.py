@@ -136,3 +136,23 @@ def test_a_worker_on_a_slow_link_is_moved_to_top_k_while_the_job_trains(tmp_path
     after = [s["workers"]["2"]["bytes_out"] for s in steps if s["step"] > moved_at + 1 and "2" in s["workers"]]
     assert before and after and max(after) * smaller < min(before), (before, after)
     assert summary["final_eval_accuracy"] >= 0.8, summary
+
+
+@pytest.mark.slow
+def test_a_worker_whose_link_would_slow_every_step_stands_by_and_the_others_train(tmp_path):
+    """Issue 12's invariant, as the scheduler decides it: a worker whose link costs more than the
+    others' whole step gets no share (standby, with the reason), and every step still trains B samples."""
+    args = ["--world-size", "4", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits"]
+    args += ["--epochs", "50", "--max-steps", "14", "--global-batch-size", "64", "--no-dashboard"]
+    args += ["--experiment", "standby", "--enable-load-balancing", "--load-balance-policy", "dynamic"]
+    workers = [["--rank", str(r), "--torch-threads", "1"] for r in (1, 2, 3)]
+    workers[2] += ["--simulate-bandwidth", "3"]  # 3 Mbit/s: the 600 KB model takes ~1.6 s each way
+    with LocalCluster(tmp_path, args, workers=workers) as c:
+        assert c.wait(timeout=600) == 0, c.output("server")[-3000:]
+    events = read_jsonl(metrics_path(tmp_path, "standby", "events"))
+    roles = find_all(events, event="worker_role", rank=3)
+    assert roles and roles[0]["role"] == "standby" and "lengthen every step" in roles[0]["reason"], roles
+    steps = read_jsonl(metrics_path(tmp_path, "standby", "steps"))
+    assert len(steps) == 14 and all(s["samples"] == 64 for s in steps)
+    after = [s for s in steps if s["step"] > roles[0]["step"]]
+    assert after and all(sorted(s["workers"]) == ["1", "2"] for s in after), after

@@ -118,9 +118,13 @@ def test_hub_worker_events_update_the_table_and_bad_fields_are_refused():
     assert hub.workers()[0]["status"] == "suspended"  # a step record does not undo it; resuming does
     hub.add_event({"event": "worker_resumed", "step": 2, "t": 1.8, "rank": 4})
     assert hub.workers()[0]["status"] == "training"
+    hub.add_event({"event": "worker_role", "step": 2, "t": 1.9, "rank": 4, "role": "standby", "reason": "its link"})
+    assert hub.workers()[0]["status"] == "standby" and hub.workers()[0]["batch"] == 0
+    hub.add_event({"event": "worker_role", "step": 2, "t": 1.9, "rank": 4, "role": "training", "reason": "fits"})
+    assert hub.workers()[0]["status"] == "training"
     hub.add_event({"event": "worker_lost", "step": 3, "t": 2.0, "rank": 4, "host": "h", "reason": "timeout"})
     assert hub.workers()[0]["status"] == "lost" and hub.workers()[0]["batch"] == 0
-    assert [e["seq"] for e in hub.events()] == [0, 1, 2, 3]
+    assert [e["seq"] for e in hub.events()] == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="unknown worker field"):
         hub.update_worker(4, speed=3)
     with pytest.raises(ValueError, match="status"):

@@ -338,3 +338,45 @@ def test_a_shift_never_makes_a_time_zero_or_negative():
     assert all(t == 0.01 + b / 100 for b, t in m.observations)
     assert 90 < m.rate < 110, m.rate
     assert m.changed and m.changed_why == "a wild estimate"
+
+
+# -- standby: a worker that would only lengthen every BSP step ------------------------------------------
+def test_a_worker_whose_link_lengthens_every_step_stands_by_and_the_rest_take_the_batch():
+    sim = SimCluster([0.02, 0.02, 3.0], [400, 400, 400], noise=0.01)  # rank 2 pays 3 s a step for its link
+    s = make("dynamic", n=3, batch=64, standby=True)
+    decisions = run(s, sim, range(8))
+    roles = [(step, d.roles) for step, d in decisions if d.roles]
+    assert len(roles) == 1 and list(roles[0][1]) == [2], decisions
+    role, why = roles[0][1][2]
+    assert role == "standby" and "waiting for it would lengthen every step" in why
+    sizes, _ = s.assign(8, [0, 1, 2])
+    assert sizes[2] == 0 and sizes[0] + sizes[1] == 64 and s.standby == {2: roles[0][0]}
+    # Without standby (SSP/ASP, or --no-standby) it keeps its minimum share.
+    s2 = make("dynamic", n=3, batch=64)
+    run(s2, sim, range(8))
+    assert s2.assign(8, [0, 1, 2])[0][2] >= 1 and not s2.standby
+
+
+def test_a_standby_worker_is_probed_now_and_then_and_comes_back_when_its_link_is_fast_again():
+    sim = SimCluster([0.02, 3.0], [400, 400], noise=0.01)
+    s = make("dynamic", n=2, batch=64, standby=True)
+    run(s, sim, range(8), wids=(0, 1))
+    assert 1 in s.standby
+    since = s.standby[1]
+    sim.c[1] = 0.02  # its link got fast
+    decisions = run(s, sim, range(8, 1000), wids=(0, 1))
+    probes = [step for step, d in decisions if "probe step" in d.reason]
+    back = [(step, d.roles[1]) for step, d in decisions if 1 in d.roles]
+    assert probes and probes[0] - since >= 50, (probes, since)  # not before PROBE_MIN_STEPS
+    assert back and back[0][1][0] == "training" and back[0][0] == probes[0] + 1, (back, probes)
+    assert not s.standby and s.assign(1000, [0, 1])[0][1] > 16
+
+
+def test_a_probe_that_finds_the_link_still_slow_keeps_it_on_standby_and_costs_little():
+    sim = SimCluster([0.02, 3.0], [400, 400], noise=0.01)
+    s = make("dynamic", n=2, batch=64, standby=True)
+    decisions = run(s, sim, range(2000), wids=(0, 1))
+    probes = [step for step, d in decisions if "probe step" in d.reason]
+    assert probes and not any(1 in d.roles and d.roles[1][0] == "training" for _, d in decisions)
+    # Each probe costs ~3 s against a ~0.2 s step: they are spaced to keep that under 2.5 % of the time.
+    assert all(b - a >= 3.0 / (0.025 * 0.2) * 0.8 for a, b in zip(probes, probes[1:])), probes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import assume, given, settings
@@ -16,6 +17,7 @@ from hetero_ps.server.solver import (
     solve_batch_sizes,
     solve_continuous,
     solve_time,
+    worth_waiting_for,
 )
 
 rates = st.floats(min_value=1.0, max_value=1e5, allow_nan=False, allow_infinity=False)
@@ -185,3 +187,30 @@ def test_scaling_all_rates_changes_nothing(r, total):
     c = [0.0] * len(r)
     assert solve_batch_sizes(c, r, total) == solve_batch_sizes(c, [3.0 * x for x in r], total)
     assert math.isclose(sum(solve_continuous(c, r, total, [0] * len(r), [total] * len(r))), total)
+
+
+# -- which workers a BSP step should wait for ----------------------------------------------------------
+def _makespan(c, r, total, members):
+    shares = solve_continuous([c[i] for i in members], [r[i] for i in members], total, [1] * len(members),
+                              [total] * len(members))  # fmt: skip
+    return max(c[i] + b / r[i] for i, b in zip(members, shares))
+
+
+def test_worth_waiting_for_drops_only_workers_that_lengthen_the_step():
+    assert worth_waiting_for([0.0, 0.0, 3.0], [100, 100, 100], 64, [1] * 3, [64] * 3) == [True, True, False]
+    assert worth_waiting_for([0.0, 0.2], [100, 100], 64, [1, 1], [64, 64]) == [True, True]
+    assert worth_waiting_for([5.0, 9.0], [100, 100], 64, [1, 1], [64, 64]) == [True, False]  # one always stays
+    # The fast one's memory cap cannot hold the batch alone: the slow one stays whatever it costs.
+    assert worth_waiting_for([0.0, 3.0], [100, 100], 64, [1, 1], [40, 64]) == [True, True]
+
+
+def test_worth_waiting_for_finds_the_fastest_set_of_workers():
+    rng = random.Random(7)
+    for _ in range(300):
+        n, total = rng.randint(2, 5), rng.randint(8, 256)
+        c = [rng.choice([0.0, rng.uniform(0, 0.2), rng.uniform(0, 5)]) for _ in range(n)]
+        r = [rng.uniform(20, 800) for _ in range(n)]
+        keep = worth_waiting_for(c, r, total, [1] * n, [total] * n)
+        chosen = _makespan(c, r, total, [i for i in range(n) if keep[i]])
+        best = min(_makespan(c, r, total, [i for i in range(n) if mask >> i & 1]) for mask in range(1, 1 << n))
+        assert chosen <= best * (1 + 1e-9), (c, r, total, keep)

@@ -164,6 +164,9 @@ EVENT_KINDS: dict[str, str] = {
     "worker_suspended": "`rank`, `waited_s`, `limit_s`: it stalled in a step past its limit; the step is "
     "redone by the others and it gets no work until it answers",
     "worker_resumed": "`rank`: a suspended worker answered again; it gets work from the next step",
+    "worker_role": "`rank`, `role` (`standby` or `training`), `reason`: BSP with dynamic balancing: waiting for that "
+    "worker would lengthen every step (its fixed cost, mostly its link, against the others' whole step), so it "
+    "stands by, probed now and then; or it is back in the steps",
     "pull_resync": "`rank`, `reason`, `version`: delta pulls: that worker got the full parameters (first pull, "
     "every N pulls, or its copy past `--pull-bound`)",
     "codec_choice": "`rank`, `push`, `pull`, `reason`: `--compression`/`--pull-compression auto` moved that worker "

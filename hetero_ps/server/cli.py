@@ -271,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="never suspend a worker before S seconds into a step (default 2)",
     )
     g.add_argument(
+        "--no-standby",
+        dest="standby",
+        action="store_false",
+        help="BSP with dynamic balancing: give every worker a share of every step, even one whose link makes "
+        "every step longer (by default such a worker stands by, probed now and then)",
+    )
+    g.add_argument(
         "--checkpoint-every",
         default="300s",
         metavar="N|Ts",
@@ -456,6 +463,7 @@ async def run(a: argparse.Namespace) -> dict:
         divergence_factor=a.divergence_factor,
         stall_factor=a.stall_factor,
         stall_floor_s=a.stall_floor,
+        standby=a.standby,
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
         tls=server_tls,

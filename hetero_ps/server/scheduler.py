@@ -32,7 +32,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero_ps.server.solver import expected_staleness, predicted_step_time, round_preserving_sum, solve_batch_sizes
+from hetero_ps.server.solver import (
+    expected_staleness,
+    predicted_step_time,
+    round_preserving_sum,
+    solve_batch_sizes,
+    worth_waiting_for,
+)
 
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 
@@ -239,6 +245,13 @@ class Decision:
     predicted_step_s: float = 0.0
     previous_predicted_s: float = 0.0
     inputs: dict = field(default_factory=dict)  # worker id -> {"c": s, "r": samples/s, "source", ...}
+    roles: dict = field(default_factory=dict)  # worker id -> (role, why) for each worker whose role changed
+
+
+# A standby worker gets one probe step (its minimum batch) now and then, to see whether its link or
+# speed changed; the gap between probes keeps their cost under PROBE_COST of the run's time.
+PROBE_COST = 0.025
+PROBE_MIN_STEPS = 50
 
 
 class Scheduler:
@@ -253,6 +266,7 @@ class Scheduler:
         min_gain: float = 0.03,
         warmup_observations: int = 3,
         fixed_sizes: dict | None = None,
+        standby: bool = False,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -272,6 +286,10 @@ class Scheduler:
         self._follow_up: int | None = None  # step at which to re-check a freshly moved measured split
         self._ranks: dict[int, int] = {}  # worker id -> rank, for readable reasons
         self._remembered: dict[int, WorkerModel] = {}  # rank -> model from a checkpoint, until it rejoins
+        # BSP: a worker that only lengthens the step sits it out (standby); wid -> step it went on standby
+        self.allow_standby = standby
+        self.standby: dict[int, int] = {}
+        self._probing: set[int] = set()  # standby workers given a probe step by the current split
 
     # -- membership -------------------------------------------------------------------------
     def add_worker(
@@ -319,6 +337,8 @@ class Scheduler:
     def remove_worker(self, wid: int) -> None:
         self.models.pop(wid, None)
         self._ranks.pop(wid, None)
+        self.standby.pop(wid, None)
+        self._probing.discard(wid)
         self.sizes = {}
 
     def predicted_seconds(self, wid: int, batch: int) -> float | None:
@@ -335,9 +355,19 @@ class Scheduler:
             self.models[wid].shift_fixed(delta_s, why, **floor)
 
     def observe(self, wid: int, batch: int, seconds: float) -> None:
-        """A worker's measured step: ``batch`` samples in ``seconds`` (without the barrier wait)."""
-        if wid in self.models:
-            self.models[wid].observe(batch, seconds)
+        """A worker's measured step: ``batch`` samples in ``seconds`` (without the barrier wait).
+
+        A standby worker's probe step moves its fixed cost to what the probe measured at once (its
+        link is what changes while it waits; one off-model step would otherwise be a mere suspect)."""
+        m = self.models.get(wid)
+        if m is None:
+            return
+        if wid in self._probing and m.rate > 0:
+            self._probing.discard(wid)
+            delta = seconds - m.predict(batch)
+            m.shift_fixed(delta, f"measured {seconds:.3g} s for {batch} samples in its probe")
+            return
+        m.observe(batch, seconds)
 
     # -- decisions ----------------------------------------------------------------------------
     def assign(
@@ -382,6 +412,11 @@ class Scheduler:
         moved = [w for w, m in zip(wids, ms) if m.changed]
         if moved and self.source == "measured":
             return ", ".join(f"{self._label(w)} {self.models[w].changed_why}" for w in moved)
+        due = self._probes_due(step, wids)
+        if due:
+            self._probing = set(due)
+            names = ", ".join(f"{self._label(w)} (standby since step {self.standby[w]})" for w in due)
+            return f"probe step for {names}"
         if self._follow_up is not None and step >= self._follow_up:
             # The last move put each worker at a new batch size: that spread tells the fit where the
             # fixed costs are, so look again now instead of a whole interval later.
@@ -390,6 +425,27 @@ class Scheduler:
         if step - self._last_solve_step >= self.rebalance_interval:
             return f"rebalance interval ({self.rebalance_interval} steps)"
         return ""
+
+    def _probes_due(self, step: int, wids: list[int]) -> list[int]:
+        """Standby workers whose next probe is due: the gap keeps a probe's extra time (its step
+        against the others') under ``PROBE_COST`` of the time between probes."""
+        if not self.standby or self.source != "measured":
+            return []
+        active = [w for w in wids if w not in self.standby]
+        t_active = predicted_step_time(
+            [self.models[w].fixed for w in active],
+            [self.models[w].rate for w in active],
+            [self.sizes[w] for w in active],
+        )
+        due = []
+        for w in wids:
+            if w not in self.standby or t_active <= 0:
+                continue
+            extra = max(0.0, self.models[w].predict(self._bounds(wids)[0][0]) - t_active)
+            gap = max(PROBE_MIN_STEPS, math.ceil(extra / (PROBE_COST * t_active)))
+            if step - self.standby[w] >= gap:
+                due.append(w)
+        return due
 
     def _label(self, w: int) -> str:
         return f"rank {self._ranks[w]}" if w in self._ranks else f"worker {w}"
@@ -430,11 +486,22 @@ class Scheduler:
             return self._adopt({w: fixed[ranks[w]] for w in wids}, "fixed", f"{why}; --worker-batch-sizes")
         lo, hi = self._bounds(wids)
         c, r, source = self._inputs(wids)
-        new = solve_batch_sizes(c, r, total, lo, hi)
+        keep = [True] * len(wids)
+        if self.allow_standby and source == "measured" and len(wids) > 1:
+            keep = worth_waiting_for(c, r, total, lo, hi)
+            keep = [k or w in self._probing for k, w in zip(keep, wids)]
+        act = [i for i, k in enumerate(keep) if k]
+        part = solve_batch_sizes(
+            [c[i] for i in act], [r[i] for i in act], total, [lo[i] for i in act], [hi[i] for i in act]
+        )
+        new = [0] * len(wids)
+        for i, b in zip(act, part):
+            new[i] = b
         t_new = predicted_step_time(c, r, new)
         inputs = {w: self._describe(w, ci, ri, source) for w, ci, ri in zip(wids, c, r)}
+        roles = self._roles(step, wids, keep, c, r, lo, new)
         same_members = set(self.sizes) == set(wids)
-        if same_members and source == self.source:
+        if same_members and source == self.source and not roles and not self._probing:
             t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids])
             if t_old - t_new <= self.min_gain * t_old:
                 return None  # hysteresis: not worth moving samples around
@@ -450,7 +517,40 @@ class Scheduler:
         t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids]) if same_members else 0.0
         self.source = source
         policy = self.policy if source != "uniform" else "uniform"
-        return self._adopt(dict(zip(wids, new)), policy, f"{why}; split from {source} rates", t_new, t_old, inputs)
+        decision = self._adopt(dict(zip(wids, new)), policy, f"{why}; split from {source} rates", t_new, t_old, inputs)
+        decision = dataclasses.replace(decision, roles=roles)
+        if self._probing:  # one probe step, then look again with what it measured
+            self._follow_up = step + 1
+        return decision
+
+    def _roles(
+        self,
+        step: int,
+        wids: list[int],
+        keep: list[bool],
+        c: list[float],
+        r: list[float],
+        lo: list[int],
+        new: list[int],
+    ) -> dict[int, tuple[str, str]]:
+        """Record who goes on standby or comes back (``self.standby``); each change with its reason."""
+        roles: dict[int, tuple[str, str]] = {}
+        t_step = predicted_step_time(c, r, [b if k else 0 for b, k in zip(new, keep)])
+        for i, w in enumerate(wids):
+            alone = c[i] + lo[i] / r[i]
+            if not keep[i] and w not in self.standby:
+                self.standby[w] = step
+                roles[w] = (
+                    "standby",
+                    f"its smallest share would take {alone:.3g} s (fixed cost {c[i]:.3g} s: its link) while the "
+                    f"others take the whole batch in {t_step:.3g} s, so waiting for it would lengthen every step",
+                )
+            elif keep[i] and w in self.standby and w not in self._probing:
+                del self.standby[w]
+                roles[w] = ("training", f"its share now fits the step: {c[i] + new[i] / r[i]:.3g} s of {t_step:.3g} s")
+            elif w in self._probing:
+                self.standby[w] = step  # the next probe's gap counts from this one
+        return roles
 
     def _describe(self, w: int, c: float, r: float, source: str) -> dict:
         m = self.models[w]

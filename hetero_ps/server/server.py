@@ -76,6 +76,7 @@ class ServerConfig:
     divergence_factor: float = DEFAULT_FACTOR  # stop when the loss exceeds this × its start (0: never)
     stall_factor: float = 4.0  # BSP: a worker past this × its predicted step time...
     stall_floor_s: float = 2.0  # ...and past this many seconds is suspended; its samples go to the others
+    standby: bool = True  # BSP: a worker that would only lengthen every step sits it out (scheduler.py)
     checkpoint_every_steps: int = 0  # BSP: write experiments/NAME/checkpoint.pt every N steps (0: not by steps)...
     checkpoint_every_s: float = 0.0  # ...or when this many seconds have passed since the last one (0: not by time)
     tls: ssl.SSLContext | None = field(default=None, compare=False)  # wire.tls.server_context: every connection is TLS
@@ -114,7 +115,13 @@ class ParameterServer:
         self._train_s_before = 0.0  # training time of the run before the crash it was resumed from
         self._train_started: float | None = None
         policy = job.policy if job.load_balancing else "uniform"
-        self.scheduler = Scheduler(job.global_batch, policy, job.rebalance_interval, fixed_sizes=cfg.worker_batch_sizes)
+        self.scheduler = Scheduler(
+            job.global_batch,
+            policy,
+            job.rebalance_interval,
+            fixed_sizes=cfg.worker_batch_sizes,
+            standby=cfg.standby and job.sync == "bsp",
+        )
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
         self.control = ControlDesk(self.admission.registry, self.records.event, cfg.worker_timeout)
         self._server: Any = None
@@ -697,6 +704,14 @@ class ParameterServer:
             previous_predicted_s=d.previous_predicted_s,
             inputs={str(self.rank_of(w)): v for w, v in d.inputs.items()},
         )
+        for wid, (role, why) in d.roles.items():
+            h = self.admission.registry.workers.get(wid)
+            if h is None:
+                continue
+            h.standby = role == "standby"
+            h.set_activity("on standby" if h.standby else "training")
+            log.warning("%s: %s — %s", h.name, "on standby" if h.standby else "back in the steps", why)
+            self.emit_event("worker_role", rank=h.rank, role=role, reason=why)
 
     # -- the run ------------------------------------------------------------------------------
     async def train(self) -> dict[str, Any]:

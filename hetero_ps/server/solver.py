@@ -18,6 +18,13 @@ never changes). Starting from the floors, each remaining sample goes to the work
 earliest with it (``c_i + (b_i + 1) / r_i`` smallest); this greedy choice minimises the rounded
 step time ``max_i t_i(b_i)``, so rounding costs at most one sample's time on one worker.
 
+Standby. With a barrier, a worker whose fixed cost ``c_j`` (its link, mostly) exceeds the step the
+others take without it lengthens every step whatever its share: even ``lo_j`` samples end at
+``c_j + lo_j / r_j`` while the rest could finish the whole batch sooner. ``worth_waiting_for`` drops
+such workers one at a time, the largest ``c_j + lo_j / r_j`` first, while the step of the workers
+left, solved again, is shorter than the step with them; dropping the slowest finisher first is
+enough, because a worker that pays off next to it pays off next to anyone faster.
+
 SSP/ASP. Without a barrier, worker *i* pushes every ``t_i`` seconds and the server applies every
 push, so while it computes, the others apply ``τ_i = t_i · Σ_{j≠i} 1 / t_j`` updates: the expected
 staleness of its gradients (``expected_staleness``). The update-weighted mean of ``τ_i`` is always
@@ -176,6 +183,37 @@ def solve_batch_sizes(
     hi = [total] * n if hi is None else [int(v) for v in hi]
     shares = solve_continuous(c, r, total, lo, hi)
     return round_min_makespan(shares, total, c, r, lo, hi)
+
+
+def worth_waiting_for(
+    c: Sequence[float], r: Sequence[float], total: int, lo: Sequence[int], hi: Sequence[int]
+) -> list[bool]:
+    """Which workers a BSP step should wait for: False for each one whose fixed cost makes the step
+    longer than the others would take for the whole batch (see the module docstring). At least one
+    worker stays; a drop that the others' bounds cannot absorb is not made.
+
+    >>> worth_waiting_for([0.0, 0.0, 3.0], [100, 100, 100], 64, [1, 1, 1], [64, 64, 64])
+    [True, True, False]
+    >>> worth_waiting_for([0.0, 0.2], [100, 100], 64, [1, 1], [64, 64])   # 0.2 s < the 0.64 s alone
+    [True, True]
+    """
+    keep = [True] * len(r)
+
+    def step_of(members: list[int]) -> float:  # the makespan: a worker held at lo may end after T
+        cs, rs = [c[i] for i in members], [r[i] for i in members]
+        shares = solve_continuous(cs, rs, total, [lo[i] for i in members], [hi[i] for i in members])
+        return max(ci + b / ri for ci, ri, b in zip(cs, rs, shares))
+
+    while sum(keep) > 1:
+        members = [i for i, k in enumerate(keep) if k]
+        slowest = max(members, key=lambda i: c[i] + lo[i] / r[i])
+        rest = [i for i in members if i != slowest]
+        if sum(lo[i] for i in rest) > total or sum(hi[i] for i in rest) < total:
+            break
+        if step_of(rest) >= step_of(members):
+            break
+        keep[slowest] = False
+    return keep
 
 
 def predicted_step_time(c: Sequence[float], r: Sequence[float], sizes: Sequence[int]) -> float:

@@ -51,7 +51,7 @@ WORKER_FIELDS = (
     "gpu_util",
     "gpu_mem_bytes",
 )
-WORKER_STATUSES = ("joined", "training", "suspended", "lost")
+WORKER_STATUSES = ("joined", "training", "standby", "suspended", "lost")
 RECENT_STEPS = 20  # window for "current" throughput and the ETA
 
 
@@ -168,7 +168,8 @@ class MetricsHub:
         self._publish("epoch", rec)
 
     def add_event(self, rec: dict) -> None:
-        """One event (the ``events.jsonl`` record). Joins, losses, suspensions and resumptions update the table."""
+        """One event (the ``events.jsonl`` record). Joins, losses, suspensions, resumptions and role changes
+        (``worker_role``: standby or back in the steps) update the table."""
         rec = sanitize_record(rec)
         rec["seq"] = self._event_seq
         self._event_seq += 1
@@ -184,6 +185,13 @@ class MetricsHub:
             else:
                 status = "lost" if kind == "worker_lost" else "suspended"
                 row.update(status=status, batch=0, share=0.0, samples_per_s=0.0)
+            self._workers_changed()
+        if kind == "worker_role" and isinstance(rank, int):
+            row = self._row(rank)
+            if rec.get("role") == "standby":
+                row.update(status="standby", batch=0, share=0.0, samples_per_s=0.0)
+            elif row.get("status") == "standby":
+                row.update(status="training")
             self._workers_changed()
 
     def finish(self, summary: dict) -> None:

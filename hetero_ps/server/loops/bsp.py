@@ -126,14 +126,12 @@ class BSPLoop:
 
         ``ahead`` (before the broadcast of the parameters the step is computed on): only the
         workers that take a schedule ahead get theirs now; the rest are ``unsent``, for after the
-        broadcast. Otherwise newcomers get the current parameters first."""
+        broadcast. Otherwise each worker of the step gets the current parameters first (a newcomer,
+        or one back from standby: the broadcast goes only to the workers of the next step)."""
         ps = self.ps
         if not ps.ready_workers():
             log.warning("no workers left; waiting for one to join")
             await ps.wait_for_workers(1)
-        if not ahead:
-            for h in ps.ready_workers():
-                await ps.send_params(h)
         live = ps.ready_workers()
         if not live:
             return None
@@ -143,6 +141,9 @@ class BSPLoop:
             step=step, attempt=attempt, total=total, sizes=sizes, n_chunks=ps.n_chunks, acc=acc, version=ps.version
         )
         issued = _Issued(a, [h for h in live if h.wid in sizes])
+        if not ahead:
+            for h in issued.workers:
+                await ps.send_params(h)
         cursor = offset
         for h in issued.workers:
             a.slices[h.wid] = (epoch, cursor, sizes[h.wid])
@@ -179,7 +180,9 @@ class BSPLoop:
         if then is not None and ps.job.overlap and ps.ready_workers():
             # The next step's schedules go out first: its workers start while the parameters arrive.
             self._ahead = await self._issue(a.step + 1, 0, *then, self.accs[(a.step + 1) % 2], ahead=True)
-        await asyncio.gather(*(ps.send_params(h) for h in ps.ready_workers()))
+        # To the workers of the next step: one on standby would hold up the step with a pull it does not need.
+        targets = self._ahead.workers if self._ahead is not None else [h for h in ps.ready_workers() if not h.standby]
+        await asyncio.gather(*(ps.send_params(h) for h in targets))
         if self._ahead is not None:  # its stall limits count from here, as for a step scheduled after the pull
             self._ahead.a.started = time.perf_counter()
         optimizer_s = await ps.update_finished() or optimizer_s

@@ -328,6 +328,9 @@
         el("div", { class: "reason" }, `limit ${fmtSeconds(e.limit_s)}; its samples were redone by the others`));
     } else if (e.event === "worker_resumed") {
       what.append(`rank ${e.rank} answers again: back at work`);
+    } else if (e.event === "worker_role") {
+      what.append(e.role === "standby" ? `rank ${e.rank} stands by: waiting for it would slow every step`
+        : `rank ${e.rank} is back in the steps`, el("div", { class: "reason" }, e.reason || ""));
     } else if (e.event === "codec_choice") {
       what.append(`rank ${e.rank} now pushes ${e.push} and pulls ${e.pull}`, el("div", { class: "reason" }, e.reason || ""));
     } else if (e.event === "nonfinite_gradient") {
