@@ -14,7 +14,9 @@ balancing, one torch thread per worker. For each link rate and codec pair (push/
 * **fast + slow** — one worker on loopback and one behind the link, in one BSP job;
 * **all behind** — two workers, each behind its own link of that rate.
 
-Throughput is training samples/s over the steps after the first ``WARM`` (Σ samples / Σ step_s);
+Throughput is training samples/s over the steps after the first ``WARM`` (Σ samples / Σ step_s;
+``auto`` rows skip ``WARM_AUTO``: its first three steps measure the link, and the scheduler settles
+the split, or puts a worker on standby, over the few after the switch);
 bytes per step are the link worker's mean pushed and pulled bytes. Accuracy after a fixed sample
 budget does not depend on the link in BSP (the same samples, the same weighted sum), only on the
 codecs, so it is measured on loopback with two workers, ``ACC_EPOCHS`` epochs per codec pair: the
@@ -63,13 +65,15 @@ if FULL:
     }
     if os.environ.get("HETERO_PS_LINK_CODECS"):  # e.g. "auto,none": a partial run of those rows
         CODECS = {k: v for k, v in CODECS.items() if k in os.environ["HETERO_PS_LINK_CODECS"].split(",")}
-    WARM, MEASURED = 4, 8  # auto measures the link in its first three steps, then moves
+    WARM, MEASURED = 4, 8
+    WARM_AUTO = 8  # auto measures the link in its first three steps, moves, and the split settles
     ACC_EPOCHS = 3
 else:
     MODEL = ["--model", "simple_cnn", "--model-size", "tiny", "--dataset", "digits"]
     RATES = (100.0,)
     CODECS = {"none": ("none", "none"), "top-k 1 %": ("topk:0.01", "topk:0.01")}
     WARM, MEASURED = 1, 3
+    WARM_AUTO = WARM
     ACC_EPOCHS = 0
 GLOBAL_BATCH = 64
 # A fixed codec pair whose push + pull alone takes longer than this per step is not run at that rate
@@ -102,14 +106,15 @@ class Run:
     steps: list
     summary: dict
     link_rank: str = ""  # the worker behind the link, in the step records' ``workers``
+    warm: int = WARM  # steps not measured
 
     @property
     def rate(self) -> float:
-        steps = self.steps[WARM:] or self.steps
+        steps = self.steps[self.warm :] or self.steps
         return sum(s["samples"] for s in steps) / sum(s["step_s"] for s in steps)
 
     def bytes_per_step(self, key: str) -> float:
-        ws = [s["workers"][self.link_rank][key] for s in self.steps[WARM:] if self.link_rank in s["workers"]]
+        ws = [s["workers"][self.link_rank][key] for s in self.steps[self.warm :] if self.link_rank in s["workers"]]
         return sum(ws) / len(ws) if ws else 0.0
 
 
@@ -119,7 +124,8 @@ def _run(tmp_path, label: str, codec: tuple[str, str], workers: list, epochs: in
     d.mkdir()
     args = [*job, "--host", "0.0.0.0", "--world-size", str(len(workers) + 1), "--no-local-worker"]
     args += ["--compression", codec[0], "--pull-compression", codec[1], "--experiment", "links"]
-    args += ["--epochs", str(epochs)] if epochs else ["--epochs", "50", "--max-steps", str(WARM + MEASURED)]
+    warm = WARM_AUTO if "auto" in codec else WARM
+    args += ["--epochs", str(epochs)] if epochs else ["--epochs", "50", "--max-steps", str(warm + MEASURED)]
     paced = []
     with LocalCluster(d, args) as c:
         for rank, link in enumerate(workers, start=1):
@@ -134,7 +140,7 @@ def _run(tmp_path, label: str, codec: tuple[str, str], workers: list, epochs: in
         steps = read_jsonl(os.path.join(m, "steps.jsonl"))
         summary = c.summary()
     link_rank = next((str(r) for r, w in enumerate(workers, start=1) if w is not None), "")
-    return Run(label, steps, summary, link_rank)
+    return Run(label, steps, summary, link_rank, warm)
 
 
 class Links:
