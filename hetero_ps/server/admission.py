@@ -114,7 +114,7 @@ class Admission:
         """A suspended worker said something: it is alive, and counted again from the next step."""
         if not h.suspended or not self.is_live(h):
             return
-        h.suspended, h.status, h.standby = False, "training", False
+        h.suspended, h.status = False, "training"
         probe = h.profile
         self.scheduler.add_worker(  # a fresh model: what it does now is what counts
             h.wid,

@@ -33,8 +33,9 @@ in ``RELAX_SHARE · C``: the two thresholds keep a worker near a boundary from s
 Every worker starts uncompressed: its first pushes measure its link.
 
 A slow link gets top-k both ways; loopback and a fast LAN keep exact or 16-bit transfers. A switch
-also moves the worker's measured step times in the scheduler by the predicted change of its push
-and pull (``Scheduler.shift_fixed``), so the next batch split already counts the new codec. Each
+also moves the worker's measured step times in the scheduler from the push and pull it measured to
+the new codecs' predicted transfer (``Scheduler.shift_fixed``), so the next batch split already
+counts the new codec. Each
 switch is logged with its inputs (``codec_choice`` event); the worker learns its push codec from
 the next SCHEDULE and reads each pull's codec from its PARAMS frames.
 """

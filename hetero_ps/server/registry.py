@@ -39,7 +39,6 @@ class WorkerHandle:
     pull: Any = None  # pull_delta.ReplicaPull: what it holds, while its pull codec is a delta one
     link: Any = None  # codec_choice.LinkChoice: its link's measured rate and its codecs
     schedule_ahead: bool = False  # said in HELLO: it takes a SCHEDULE before the PARAMS of its version
-    standby: bool = False  # BSP: the scheduler keeps it out of the steps (it would lengthen each one)
 
     def set_activity(self, what: str) -> None:
         self.activity, self.activity_since = what, time.monotonic()

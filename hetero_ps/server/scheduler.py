@@ -437,11 +437,14 @@ class Scheduler:
             [self.models[w].rate for w in active],
             [self.sizes[w] for w in active],
         )
+        if t_active <= 0:
+            return []
+        smallest = self._bounds(wids)[0][0]
         due = []
         for w in wids:
-            if w not in self.standby or t_active <= 0:
+            if w not in self.standby:
                 continue
-            extra = max(0.0, self.models[w].predict(self._bounds(wids)[0][0]) - t_active)
+            extra = max(0.0, self.models[w].predict(smallest) - t_active)
             gap = max(PROBE_MIN_STEPS, math.ceil(extra / (PROBE_COST * t_active)))
             if step - self.standby[w] >= gap:
                 due.append(w)
@@ -499,7 +502,7 @@ class Scheduler:
             new[i] = b
         t_new = predicted_step_time(c, r, new)
         inputs = {w: self._describe(w, ci, ri, source) for w, ci, ri in zip(wids, c, r)}
-        roles = self._roles(step, wids, keep, c, r, lo, new)
+        roles = self._roles(step, wids, keep, c, r, lo, new, t_new)
         same_members = set(self.sizes) == set(wids)
         if same_members and source == self.source and not roles and not self._probing:
             t_old = predicted_step_time(c, r, [self.sizes[w] for w in wids])
@@ -532,10 +535,11 @@ class Scheduler:
         r: list[float],
         lo: list[int],
         new: list[int],
+        t_step: float,
     ) -> dict[int, tuple[str, str]]:
-        """Record who goes on standby or comes back (``self.standby``); each change with its reason."""
+        """Record who goes on standby or comes back (``self.standby``); each change with its reason
+        (``t_step``: the new split's predicted step, which the workers on standby sit out)."""
         roles: dict[int, tuple[str, str]] = {}
-        t_step = predicted_step_time(c, r, [b if k else 0 for b, k in zip(new, keep)])
         for i, w in enumerate(wids):
             alone = c[i] + lo[i] / r[i]
             if not keep[i] and w not in self.standby:

@@ -344,6 +344,9 @@ class ParameterServer:
     def is_live(self, h: WorkerHandle) -> bool:
         return self.admission.is_live(h)
 
+    def on_standby(self, h: WorkerHandle) -> bool:
+        return h.wid in self.scheduler.standby
+
     def rank_of(self, wid: int) -> int:
         return self.admission.rank_of(wid)
 
@@ -708,9 +711,9 @@ class ParameterServer:
             h = self.admission.registry.workers.get(wid)
             if h is None:
                 continue
-            h.standby = role == "standby"
-            h.set_activity("on standby" if h.standby else "training")
-            log.warning("%s: %s — %s", h.name, "on standby" if h.standby else "back in the steps", why)
+            standby = role == "standby"
+            h.set_activity("on standby" if standby else "training")
+            log.warning("%s: %s — %s", h.name, "on standby" if standby else "back in the steps", why)
             self.emit_event("worker_role", rank=h.rank, role=role, reason=why)
 
     # -- the run ------------------------------------------------------------------------------

@@ -120,6 +120,12 @@ class PullArrival:
             self._pull.missing.discard(chunk)
             self._cond.notify_all()
 
+    def complete(self) -> None:
+        """Every chunk of the pull is in place."""
+        with self._cond:
+            self._pull.missing.clear()
+            self._cond.notify_all()
+
     def abort(self) -> None:
         """A forward waiting for this pull, or reaching a module whose chunks it lacks, raises
         (until the next ``expect``); a pull already complete is not touched."""

@@ -507,8 +507,7 @@ class Worker:
             self.version = p.version
             if self._awaiting is not None:
                 self._awaiting = None
-                for c in range(len(self.chunks)):  # (on a GPU: only now, once copied over)
-                    self.arrival.arrived(c)
+                self.arrival.complete()  # (on a GPU: only now, once copied over)
                 self._pulled.set()
         self._prev["pull_s"] += time.perf_counter() - t0
         self._prev["bytes_in"] += sum(len(s) for s in segments)
@@ -687,9 +686,9 @@ class Worker:
         push = push_from_codec(
             fields, step=pushing.step, attempt=pushing.attempt, chunk=i, offset=off, numel=numel, codec=self.push_spec
         )
-        if not pushing.backward_done:
-            push = dataclasses.replace(push, early=True)
         early = not pushing.backward_done
+        if early:
+            push = dataclasses.replace(push, early=True)
         await conn.send(MsgType.PUSH, push.to_header(), segments)
         sent = sum(memoryview(s).nbytes for s in segments)
         if self.pacer is not None:

@@ -181,7 +181,9 @@ class BSPLoop:
             # The next step's schedules go out first: its workers start while the parameters arrive.
             self._ahead = await self._issue(a.step + 1, 0, *then, self.accs[(a.step + 1) % 2], ahead=True)
         # To the workers of the next step: one on standby would hold up the step with a pull it does not need.
-        targets = self._ahead.workers if self._ahead is not None else [h for h in ps.ready_workers() if not h.standby]
+        targets = (
+            self._ahead.workers if self._ahead is not None else [h for h in ps.ready_workers() if not ps.on_standby(h)]
+        )
         await asyncio.gather(*(ps.send_params(h) for h in targets))
         if self._ahead is not None:  # its stall limits count from here, as for a step scheduled after the pull
             self._ahead.a.started = time.perf_counter()
