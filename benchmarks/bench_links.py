@@ -16,7 +16,9 @@ balancing, one torch thread per worker. For each link rate and codec pair (push/
 
 Throughput is training samples/s over the steps after the first ``WARM`` (Σ samples / Σ step_s;
 ``auto`` rows skip ``WARM_AUTO``: its first three steps measure the link, and the scheduler settles
-the split, or puts a worker on standby, over the few after the switch);
+the split, or puts a worker on standby, over the few after the switch; ``local steps`` rows,
+``--sync local`` with auto H and auto codecs, skip their first round, which measures the links, and
+run ``LOCAL_BATCHES`` global batches);
 bytes per step are the link worker's mean pushed and pulled bytes. Accuracy after a fixed sample
 budget does not depend on the link in BSP (the same samples, the same weighted sum), only on the
 codecs, so it is measured on loopback with two workers, ``ACC_EPOCHS`` epochs per codec pair: the
@@ -62,20 +64,30 @@ if FULL:
         "top-k 1 %": ("topk:0.01", "topk:0.01"),
         "PowerSGD r4 + int8 pull": ("powersgd:4", "int8"),
         "auto": ("auto", "auto"),
+        # --sync local: rounds of H inner steps (auto H), the parameter change pushed with auto's codecs
+        "local steps": ("auto", "auto", "--sync", "local"),
     }
     if os.environ.get("HETERO_PS_LINK_CODECS"):  # e.g. "auto,none": a partial run of those rows
         CODECS = {k: v for k, v in CODECS.items() if k in os.environ["HETERO_PS_LINK_CODECS"].split(",")}
     WARM, MEASURED = 4, 8
     WARM_AUTO = 8  # auto measures the link in its first three steps, moves, and the split settles
     ACC_EPOCHS = 3
+    ACC_LINK = 100.0  # Mbit/s: the second worker's link in the local-steps accuracy runs
 else:
     MODEL = ["--model", "simple_cnn", "--model-size", "tiny", "--dataset", "digits"]
     RATES = (100.0,)
-    CODECS = {"none": ("none", "none"), "top-k 1 %": ("topk:0.01", "topk:0.01")}
+    CODECS = {
+        "none": ("none", "none"),
+        "top-k 1 %": ("topk:0.01", "topk:0.01"),
+        "local steps": ("none", "none", "--sync", "local", "--local-steps", "2"),
+    }
     WARM, MEASURED = 1, 3
     WARM_AUTO = WARM
     ACC_EPOCHS = 0
+    ACC_LINK = 0.0
 GLOBAL_BATCH = 64
+# --sync local rows: global batches per run (auto's first round of 4, then rounds of up to 64)
+LOCAL_BATCHES = 4 + 3 * 64 if FULL else 8
 # A fixed codec pair whose push + pull alone takes longer than this per step is not run at that rate
 # (none at 20 Mbit/s: 34 s a step, 20 minutes for its three scenarios); auto is always run.
 MAX_TRANSFER_S = 8.0
@@ -86,7 +98,7 @@ def _transfer_s(codec: tuple[str, str], rate_mbit: float) -> float:
     if "auto" in codec:
         return 0.0
     chunks = chunk_layout(MODEL_NUMEL, 4 << 20)
-    nbytes = sum(codecs.make_codec(spec, n).max_encoded_bytes() for spec in codec for _, n in chunks)
+    nbytes = sum(codecs.make_codec(spec, n).max_encoded_bytes() for spec in codec[:2] for _, n in chunks)
     return 8 * nbytes / (rate_mbit * 1e6)
 
 
@@ -123,9 +135,12 @@ def _run(tmp_path, label: str, codec: tuple[str, str], workers: list, epochs: in
     d = tmp_path / label.replace(" ", "_").replace("/", "-").replace("%", "pct")
     d.mkdir()
     args = [*job, "--host", "0.0.0.0", "--world-size", str(len(workers) + 1), "--no-local-worker"]
-    args += ["--compression", codec[0], "--pull-compression", codec[1], "--experiment", "links"]
+    args += ["--compression", codec[0], "--pull-compression", codec[1], *codec[2:], "--experiment", "links"]
     warm = WARM_AUTO if "auto" in codec else WARM
-    args += ["--epochs", str(epochs)] if epochs else ["--epochs", "50", "--max-steps", str(warm + MEASURED)]
+    batches = warm + MEASURED
+    if "local" in codec:  # a step is a round of H global batches: one round measures, then MEASURED rounds
+        warm, batches = 1, LOCAL_BATCHES
+    args += ["--epochs", str(epochs)] if epochs else ["--epochs", "50", "--max-steps", str(batches)]
     paced = []
     with LocalCluster(d, args) as c:
         for rank, link in enumerate(workers, start=1):
@@ -212,8 +227,13 @@ def bench_links(tmp_path):
                 )
                 rows.append((rate, label, fast, slow, pair, both))
         for label, codec in CODECS.items() if ACC_EPOCHS else ():
-            acc = _run(tmp_path, f"accuracy {label}", codec, [None, None], epochs=ACC_EPOCHS)
-            lm = _run(tmp_path, f"gpt2 {label}", codec, [None, None], epochs=ACC_EPOCHS, job=GPT2_JOB)
+            # BSP computes the same whatever the link; local steps do not (auto's H follows the link):
+            # those run with the second worker behind a 100 Mbit/s link.
+            far = (lambda: links.make(ACC_LINK)) if "local" in codec else (lambda: None)
+            acc = _run(tmp_path, f"accuracy {label}", codec, [None, far()], epochs=ACC_EPOCHS)
+            links.close()
+            lm = _run(tmp_path, f"gpt2 {label}", codec, [None, far()], epochs=ACC_EPOCHS, job=GPT2_JOB)
+            links.close()
             accuracy[label] = (acc.summary.get("final_eval_accuracy"), math.exp(lm.summary["eval"]["eval_loss"]))
     finally:
         links.close()
@@ -258,7 +278,8 @@ def write_results(rows: list, accuracy: dict, measured: dict, kind: str, skipped
         lines += [
             f"After {ACC_EPOCHS} epochs (two workers, loopback; the link does not change what BSP computes,",
             "only the codecs do): the MLP's accuracy on synthetic_image, and gpt2 tiny's perplexity on",
-            "synthetic_text (its recipe: AdamW; exp of the last eval loss, lower is better).",
+            "synthetic_text (its recipe: AdamW; exp of the last eval loss, lower is better). Local steps:",
+            f"the second worker behind a {ACC_LINK:g} Mbit/s link (auto's H follows the link).",
             "",
             "| codecs | synthetic_image accuracy | gpt2 tiny perplexity |",
             "|---|---|---|",

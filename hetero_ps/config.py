@@ -14,7 +14,7 @@ from hetero_ps.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
-SYNC_MODES = ("bsp", "ssp", "asp")
+SYNC_MODES = ("bsp", "ssp", "asp", "local")
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 STALENESS_SCALINGS = ("inverse", "sqrt", "none")
 # Push codecs that cannot serve --pull-compression: as a pull, PowerSGD would replace the parameters
@@ -48,6 +48,11 @@ class JobConfig:
     max_steps: int = 0  # stop after this many steps (0 = no limit)
     seed: int = 0  # seeds the sampler's permutations and the model init
     sync: str = "bsp"  # one of SYNC_MODES
+    local_steps: int = 0  # --sync local: inner steps per round H (0: auto, from each round's measured links)
+    # --sync local's outer step on the workers' mean parameter change (None: by the inner optimizer,
+    # training/recipes.outer_step: DiLoCo's Nesterov 0.7 / 0.9 for adam/adamw, plain averaging 1 / 0 else)
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
     staleness: int = 2  # SSP bound S (updates a worker's clock may run ahead of the slowest)
     staleness_scaling: str = "inverse"  # SSP/ASP damping of a stale gradient: inverse | sqrt | none
     compression: str = "none"  # push codec: none|fp16|bf16|int8|topk:RATIO|powersgd:RANK
@@ -69,6 +74,31 @@ class JobConfig:
                 f"--pull-compression {self.pull_compression}: {pull} compresses pushes only (a pull would "
                 "replace the parameters by a low-rank approximation); for pulls use none, fp16, bf16, or "
                 "int8[:BLOCK] / topk[:RATIO] to send each worker compressed changes"
+            )
+
+        if self.sync == "local":
+            self._check_local()
+
+    @property
+    def bulk_synchronous(self) -> bool:
+        """BSP and local steps: every worker of a step starts from the same version, and the
+        parameters stay still between updates (SSP/ASP update them while others compute)."""
+        return self.sync in ("bsp", "local")
+
+    def _check_local(self) -> None:
+        """--sync local: a worker pushes its parameter change after H inner steps (server/loops/local_sgd.py)."""
+        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 0:
+            raise ConfigError(f"--local-steps must be a number of steps >= 1 or auto, got {self.local_steps!r}")
+        lr = 1.0 if self.outer_lr is None else self.outer_lr
+        mu = 0.0 if self.outer_momentum is None else self.outer_momentum
+        if not 0 < lr < float("inf") or not 0 <= mu < 1:
+            raise ConfigError(
+                f"--outer-lr must be > 0 and --outer-momentum in [0, 1), got {self.outer_lr} and {self.outer_momentum}"
+            )
+        if self.momentum_correction:
+            raise ConfigError(
+                "--sync local pushes each worker's parameter change after its inner steps; --momentum-correction "
+                "pushes a momentum velocity instead and cannot carry it: drop one of the two"
             )
 
     def to_wire(self) -> dict:

@@ -101,6 +101,9 @@ class StepRecord:
     server: ServerTiming = doc("the master's timings")
     workers: dict[str, WorkerTiming] = doc("rank -> that worker's part of the step")
     asynchronous: AsyncStep | None = doc("SSP/ASP only; written as top-level fields", default=None)
+    local_steps: int = doc(
+        "--sync local: inner steps each worker ran in this round (the step is a round of them); else 0", default=0
+    )
 
     def to_json(self) -> JSONObject:
         out: JSONObject = {
@@ -117,7 +120,9 @@ class StepRecord:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> StepRecord:
         plain = {
-            f.name: d[f.name] for f in dataclasses.fields(cls) if f.name not in ("server", "workers", "asynchronous")
+            f.name: d[f.name]
+            for f in dataclasses.fields(cls)
+            if f.name not in ("server", "workers", "asynchronous") and (f.name in d or f.name != "local_steps")
         }
         asynchronous = None
         if "worker" in d:
@@ -174,6 +179,10 @@ EVENT_KINDS: dict[str, str] = {
     "resumed": "`epoch`, `offset`, `version`, `evaluations` (re-scored): a restarted master continues from its "
     "checkpoint here",
     "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",
+    "local_steps": "`local_steps` (H), `previous`, `reason`: `--sync local --local-steps auto` changed the inner "
+    "steps per round (the slowest worker's measured transfer against its compute per inner step)",
+    "round_salvaged": "`rank`, `reason`, `samples`: `--sync local`: that worker was lost before pushing its "
+    "round; the round goes on with the others' work, re-weighted, and only its samples are lost",
 }
 
 
@@ -315,7 +324,7 @@ class RunSummary:
             final_loss=totals.final_loss,
             eval=last_eval,
             final_eval_accuracy=last_eval.eval_accuracy if last_eval else None,
-            communication_overhead=(1 - busy / step_s) if sync == "bsp" and step_s else None,
+            communication_overhead=(1 - busy / step_s) if sync in ("bsp", "local") and step_s else None,
             ideal_samples_per_s=sum(probes) if probes and all(probes) else None,
             workers=totals.worker_totals(),
             compression=compression,

@@ -8,6 +8,7 @@ a worker lost before that fails it with :class:`WorkerLost`, and the loop redoes
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,13 @@ import torch
 
 from hetero_ps.errors import RemoteError
 from hetero_ps.wire.messages import StepReport
+
+
+def _seen(done: asyncio.Future[None]) -> None:
+    """Mark a failure as retrieved: one scheduled ahead may fail after its loop stopped (the run
+    ended), and nobody is left to await it; a waiter still gets the exception from ``result()``."""
+    if not done.cancelled():
+        done.exception()
 
 
 class WorkerLost(Exception):
@@ -37,12 +45,16 @@ class Assignment:
     codecs: dict[int, str] = field(default_factory=dict)  # wid -> the push codec its SCHEDULE named
     early: dict[int, int] = field(default_factory=dict)  # wid -> chunks it pushed during its backward pass
     ahead: set[int] = field(default_factory=set)  # wids whose SCHEDULE went before the parameters (BSP)
+    local_steps: int = 0  # --sync local: inner steps each worker runs on its slice (0: a gradient step)
+    lr: float = 0.0  # --sync local: the inner learning rate of this round
+    pushed: set[int] = field(default_factory=set)  # wids that sent at least one chunk
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.acc_np = self.acc.numpy()
+        self.done.add_done_callback(_seen)
 
     @classmethod
     def for_sizes(
@@ -84,6 +96,7 @@ class Assignment:
                 "bad_chunk", f"chunk {chunk!r} does not match this model's chunking or was already received"
             )
         self.pending[wid].discard(chunk)
+        self.pushed.add(wid)
         if early:
             self.early[wid] = self.early.get(wid, 0) + 1
 
@@ -107,6 +120,36 @@ class Assignment:
         if wid in self.sizes and not self.done.done():
             self.done.set_exception(WorkerLost(why))
 
+    def drop(self, wid: int) -> bool:
+        """Leave out ``wid``, which pushed nothing here, and weight the others by the samples that
+        remain: ``acc``, which holds ``Σ (b_i / total) · chunk`` of what came in, is rescaled to the new
+        ``total``. False (nothing changed) if it pushed a chunk already or is the only worker left."""
+        if wid not in self.sizes:
+            return True
+        if wid in self.pushed or len(self.sizes) == 1:
+            return False
+        old, n = self.total, self.sizes.pop(wid)
+        self.total = old - n
+        self.pending.pop(wid, None)
+        self.reports.pop(wid, None)
+        self.acc.mul_(old / self.total)
+        return True
+
+    def reopen(self) -> None:
+        """After ``drop``: wait for the workers that remain (a failure was already raised and seen)."""
+        if self.done.done():
+            self.done = asyncio.get_running_loop().create_future()
+            self.done.add_done_callback(_seen)
+        self.complete_if_all_in()
+
     def waiting_for(self) -> list[int]:
         """Workers that still owe a chunk or their report."""
         return [wid for wid in self.pending if not self.worker_finished(wid)]
+
+
+def per_step(a: Assignment, wid: int) -> tuple[int, int]:
+    """``(batch, steps)``: what one step of ``wid``'s part of ``a`` computes, and how many steps it
+    ran: ``(its samples, 1)``, or for a local round ``(samples / H, H)`` (the scheduler models one step)."""
+    n = a.sizes[wid]
+    steps = max(1, min(a.local_steps, n))
+    return math.ceil(n / steps), steps

@@ -1,7 +1,8 @@
 """The master's optimizer step, one range of the flat parameter at a time, on the native kernels.
 
 ``optim.build_optimizer`` makes a torch optimizer over the one flat parameter; this steps it with
-``kernels.sgd_step`` / ``kernels.adam_step`` instead of ``optimizer.step()``: one pass over memory
+``kernels.sgd_step`` / ``kernels.adam_step`` instead of ``optimizer.step()`` (Nesterov SGD, the outer
+step of ``--sync local``, in numpy): one pass over memory
 per range (torch's foreach step makes one per tensor operation), the GIL released, and any range on
 its own, so BSP can step a chunk and send it while the next one is stepped (``streamed_update.py``).
 """
@@ -26,10 +27,19 @@ class SGDStep:
     weight_decay: float
     momentum: float
     buf: np.ndarray | None  # torch's momentum_buffer (None for plain SGD: torch keeps no state then)
+    nesterov: bool = False  # --sync local's outer step: once a round, so numpy (the kernel has no Nesterov)
 
     def chunk(self, off: int, n: int, grad: np.ndarray) -> None:
         """Step ``[off, off + n)`` of the parameter with ``grad`` (those ``n`` values)."""
         end = off + n
+        if self.nesterov:
+            assert self.buf is not None, "torch refuses Nesterov without momentum"
+            p, buf = self.param[off:end], self.buf[off:end]
+            d = grad + np.float32(self.weight_decay) * p if self.weight_decay else grad
+            buf *= np.float32(self.momentum)
+            buf += d
+            p -= np.float32(self.lr) * (d + np.float32(self.momentum) * buf)  # torch's: d + μ·buf, after buf moved
+            return
         kernels.sgd_step(self.param[off:end], grad, None if self.buf is None else self.buf[off:end], lr=self.lr,
                          momentum=self.momentum, weight_decay=self.weight_decay)  # fmt: skip
 
@@ -80,7 +90,7 @@ class ChunkedStep:
         group = optimizer.param_groups[0]
         self.param = group["params"][0]
         self.adam = isinstance(optimizer, torch.optim.Adam)
-        unsupported = [k for k in ("nesterov", "maximize", "amsgrad", "differentiable") if group.get(k)]
+        unsupported = [k for k in ("maximize", "amsgrad", "differentiable") if group.get(k)]
         if group.get("dampening", 0) or unsupported or len(optimizer.param_groups) != 1:
             raise ConfigError(f"the chunked optimizer step does not implement {unsupported or 'this optimizer'}")
 
@@ -96,7 +106,7 @@ class ChunkedStep:
                 if state.get("momentum_buffer") is None:  # zeros: the first step's buffer is then the gradient
                     state["momentum_buffer"] = torch.zeros_like(self.param, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"].numpy()
-            return SGDStep(param, lr, weight_decay, momentum, buf)
+            return SGDStep(param, lr, weight_decay, momentum, buf, nesterov=bool(group.get("nesterov")))
         state = self.optimizer.state[self.param]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)

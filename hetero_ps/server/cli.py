@@ -177,7 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="step schedule: decay every N steps")
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule: decay factor")
     g = p.add_argument_group("synchronisation and compression")
-    g.add_argument("--sync", choices=SYNC_MODES, default=d.sync, help="bsp (default), ssp or asp")
+    g.add_argument(
+        "--sync",
+        choices=SYNC_MODES,
+        default=d.sync,
+        help="bsp (default), ssp, asp, or local: H inner steps per worker, then one outer step on their "
+        "parameter change",
+    )
+    g.add_argument(
+        "--local-steps",
+        default=None,
+        metavar="H|auto",
+        help="--sync local: inner steps per round (default auto: enough that the slowest link costs at most a "
+        "tenth of the round)",
+    )
+    g.add_argument(
+        "--outer-lr",
+        type=float,
+        default=None,
+        help="--sync local: outer Nesterov step size (default: 0.7 after adam/adamw, as DiLoCo; 1 after sgd/momentum)",
+    )
+    g.add_argument(
+        "--outer-momentum",
+        type=float,
+        default=None,
+        help="--sync local: outer Nesterov momentum (default: 0.9 after adam/adamw, as DiLoCo; 0, plain averaging, "
+        "after sgd/momentum)",
+    )
     g.add_argument(
         "--staleness",
         type=int,
@@ -333,6 +359,9 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
             f"got {a.pull_bound} and {a.pull_resync_every}"
         )
     return JobConfig(
+        local_steps=parse_local_steps(a.local_steps, a.sync),
+        outer_lr=a.outer_lr,
+        outer_momentum=a.outer_momentum,
         model=a.model,
         model_size=a.model_size,
         model_args=parse_kv(a.model_arg, "--model-arg"),
@@ -366,6 +395,23 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         overlap=a.overlap,
         momentum_correction=a.momentum_correction,
     )
+
+
+def parse_local_steps(spec: str | None, sync: str) -> int:
+    """``--local-steps``: ``H`` >= 1 or ``auto`` (0), for ``--sync local`` only."""
+    if spec is None:
+        return 0
+    if sync != "local":
+        raise ConfigError(f"--local-steps {spec} applies to --sync local (this job: --sync {sync})")
+    if spec.strip().lower() == "auto":
+        return 0
+    try:
+        h = int(spec)
+    except ValueError:
+        h = 0
+    if h < 1:
+        raise ConfigError(f"--local-steps expects a number of inner steps >= 1 or auto, got {spec!r}")
+    return h
 
 
 def parse_checkpoint_every(spec: str) -> tuple[int, float]:

@@ -37,7 +37,11 @@ class ModelState:
         self.param = torch.nn.Parameter(self.flat.params)  # shares storage with the model's views
         # DGC: the workers' pushes already carry the momentum, so the master's step must not add it again.
         opt_job = dataclasses.replace(job, momentum=0.0) if momentum_correction_of(job) else job
-        self.optimizer, self.lr_scheduler = optim.build_optimizer(opt_job, self.param, total_steps)
+        if job.sync == "local":  # the master's step is the outer one; the job's optimizer runs on the workers
+            self.optimizer, self.lr_scheduler = optim.build_outer_optimizer(job, self.param)
+            self.inner_lr = optim.lr_factor(job, total_steps)  # × job.lr, at the round's first step
+        else:
+            self.optimizer, self.lr_scheduler = optim.build_optimizer(opt_job, self.param, total_steps)
         self.stepper = ChunkedStep(self.optimizer)
         self.update: StreamedUpdate | None = None  # the update being stepped and sent (BSP)
         self.chunks = chunk_layout(self.flat.numel, job.chunk_bytes)
@@ -173,7 +177,7 @@ class ModelState:
             off, n = self.chunks[i]
             params = self.flat.params.detach().numpy()[off : off + n]
             fields, segments = self._codecs(self._encoders, spec)[i].encode(params)
-            if self.job.sync != "bsp":
+            if not self.job.bulk_synchronous:
                 segments = [bytes(memoryview(s).cast("B")) for s in segments]
             header = params_from_codec(fields, version=self.version, chunk=i, offset=off, numel=n, codec=spec)
             frames[i] = protocol.encode_frame(MsgType.PARAMS, header.to_header(), segments)

@@ -24,6 +24,7 @@ class RunRecords:
         self.sinks = list(sinks)
         self.progress = progress
         self.totals = RunTotals()  # the steps themselves go to the files and sinks, not to memory
+        self.batches = 0  # global batches done: the progress clock (a --sync local round is H of them)
         self.evaluations: list[EpochRecord] = []
         self.started = time.time()
 
@@ -34,9 +35,10 @@ class RunRecords:
 
     def add_step(self, rec: StepRecord) -> None:
         self.totals.add(rec)
+        self.batches += max(1, rec.local_steps)
         self._publish("step", rec.to_json())
         if self.progress is not None:
-            self.progress.update(rec.step, rec.epoch, rec.loss, rec.samples_per_s, rec.samples)
+            self.progress.update(self.batches - 1, rec.epoch, rec.loss, rec.samples_per_s, rec.samples)
 
     def restore(self, positions: dict[str, int], step: int) -> list[StepRecord]:
         """Go back to a checkpoint: cut the metrics files to ``positions`` (steps and events after it
@@ -53,6 +55,7 @@ class RunRecords:
                 "it was changed after the run: start a new experiment"
             )
         self.totals = RunTotals.of(history)
+        self.batches = sum(max(1, r.local_steps) for r in history)
         self.evaluations = [EpochRecord.from_json(d) for d in read_jsonl(metrics.path("epochs"))]
         return history
 

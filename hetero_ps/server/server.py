@@ -39,12 +39,13 @@ from hetero_ps.errors import (
 from hetero_ps.observe.records import EpochRecord, RunSummary, StepRecord
 from hetero_ps.server import checkpoint, codec_choice, pull_delta
 from hetero_ps.server.admission import Admission
-from hetero_ps.server.assignment import Assignment
+from hetero_ps.server.assignment import Assignment, per_step
 from hetero_ps.server.control import ControlDesk
 from hetero_ps.server.divergence import DEFAULT_FACTOR, DivergenceWatch
 from hetero_ps.server.evaluation import Evaluator, Score, Snapshot
 from hetero_ps.server.loops.async_sgd import AsyncLoop
 from hetero_ps.server.loops.bsp import BSPLoop
+from hetero_ps.server.loops.local_sgd import LocalLoop
 from hetero_ps.server.model_state import ModelState
 from hetero_ps.server.registry import WorkerHandle
 from hetero_ps.server.run_records import RunRecords
@@ -108,7 +109,7 @@ class ParameterServer:
         )
         self.training = False
         self.divergence = DivergenceWatch(cfg.divergence_factor)
-        self.loop: BSPLoop | AsyncLoop | None = None  # the step loop, once training started
+        self.loop: BSPLoop | LocalLoop | AsyncLoop | None = None  # the step loop, once training started
         self.resumed_loop: dict[str, Any] | None = None  # the loop's state from a checkpoint (resume)
         self._checkpointed = (time.monotonic(), 0)  # when, and at which step, the last checkpoint was
         self._at_boundary = False  # the state is whole (update_done, no update since)
@@ -120,7 +121,7 @@ class ParameterServer:
             policy,
             job.rebalance_interval,
             fixed_sizes=cfg.worker_batch_sizes,
-            standby=cfg.standby and job.sync == "bsp",
+            standby=cfg.standby and job.bulk_synchronous,
         )
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
         self.control = ControlDesk(self.admission.registry, self.records.event, cfg.worker_timeout)
@@ -405,7 +406,7 @@ class ParameterServer:
             h.pull = self.state.replica_pull(spec)
         h.pull.use_codec(spec)
         params = self.state.flat.params.detach().numpy()
-        if self.job.sync == "bsp":
+        if self.job.bulk_synchronous:
             frames, why = await asyncio.to_thread(h.pull.frames, params, self.version, h.params_version)
         else:
             frames, why = h.pull.frames(params, self.version, h.params_version)
@@ -431,6 +432,8 @@ class ParameterServer:
             compression=push_codec if codec_choice.is_auto(self.job.compression) else None,
             discarded=discarded,
             ahead=h.wid in a.ahead and h.params_version != self.version,
+            local_steps=a.local_steps,
+            lr=a.lr if a.local_steps else None,
         ).to_header()
         h.batch = count
         h.assignment = a
@@ -451,7 +454,10 @@ class ParameterServer:
             return {}
         limits = {}
         for wid in a.waiting_for():
-            predicted = self.scheduler.predicted_seconds(wid, a.sizes[wid])
+            batch, steps = per_step(a, wid)
+            predicted = self.scheduler.predicted_seconds(wid, batch)
+            if predicted is not None:
+                predicted *= steps
             if predicted is None:
                 limits[wid] = UNMEASURED_STALL * self.cfg.worker_timeout
             else:
@@ -515,7 +521,8 @@ class ParameterServer:
                 continue
             h.samples += a.sizes[wid]
             h.steps += 1
-            self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
+            batch, steps = per_step(a, wid)  # a local round: the scheduler's model is of one inner step
+            self.scheduler.observe(wid, batch, (r.compute_s + r.encode_s + r.push_s + r.pull_s) / steps)
         self._choose_codecs(a)
 
     def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
@@ -722,7 +729,8 @@ class ParameterServer:
         await self.wait_for_workers(self.cfg.expected_workers)
         self.training = True
         self._train_started = time.perf_counter()
-        self.loop = BSPLoop(self) if self.job.sync == "bsp" else AsyncLoop(self)
+        loops = {"bsp": BSPLoop, "local": LocalLoop}
+        self.loop = loops.get(self.job.sync, AsyncLoop)(self)
         try:
             epochs = await self.loop.run()
         except TrainingDiverged:

@@ -108,6 +108,15 @@ def build_optimizer(job, flat_param: torch.Tensor, total_steps: int | None = Non
     return opt, sched
 
 
+def build_outer_optimizer(job, flat_param: torch.nn.Parameter):
+    """``--sync local``: the master's ``(optimizer, constant schedule)`` for the outer step, SGD with
+    Nesterov momentum at ``job.outer_lr`` / ``job.outer_momentum`` (unset: ``recipes.outer_step``),
+    whose gradient is the workers' weighted mean parameter change."""
+    lr, mu = recipes.outer_step(job)
+    opt = torch.optim.SGD([flat_param], lr=lr, momentum=mu, nesterov=mu > 0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in ``x``: one sum (a mask of every value would cost a pass and an allocation),
     and the exact check only when the sum is not finite (it may have overflowed)."""

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero_ps.training.data import collate, to_device
-from hetero_ps.training.optim import all_finite
+from hetero_ps.training.optim import all_finite, build_optimizer
 from hetero_ps.training.plugins import load_callable
 
 
@@ -138,6 +138,52 @@ class LocalTrainer:
         return StepStats(
             loss=loss_value, count=b, compute_s=time.perf_counter() - t0, nonfinite=not finite, data_s=data_s
         )
+
+    def local_round(self, indices, steps: int, optimizer: torch.optim.Optimizer, lr: float) -> StepStats:
+        """``--sync local``: ``steps`` inner steps of ``optimizer`` (over ``flat.params``, its gradient
+        ``flat.grads``) on consecutive near-equal parts of ``indices``; leaves the parameter change
+        ``θ_start − θ_end`` in ``flat.grads`` and ``θ_start`` back in ``flat.params``.
+
+        The loss is the sample-weighted mean over the inner steps. A non-finite inner step ends the
+        round with a change of NaN (so the master never applies it); the caller resets the optimizer."""
+        t0 = time.perf_counter()
+        parts = [p for p in np.array_split(np.asarray(indices, dtype=np.int64), max(1, steps)) if len(p)]
+        if not parts:
+            raise ValueError("local_round needs at least one sample")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = self.flat.params.detach().clone()
+        loss_sum, count, data_s, nonfinite = 0.0, 0, 0.0, False
+        for part in parts:
+            stats = self.compute_gradient(part)
+            data_s += stats.data_s
+            count += stats.count
+            if stats.nonfinite:
+                nonfinite = True
+                break
+            loss_sum += stats.loss * stats.count
+            optimizer.step()
+        with torch.no_grad():
+            delta = self.flat.grads
+            torch.sub(start, self.flat.params, out=delta)
+            if nonfinite:
+                delta.fill_(float("nan"))
+            self.flat.params.copy_(start)
+        return StepStats(
+            loss=float("nan") if nonfinite else loss_sum / count,
+            count=len(indices),
+            compute_s=time.perf_counter() - t0,
+            nonfinite=nonfinite or not all_finite(delta),
+            data_s=data_s,
+        )
+
+
+def inner_optimizer(job, flat) -> torch.optim.Optimizer:
+    """The worker's own optimizer for ``--sync local`` rounds: the job's, over ``flat.params``, with
+    ``flat.grads`` as its gradient (the round sets its learning rate)."""
+    opt, _ = build_optimizer(job, flat.params, total_steps=1)
+    opt.param_groups[0]["params"][0].grad = flat.grads
+    return opt
 
 
 def _accuracy_counts(task: str, out, x, y) -> tuple[int, int] | None:

@@ -52,6 +52,7 @@ MAC_BYTES = 32  # HMAC-SHA256
 # A codec's own parameters in PUSH/PARAMS: int8's block, topk's k, powersgd's rank and matrix shape.
 CODEC_PARAM_KEYS = ("block", "k", "rank", "rows", "cols")
 _U64 = 2**64 - 1
+MAX_LOCAL_STEPS = 10_000  # SCHEDULE.local_steps: inner steps in one round (auto picks at most 64)
 
 
 # -- field readers: each names MSG.field in its error ------------------------------------------------
@@ -353,6 +354,8 @@ class Schedule(WireMessage):
     compression: str | None = None  # --compression auto: the codec to push this step with
     discarded: int | None = None  # BSP: an earlier step whose push from this worker was thrown away (aborted)
     ahead: bool = False  # the PARAMS of ``version`` follow this SCHEDULE (HELLO schedule_ahead)
+    local_steps: int = 0  # --sync local: run the slice as this many inner steps, push the parameter change
+    lr: float | None = None  # --sync local: the inner optimizer's learning rate for this round
 
     def to_header(self) -> dict[str, Any]:
         h: dict[str, Any] = {
@@ -370,12 +373,15 @@ class Schedule(WireMessage):
             h["discarded"] = self.discarded
         if self.ahead:
             h["ahead"] = True
+        if self.local_steps:
+            h["local_steps"] = self.local_steps
+            h["lr"] = self.lr
         return h
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Schedule:
         h = _as_map(header, "SCHEDULE")
-        return cls(
+        s = cls(
             step=_int(h, "SCHEDULE", "step"),
             attempt=_int(h, "SCHEDULE", "attempt"),
             epoch=_int(h, "SCHEDULE", "epoch"),
@@ -386,7 +392,12 @@ class Schedule(WireMessage):
             compression=_opt_str(h, "SCHEDULE", "compression"),
             discarded=_opt_int(h, "SCHEDULE", "discarded"),
             ahead=bool(_opt_bool(h, "SCHEDULE", "ahead")),
+            local_steps=_opt_int(h, "SCHEDULE", "local_steps", 1, MAX_LOCAL_STEPS) or 0,
+            lr=_opt_float(h, "SCHEDULE", "lr", 0.0),
         )
+        if s.local_steps and s.lr is None:
+            raise _missing("SCHEDULE", "lr")
+        return s
 
 
 def _codec_fields(h: Mapping[str, Any], msg: str) -> dict[str, int]:

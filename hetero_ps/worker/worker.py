@@ -42,6 +42,7 @@ from hetero_ps.errors import (
 )
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
+from hetero_ps.training.trainer import inner_optimizer
 from hetero_ps.wire import codecs, transport
 from hetero_ps.wire.messages import (
     Bye,
@@ -178,6 +179,7 @@ class Worker:
         self._awaiting: int | None = None  # the parameter version that step waits for (PARAMS still to come)
         self._pulled = asyncio.Event()  # set while no parameters are awaited
         self._pulled.set()
+        self._inner: torch.optim.Optimizer | None = None  # --sync local: the inner optimizer
 
     async def run_and_rejoin(self) -> dict:
         """``run``; when the master goes away mid-job, rejoin it (with our rank) for ``reconnect_timeout``.
@@ -230,6 +232,8 @@ class Worker:
         self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         self._stepping, self._awaiting = None, None
         self._pulled.set()
+        self._inner = None
+        self._batches = 0
         self.heartbeat_s = w.heartbeat_s
         self.job = JobConfig.from_wire(w.job)
         if self.on_welcome:
@@ -581,13 +585,20 @@ class Worker:
         self._keep_feedback_exact(step, attempt)  # before any chunk is encoded (encoding moves the residuals)
         pushing = _Pushing(step, attempt, self._carry if self._carry_step == step else None)
         pusher = asyncio.ensure_future(self._push_as_ready(pushing))
-        profiled = self.profiler is not None and not self.profiler.done
-        if profiled:  # computed on this thread (below), which must not wait for parameters inside forward
+        profiled = self.profiler is not None and not self.profiler.done and not s.local_steps
+        if profiled or s.local_steps:  # computed on this thread (below) / steps every parameter: needs all of them
             await self._pulled.wait()
         held = self.arrival.expecting  # forward may be held for parameters still on the wire...
         t0 = time.perf_counter()
         try:
-            if profiled:
+            if s.local_steps:  # --sync local: a round of inner steps; pushes the parameter change
+                stats = await asyncio.to_thread(
+                    self.trainer.local_round, indices, s.local_steps, self._inner_optimizer(), float(s.lr or 0.0)
+                )
+                if stats.nonfinite:
+                    log.warning("step %d: a non-finite inner step; its round is not applied, optimizer reset", step)
+                    self._inner = None
+            elif profiled:
                 assert self.profiler is not None
                 # torch's profiler records the thread that started it: compute here for profiled steps.
                 with self.profiler.step(step):
@@ -637,7 +648,18 @@ class Worker:
         self._push_done_at = time.perf_counter()
         self.steps_done += 1
         self.samples_done += count
-        self.progress.update(step, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count)
+        # The progress clock counts global batches: a --sync local round is local_steps of them
+        # (counted from this node's first round: one joining late shows less than the master's).
+        self._batches = self._batches + s.local_steps if s.local_steps else step + 1
+        self.progress.update(
+            self._batches - 1, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count
+        )
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        """--sync local: this node's own optimizer, kept from round to round (DiLoCo's inner optimizer)."""
+        if self._inner is None:
+            self._inner = inner_optimizer(self.job, self.flat)
+        return self._inner
 
     def _arm_readiness(self, pushing: _Pushing) -> Callable[[], None]:
         """What the trainer calls before its last backward: from then on, each chunk backward finishes

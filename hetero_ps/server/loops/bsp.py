@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,12 @@ from hetero_ps.server.loops.host import LoopHost
 from hetero_ps.server.registry import WorkerHandle
 
 log = logging.getLogger("hetero_ps.server")
+
+Then = Callable[[], "tuple[int, int, int] | None"]  # the next step's (epoch, offset, total), asked for late
+
+
+def _constant(then: tuple[int, int, int] | None) -> Then:
+    return lambda: then
 
 
 @dataclass
@@ -70,7 +77,7 @@ class BSPLoop:
                 after = offset + total
                 # The next step of this epoch may be scheduled ahead, beside this one's broadcast.
                 then = (epoch, after, min(ps.job.global_batch, n - after)) if after < n else None
-                await self._step(epoch, offset, total, then if ps.step + 1 < ps.total_steps else None)
+                await self._step(epoch, offset, total, _constant(then) if ps.step + 1 < ps.total_steps else None)
                 offset = after
                 if offset < n:
                     self.position = (epoch, offset)
@@ -81,43 +88,64 @@ class BSPLoop:
             ps.update_done()  # after the epoch's evaluation was taken: a resume never repeats it
         return epoch
 
-    async def _step(self, epoch: int, offset: int, total: int, then: tuple[int, int, int] | None) -> None:
+    async def _step(self, epoch: int, offset: int, total: int, then: Then | None) -> None:
+        """One step over ``total`` samples from ``offset``; ``then()`` (after this step's reports are
+        in): the next step's ``(epoch, offset, total)`` to schedule ahead, or None."""
         ps = self.ps
         t0 = time.perf_counter()
         acc = self.accs[ps.step % 2]
         issued, self._ahead = self._ahead, None
         attempt = 0
-        while True:
-            if issued is None:
-                issued = await self._issue(ps.step, attempt, epoch, offset, total, acc)
+        try:
+            while True:
                 if issued is None:
-                    continue
-            a, workers = issued.a, issued.workers
-            try:
-                lost = [h for h in workers if not ps.is_live(h)]
-                if lost:  # lost between a schedule sent ahead and now (its push will never come)
-                    raise WorkerLost(f"{lost[0].name} left before step {a.step} began")
-                for h in issued.unsent:  # schedules not sent ahead: the parameters went first
-                    await ps.send_schedule(h, a)
-                if a.done.done():
-                    a.done.result()  # raises WorkerLost if someone left while we were sending
-                await ps.wait_done(a, stalls=True)
-                break
-            except WorkerLost as exc:
-                for h in workers:
-                    h.discarded_step = a.step  # told with its next SCHEDULE if that is for another step
-                attempt += 1
-                issued = None
-                log.warning(
-                    "step %d: %s; redoing the step with the %d remaining worker(s)",
-                    ps.step,
-                    exc,
-                    len(ps.ready_workers()),
-                )
-            finally:
-                for h in workers:
-                    h.assignment = None
+                    issued = await self._issue(ps.step, attempt, epoch, offset, total, acc)
+                    if issued is None:
+                        continue
+                a = issued.a
+                try:
+                    lost = [h for h in issued.workers if not ps.is_live(h)]
+                    if lost:  # lost between a schedule sent ahead and now (its push will never come)
+                        raise WorkerLost(f"{lost[0].name} left before step {a.step} began")
+                    for h in issued.unsent:  # schedules not sent ahead: the parameters went first
+                        await ps.send_schedule(h, a)
+                    issued.unsent = []
+                    if a.done.done():
+                        a.done.result()  # raises WorkerLost if someone left while we were sending
+                    await ps.wait_done(a, stalls=True)
+                    break
+                except WorkerLost as exc:
+                    if self._salvage(issued, exc):
+                        continue
+                    for h in issued.workers:
+                        h.discarded_step = a.step  # told with its next SCHEDULE if that is for another step
+                        h.assignment = None
+                    attempt += 1
+                    issued = None
+                    log.warning(
+                        "step %d: %s; redoing the step with the %d remaining worker(s)",
+                        ps.step,
+                        exc,
+                        len(ps.ready_workers()),
+                    )
+        finally:
+            for h in issued.workers if issued is not None else ():
+                h.assignment = None
         await self._apply(a, epoch, t0, time.perf_counter(), then)
+
+    def _salvage(self, issued: _Issued, exc: WorkerLost) -> bool:
+        """Whether the step goes on without the workers it lost (a BSP step never does: it is redone)."""
+        return False
+
+    def _split(self, live: list[WorkerHandle], total: int, step: int) -> dict[int, int]:
+        """Samples per worker (wid -> count) for a step of ``total`` samples."""
+        return self.ps.split_batch(live, total, step)
+
+    def _shape(self, a: Assignment, epoch: int, offset: int) -> None:
+        """Anything a step's assignment carries besides its slices (local steps: H and the inner LR)."""
+
+    def _after_reports(self, a: Assignment) -> None:
+        """The step's reports are in and fed to the scheduler; the next step is not issued yet."""
 
     async def _issue(
         self, step: int, attempt: int, epoch: int, offset: int, total: int, acc: torch.Tensor, ahead: bool = False
@@ -132,14 +160,15 @@ class BSPLoop:
         if not ps.ready_workers():
             log.warning("no workers left; waiting for one to join")
             await ps.wait_for_workers(1)
-        live = ps.ready_workers()
+        live = sorted(ps.ready_workers(), key=lambda h: h.rank)  # slices in rank order: reproducible
         if not live:
             return None
-        sizes = {w: b for w, b in ps.split_batch(live, total, step).items() if b}
+        sizes = {w: b for w, b in self._split(live, total, step).items() if b}
         acc.zero_()
         a = Assignment.for_sizes(
             step=step, attempt=attempt, total=total, sizes=sizes, n_chunks=ps.n_chunks, acc=acc, version=ps.version
         )
+        self._shape(a, epoch, offset)
         issued = _Issued(a, [h for h in live if h.wid in sizes])
         if not ahead:
             for h in issued.workers:
@@ -157,11 +186,9 @@ class BSPLoop:
                 await ps.send_schedule(h, a)
         return issued
 
-    async def _apply(
-        self, a: Assignment, epoch: int, t0: float, t_agg: float, then: tuple[int, int, int] | None
-    ) -> None:
+    async def _apply(self, a: Assignment, epoch: int, t0: float, t_agg: float, then: Then | None) -> None:
         ps = self.ps
-        lr = ps.lr
+        lr = a.lr if a.local_steps else ps.lr  # local steps: the inner optimizer's (the outer one's is fixed)
         t_opt = time.perf_counter()
         # Overlapped: stepped chunk by chunk beside the sends below; else all of it before them.
         applied = ps.start_update(a.acc) if ps.job.overlap else ps.apply_update(a.acc)
@@ -177,9 +204,11 @@ class BSPLoop:
             ps.emit_event("nonfinite_gradient", workers=flagged)
         ps.step_lr()  # the update read its LR when it started
         ps.feed_scheduler(a)  # and codec choice: before the next schedule, which names each worker's push codec
-        if then is not None and ps.job.overlap and ps.ready_workers():
+        self._after_reports(a)
+        nxt = then() if then is not None else None
+        if nxt is not None and ps.job.overlap and ps.ready_workers():
             # The next step's schedules go out first: its workers start while the parameters arrive.
-            self._ahead = await self._issue(a.step + 1, 0, *then, self.accs[(a.step + 1) % 2], ahead=True)
+            self._ahead = await self._issue(a.step + 1, 0, *nxt, self.accs[(a.step + 1) % 2], ahead=True)
         # To the workers of the next step: one on standby would hold up the step with a pull it does not need.
         targets = (
             self._ahead.workers if self._ahead is not None else [h for h in ps.ready_workers() if not ps.on_standby(h)]
@@ -204,6 +233,7 @@ class BSPLoop:
                 samples_per_s=a.total / step_s,
                 applied=applied,
                 staleness=0,
+                local_steps=a.local_steps,
                 server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=optimizer_s, broadcast_s=t_end - t_agg),
                 workers={
                     str(ps.rank_of(w)): WorkerTiming.from_report(
