@@ -587,7 +587,10 @@ class Worker:
         pusher = asyncio.ensure_future(self._push_as_ready(pushing))
         profiled = self.profiler is not None and not self.profiler.done and not s.local_steps
         if profiled or s.local_steps:  # computed on this thread (below) / steps every parameter: needs all of them
+            t_wait = time.perf_counter()
             await self._pulled.wait()
+            if s.local_steps:  # the pull's time, as a step's forward waiting for it counts it below
+                self._prev["pull_s"] = max(self._prev["pull_s"], time.perf_counter() - t_wait)
         held = self.arrival.expecting  # forward may be held for parameters still on the wire...
         t0 = time.perf_counter()
         try:
