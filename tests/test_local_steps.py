@@ -25,7 +25,7 @@ from hetero_ps.errors import ConfigError, RemoteProtocolError
 from hetero_ps.server.assignment import Assignment, per_step
 from hetero_ps.server.chunked_step import ChunkedStep
 from hetero_ps.server.cli import parse_local_steps
-from hetero_ps.server.loops.local_sgd import AUTO_MAX, auto_local_steps
+from hetero_ps.server.loops.local_sgd import AUTO_MAX, needed_local_steps, next_local_steps
 from hetero_ps.testing import LocalCluster
 from hetero_ps.training import data, models
 from hetero_ps.training.flat import FlatParams
@@ -149,16 +149,15 @@ def test_per_step_is_what_one_inner_step_computes():
 
 
 def test_auto_picks_the_h_that_hides_the_slowest_transfer_and_does_not_flip():
-    assert auto_local_steps(4, [(0.5, 0.1), (0.01, 0.1)]) == (50, auto_local_steps(4, [(0.5, 0.1)])[1])
-    h, why = auto_local_steps(4, [(0.5, 0.1)])
-    assert h == 50 and "0.5 s" in why
-    assert auto_local_steps(4, [(100.0, 0.1)])[0] == AUTO_MAX
-    assert auto_local_steps(8, [(0.001, 0.1)])[0] == 1  # fast links: back towards plain BSP
-    assert auto_local_steps(2, [(0.015, 0.1)]) == (2, "")  # need 2: keep
-    assert auto_local_steps(4, [(0.02, 0.1)]) == (4, "")  # need 2, not a quarter of 4: keep
-    # with an outer momentum auto keeps at least AUTO_MIN_MOMENTUM steps (few overshoot)
-    assert auto_local_steps(20, [(0.001, 0.1)], least=16)[0] == 16
-    assert auto_local_steps(16, [(0.001, 0.1)], least=16) == (16, "")
+    h, why = needed_local_steps([(0.5, 0.1), (0.01, 0.1)])
+    assert h == 50 and "a transfer of 0.5 s against 0.1 s" in why  # 0.5 s ≤ a tenth of 50 × 0.1 s
+    assert needed_local_steps([(100.0, 0.1)])[0] == AUTO_MAX
+    assert needed_local_steps([(0.001, 0.1)]) == (1, "every transfer is small against its compute")
+    assert needed_local_steps([(0.001, 0.1)], least=16)[0] == 16  # an outer momentum needs a few steps
+    assert next_local_steps(4, [50]) == 50  # up at once
+    assert next_local_steps(50, [50, 30]) == 50  # the worst recent round still counts
+    assert next_local_steps(50, [30]) == 50  # not half: keep
+    assert next_local_steps(50, [25]) == 25  # half: down
 
 
 def test_the_outer_step_is_diloco_after_adaptive_optimizers_and_averaging_after_sgd():
@@ -312,3 +311,46 @@ def test_a_worker_lost_mid_round_loses_only_its_own_samples(tmp_path):
     n = len(data.load_datasets(JobConfig(dataset="digits"))[0])
     assert sum(s["samples"] for s in records if s["epoch"] == hit["epoch"]) == n - salvaged["samples"]
     assert [e["rank"] for e in find_all(read_jsonl(events), event="round_salvaged")] == [2]
+
+
+NAN_LOSS = '''
+import os
+import torch.nn.functional as F
+
+seen = 0
+
+
+def loss(out, y):
+    """Cross-entropy; on this node's NAN_AT-th batch of NAN_SIZE samples, NaN."""
+    global seen
+    value = F.cross_entropy(out, y)
+    if len(y) == int(os.environ.get("NAN_SIZE", "0")):
+        seen += 1
+        if seen == int(os.environ["NAN_AT"]):
+            return value * float("nan")
+    return value
+'''
+
+
+@pytest.mark.slow
+def test_a_round_with_a_nan_change_is_reported_and_never_applied_and_the_next_rounds_train(tmp_path):
+    """Rank 2's third inner step of round 0 (its parts are 31 samples) goes NaN: that round is skipped
+    with a nonfinite_gradient event naming rank 2, the worker starts a fresh inner optimizer, and
+    every later round is applied."""
+    (tmp_path / "nan_loss.py").write_text(NAN_LOSS)
+    path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    args = [*LOCAL, "--worker-batch-sizes", "1:33,2:31", "--local-steps", "4", "--max-steps", "16"]
+    args += ["--loss", "nan_loss:loss", "--experiment", "nan"]
+    with LocalCluster(tmp_path, args, env={"PYTHONPATH": path}) as c:
+        c.add_worker(["--rank", "1"])
+        c.add_worker(["--rank", "2"], env=dict(c.env, NAN_SIZE="31", NAN_AT="3"))
+        assert c.wait(timeout=180) == 0, c.output("server")[-3000:]
+        exp = c.experiment_dir()
+        said = c.output("worker1")
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    assert [s["applied"] for s in steps] == [False, True, True, True]
+    nonfinite = find_all(read_jsonl(os.path.join(exp, "metrics", "events.jsonl")), event="nonfinite_gradient")
+    assert len(nonfinite) == 1 and nonfinite[0]["step"] == 0 and "rank 2" in nonfinite[0]["workers"][0]
+    assert "a non-finite inner step; its round is not applied, optimizer reset" in said
+    state = torch.load(os.path.join(exp, "model.pt"), weights_only=True)
+    assert all(bool(torch.isfinite(t).all()) for t in state.get("model", state).values())

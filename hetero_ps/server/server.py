@@ -121,11 +121,12 @@ class ParameterServer:
             policy,
             job.rebalance_interval,
             fixed_sizes=cfg.worker_batch_sizes,
-            standby=cfg.standby and job.bulk_synchronous,
+            standby=cfg.standby and job.sync == "bsp",
         )
         self.admission = Admission(self.scheduler, self.records.event, cfg.expected_workers, cfg.join_timeout)
         self.control = ControlDesk(self.admission.registry, self.records.event, cfg.worker_timeout)
         self._server: Any = None
+        self._round_transfer: dict[int, float] = {}  # wid -> its last local round's transfer (stall limits)
 
     # -- what cli.py and the views read ---------------------------------------------------------
     @property
@@ -456,8 +457,8 @@ class ParameterServer:
         for wid in a.waiting_for():
             batch, steps = per_step(a, wid)
             predicted = self.scheduler.predicted_seconds(wid, batch)
-            if predicted is not None:
-                predicted *= steps
+            if predicted is not None and a.local_steps:  # H inner steps, then the round's transfer
+                predicted = predicted * steps + self._round_transfer.get(wid, 0.0)
             if predicted is None:
                 limits[wid] = UNMEASURED_STALL * self.cfg.worker_timeout
             else:
@@ -521,8 +522,12 @@ class ParameterServer:
                 continue
             h.samples += a.sizes[wid]
             h.steps += 1
-            batch, steps = per_step(a, wid)  # a local round: the scheduler's model is of one inner step
-            self.scheduler.observe(wid, batch, (r.compute_s + r.encode_s + r.push_s + r.pull_s) / steps)
+            if a.local_steps:  # the model is of one inner step's compute; the link is paid once a round
+                batch, steps = per_step(a, wid)
+                self.scheduler.observe(wid, batch, (r.compute_s + r.encode_s) / steps)
+                self._round_transfer[wid] = r.encode_s + r.push_s + r.pull_s
+            else:
+                self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
         self._choose_codecs(a)
 
     def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
@@ -534,7 +539,8 @@ class ParameterServer:
     def _choose_codecs(self, a: Assignment) -> None:
         """--compression/--pull-compression auto: re-choose the codecs of the workers that just
         reported, against the step's compute (the slowest worker's: what everyone waits for)."""
-        compute_s = max((r.compute_s for r in a.reports.values()), default=0.0)
+        # (a local round: against one inner step's compute, as BSP would; auto's H amortizes the rest)
+        compute_s = max((r.compute_s / per_step(a, w)[1] for w, r in a.reports.items()), default=0.0)
         for wid in a.reports:
             h = self.admission.registry.workers.get(wid)
             if h is None or h.link is None:
@@ -546,7 +552,7 @@ class ParameterServer:
                 # a prediction off by more than the compute would make the worker look infinitely fast).
                 r, transfer = a.reports[wid], h.link.transfer_s(h.link.level)
                 shift = transfer - (r.push_s + r.pull_s)
-                if shift:
+                if shift and not a.local_steps:  # (local rounds keep the link out of the scheduler's model)
                     self.scheduler.shift_fixed(
                         wid,
                         shift,

@@ -17,8 +17,9 @@ worker exactly H steps of its optimizer: tests/test_local_steps.py checks both t
 
 ``--local-steps auto``: after each round, H becomes the smallest that keeps every worker's measured
 transfer (encode + push + pull) under ``AUTO_HIDE`` of its compute for the round (so a slow link
-costs at most a tenth of the round), within ``[least, AUTO_MAX]``; it drops only when a quarter (or
-the least) would do. The least is 1 with plain averaging, ``AUTO_MIN_MOMENTUM`` with an outer momentum.
+costs at most a tenth of the round), within ``[least, AUTO_MAX]``: the largest such H of the last
+``AUTO_WINDOW`` rounds (a link's transfer varies), taken when larger than the current H or at most
+half of it. The least is 1 with plain averaging, ``AUTO_MIN_MOMENTUM`` with an outer momentum.
 
 A worker lost (or stalled) before it pushed anything of its round is left out of it: the others'
 changes are re-weighted to the samples that remain and only its own slice goes untrained
@@ -32,42 +33,56 @@ the same learning rates.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
 
-from hetero_ps.server.assignment import Assignment, WorkerLost, per_step
+from hetero_ps.server.assignment import Assignment, WorkerLost
 from hetero_ps.server.loops.bsp import BSPLoop, _Issued
 from hetero_ps.server.loops.host import LoopHost
 from hetero_ps.server.registry import WorkerHandle
 from hetero_ps.server.solver import round_preserving_sum
 from hetero_ps.training import recipes
 from hetero_ps.training.optim import lr_factor
+from hetero_ps.wire.messages import StepReport
 
 log = logging.getLogger("hetero_ps.server")
 
 AUTO_START = 4  # H of the first round with --local-steps auto (a round to measure the links)...
 AUTO_HIDE = 0.1  # auto: a worker's transfer may take at most this fraction of its round's compute
 AUTO_MAX = 64  # auto: at most this many inner steps per round
+AUTO_WINDOW = 5  # auto: H hides the largest transfer of this many recent rounds
 # ...and auto's least H with an outer momentum (measured, gpt2 tiny, DiLoCo's 0.7 / 0.9: perplexity
 # 36.9 at H = 4, 32.9 at 16, BSP 35.5; at H = 1 on loopback 55.7). Plain averaging goes down to 1.
 AUTO_MIN_MOMENTUM = 16
 
 
-def auto_local_steps(current: int, transfers: list[tuple[float, float]], least: int = 1) -> tuple[int, str]:
-    """The H ``--local-steps auto`` takes after a round (at least ``least``), and why; ``transfers``:
-    each worker's (transfer seconds, compute seconds per inner step) as measured in it."""
-    need, why = least, ""
+def needed_local_steps(transfers: list[tuple[float, float]], least: int = 1) -> tuple[int, str]:
+    """The least H (within ``[least, AUTO_MAX]``) that keeps every worker's transfer under
+    ``AUTO_HIDE`` of its round's compute, and why; ``transfers``: each worker's (transfer seconds,
+    compute seconds for its share of one global batch), as measured in a round."""
+    need, why = least, "every transfer is small against its compute"
     for transfer_s, step_s in transfers:
         if step_s <= 0:
             continue
         h = math.ceil(transfer_s / (AUTO_HIDE * step_s))
         if h > need:
             need, why = h, f"a transfer of {transfer_s:.3g} s against {step_s:.3g} s of compute per inner step"
-    need = max(least, min(AUTO_MAX, need))
-    if need > current or (need <= current // 4 or need == least < current):  # (a margin: no flip-flop)
-        return need, why or "every transfer is small against its compute"
-    return current, ""
+    return max(least, min(AUTO_MAX, need)), why
+
+
+def next_local_steps(current: int, recent: list[int]) -> int:
+    """auto's H after a round: the largest need of the ``recent`` rounds (a link's measured transfer
+    varies from round to round; the worst recent one is what must hide), taken when it is larger
+    than ``current`` or at most half of it (a margin, so H does not flip between two values)."""
+    target = max(recent)
+    return target if target > current or 2 * target <= current else current
+
+
+def _transfer_s(r: StepReport) -> float:
+    """What a worker's round spent moving its change and parameters (not computing)."""
+    return r.encode_s + r.push_s + r.pull_s
 
 
 class LocalLoop(BSPLoop):
@@ -76,6 +91,7 @@ class LocalLoop(BSPLoop):
         resumed = ps.resumed_loop or {}
         self.least = 1 if recipes.outer_step(ps.job)[1] == 0 else AUTO_MIN_MOMENTUM  # auto's least H
         self.local_steps = ps.job.local_steps or int(resumed.get("local_steps", max(AUTO_START, self.least)))
+        self.recent_needs: collections.deque[int] = collections.deque(maxlen=AUTO_WINDOW)  # auto: measured needs
         self.inner_lr = lr_factor(ps.job, ps.total_steps)  # × job.lr, of the round's first global batch
         self.steps_per_epoch = math.ceil(ps.train_samples / ps.job.global_batch)
 
@@ -126,14 +142,23 @@ class LocalLoop(BSPLoop):
         a.lr = float(self.ps.job.lr or 0.0) * self.inner_lr(self._batches(epoch, offset))
 
     def _after_reports(self, a: Assignment) -> None:
+        """``--local-steps auto``: the next rounds' H, from each worker's transfer against its compute
+        for its share of one global batch (a round at an epoch's end is shorter, not faster)."""
         if self.ps.job.local_steps:
             return
-        transfers = [(r.encode_s + r.push_s + r.pull_s, r.compute_s / per_step(a, w)[1]) for w, r in a.reports.items()]
-        h, why = auto_local_steps(self.local_steps, transfers, self.least)
-        if h != self.local_steps:
-            log.info("--local-steps auto: %d inner steps per round from now on (was %d): %s", h, self.local_steps, why)
-            self.ps.emit_event("local_steps", local_steps=h, previous=self.local_steps, reason=why)
-            self.local_steps = h
+        b = self.ps.job.global_batch
+        need, why = needed_local_steps(
+            [(_transfer_s(r), r.compute_s * b / a.total) for r in a.reports.values()], self.least
+        )
+        self.recent_needs.append(need)
+        h = next_local_steps(self.local_steps, list(self.recent_needs))
+        if h == self.local_steps:
+            return
+        if need != h:
+            why = f"the largest need of the last {len(self.recent_needs)} rounds"
+        log.info("--local-steps auto: %d inner steps per round from now on (was %d): %s", h, self.local_steps, why)
+        self.ps.emit_event("local_steps", local_steps=h, previous=self.local_steps, reason=why)
+        self.local_steps = h
 
     def _salvage(self, issued: _Issued, exc: WorkerLost) -> bool:
         """Go on without the workers that left before pushing any of their round (their samples are
