@@ -145,6 +145,7 @@ def test_a_worker_whose_link_would_slow_every_step_stands_by_and_the_others_trai
     args = ["--world-size", "4", "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits"]
     args += ["--epochs", "50", "--max-steps", "14", "--global-batch-size", "64", "--no-dashboard"]
     args += ["--experiment", "standby", "--enable-load-balancing", "--load-balance-policy", "dynamic"]
+    args += ["--standby-role", "idle"]  # (its local rounds: tests/test_local_steps.py)
     workers = [["--rank", str(r), "--torch-threads", "1"] for r in (1, 2, 3)]
     workers[2] += ["--simulate-bandwidth", "3"]  # 3 Mbit/s: the 600 KB model takes ~1.6 s each way
     with LocalCluster(tmp_path, args, workers=workers) as c:

@@ -354,3 +354,32 @@ def test_a_round_with_a_nan_change_is_reported_and_never_applied_and_the_next_ro
     assert "a non-finite inner step; its round is not applied, optimizer reset" in said
     state = torch.load(os.path.join(exp, "model.pt"), weights_only=True)
     assert all(bool(torch.isfinite(t).all()) for t in state.get("model", state).values())
+
+
+@pytest.mark.slow
+def test_a_standby_worker_runs_local_rounds_whose_changes_join_the_bsp_updates(tmp_path):
+    """BSP, rank 3 behind a 10 Mbit/s pacer: it stands by, and instead of idling runs rounds of
+    inner steps on slices of its own; each round's change is applied with a later update (weight
+    ≤ 1 by its staleness), its samples count in that step, and every sample is trained once an epoch."""
+    args = ["--world-size", "4", "--no-local-worker", "--model", "simple_cnn", "--dataset", "synthetic_image"]
+    args += ["--lr", "0.01", "--epochs", "2", "--global-batch-size", "64", "--no-dashboard", "--eval-samples", "500"]
+    args += ["--experiment", "role", "--enable-load-balancing", "--load-balance-policy", "dynamic"]
+    workers = [["--rank", str(r), "--torch-threads", "1"] for r in (1, 2, 3)]
+    workers[2] += ["--simulate-bandwidth", "10"]  # 750 KB each way: ~0.6 s, against a ~0.15 s step
+    with LocalCluster(tmp_path, args, workers=workers) as c:
+        assert c.wait(timeout=600) == 0, c.output("server")[-3000:]
+        exp = c.experiment_dir()
+    events = read_jsonl(os.path.join(exp, "metrics", "events.jsonl"))
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    assert find(events, event="worker_role", rank=3, role="standby")
+    rounds = find_all(events, event="local_round", rank=3)
+    assert rounds and all(r["outcome"] == "applied" and 0 < r["weight"] <= 1 for r in rounds), rounds
+    with_rounds = [s for s in steps if "3" in s["workers"] and s["workers"]["3"]["local_steps"]]
+    assert len(with_rounds) == len(rounds)
+    for s in steps:
+        assert s["samples"] == sum(w["batch"] for w in s["workers"].values())
+    n = len(data.load_datasets(JobConfig(dataset="synthetic_image"))[0])
+    for epoch in (0, 1):
+        assert sum(s["samples"] for s in steps if s["epoch"] == epoch) == n
+    epochs = read_jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))
+    assert epochs[-1]["eval_accuracy"] > 0.9, epochs

@@ -39,6 +39,7 @@ BSP_STEP_KEYS = {
     "samples_per_s",
     "applied",
     "staleness",
+    "local_steps",
     "server",
     "workers",
 }
@@ -55,6 +56,7 @@ WORKER_KEYS = {
     "bytes_in",
     "early_chunks",
     "scheduled_ahead",
+    "local_steps",
 }
 
 

@@ -49,16 +49,28 @@ class WorkerTiming:
         "its SCHEDULE went out before the parameters it computed on (BSP with overlap): it started while they arrived",
         default=False,
     )
+    local_steps: int = doc(
+        "its part was a round of this many inner steps whose parameter change this update applied (`--sync local`, "
+        "or a BSP worker on standby with `--standby-role local`); 0: a gradient",
+        default=0,
+    )
 
     @classmethod
     def from_report(
-        cls, batch: int, report: Mapping[str, Any], early_chunks: int = 0, scheduled_ahead: bool = False
+        cls,
+        batch: int,
+        report: Mapping[str, Any],
+        early_chunks: int = 0,
+        scheduled_ahead: bool = False,
+        local_steps: int = 0,
     ) -> WorkerTiming:
         """From the ``report`` of the worker's METRICS frame; absent or non-numeric fields count as 0."""
-        own = ("batch", "early_chunks", "scheduled_ahead")
+        own = ("batch", "early_chunks", "scheduled_ahead", "local_steps")
         names = [f.name for f in dataclasses.fields(cls) if f.name not in own]
         timings: dict[str, Any] = {k: _float(report, k) for k in names}
-        return cls(batch=batch, early_chunks=early_chunks, scheduled_ahead=scheduled_ahead, **timings)
+        return cls(
+            batch=batch, early_chunks=early_chunks, scheduled_ahead=scheduled_ahead, local_steps=local_steps, **timings
+        )
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,9 @@ EVENT_KINDS: dict[str, str] = {
     "diverged": "`loss`, `lr`, `message`: the loss became non-finite or exploded; the run stops",
     "local_steps": "`local_steps` (H), `previous`, `reason`: `--sync local --local-steps auto` changed the inner "
     "steps per round (the slowest worker's measured transfer against its compute per inner step)",
+    "local_round": "`rank`, `samples`, `local_steps`, `staleness` (updates since its parameters), `weight`, `outcome` "
+    "(`applied`, `lost`, `nonfinite`): `--standby-role local`: a BSP worker on standby ran a round of inner steps on "
+    "its own slice; its change was applied, scaled by `weight` (the staleness scaling of staleness / H), or dropped",
     "round_salvaged": "`rank`, `reason`, `samples`: `--sync local`: that worker was lost before pushing its "
     "round; the round goes on with the others' work, re-weighted, and only its samples are lost",
 }

@@ -301,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="standby",
         action="store_false",
         help="BSP with dynamic balancing: give every worker a share of every step, even one whose link makes "
-        "every step longer (by default such a worker stands by, probed now and then)",
+        "every step longer (by default such a worker stands by)",
+    )
+    g.add_argument(
+        "--standby-role",
+        choices=("local", "idle"),
+        default="local",
+        help="what a worker on standby does: local (default) rounds of inner steps on its own slice, whose "
+        "parameter change joins a later update; idle: nothing but a probe step now and then",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -510,6 +517,7 @@ async def run(a: argparse.Namespace) -> dict:
         stall_factor=a.stall_factor,
         stall_floor_s=a.stall_floor,
         standby=a.standby,
+        standby_role=a.standby_role,
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
         tls=server_tls,

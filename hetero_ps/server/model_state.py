@@ -21,7 +21,7 @@ from hetero_ps.config import JobConfig
 from hetero_ps.errors import ConfigError, RemoteError
 from hetero_ps.server import codec_choice, pull_delta
 from hetero_ps.server.chunked_step import ChunkedStep
-from hetero_ps.server.streamed_update import StreamedUpdate
+from hetero_ps.server.streamed_update import Changes, StreamedUpdate, subtract_changes
 from hetero_ps.training import models, optim
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.wire import codecs, protocol
@@ -90,23 +90,30 @@ class ModelState:
         decoder = self._codecs(self._decoders, codec)[chunk]
         decoder.decode_accumulate(acc[off : off + n], push.codec_header(), segments, weight)
 
-    def apply(self, grad: torch.Tensor) -> bool:
-        """One optimizer update with ``grad``, all of it now; skipped (False) if it holds NaN/Inf."""
+    def apply(self, grad: torch.Tensor, changes: Changes = ()) -> bool:
+        """One optimizer update with ``grad``, all of it now, then ``θ −= w·Δ`` for each of ``changes``
+        (finite: the caller checked); skipped (False) if ``grad`` holds NaN/Inf."""
         if not optim.all_finite(grad):
             return False
         self.stepper.step(grad.numpy())
+        subtract_changes(self.flat.params.detach().numpy(), changes)
         self.version += 1
         return True
 
-    def start_update(self, grad: torch.Tensor) -> bool:
-        """Begin one update with ``grad``, stepped chunk by chunk on a thread (``chunk_ready``,
-        ``update_finished``); skipped (False) if it holds NaN/Inf. ``grad`` must stay untouched until
-        ``update_finished``."""
+    def start_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool:
+        """Begin one update with ``grad`` and ``changes`` (as ``apply``), stepped chunk by chunk on a
+        thread (``chunk_ready``, ``update_finished``); skipped (False) if ``grad`` holds NaN/Inf.
+        ``grad`` and the changes must stay untouched until ``update_finished``."""
         if not optim.all_finite(grad):
             return False
-        self.update = StreamedUpdate(self.stepper, self.chunks, grad)
+        self.update = StreamedUpdate(self.stepper, self.chunks, grad, changes)
         self.version += 1
         return True
+
+    def apply_changes(self, changes: Changes) -> None:
+        """``θ −= w·Δ`` for each change, as an update of its own (a new version, no optimizer step)."""
+        subtract_changes(self.flat.params.detach().numpy(), changes)
+        self.version += 1
 
     async def chunk_ready(self, i: int) -> None:
         """Chunk ``i`` holds the current version's parameters (at once unless an update is being stepped)."""

@@ -290,6 +290,7 @@ class Scheduler:
         self.allow_standby = standby
         self.standby: dict[int, int] = {}
         self._probing: set[int] = set()  # standby workers given a probe step by the current split
+        self.busy: set[int] = set()  # standby workers running a local round: measured by it, never probed
 
     # -- membership -------------------------------------------------------------------------
     def add_worker(
@@ -339,6 +340,7 @@ class Scheduler:
         self._ranks.pop(wid, None)
         self.standby.pop(wid, None)
         self._probing.discard(wid)
+        self.busy.discard(wid)
         self.sizes = {}
 
     def predicted_seconds(self, wid: int, batch: int) -> float | None:
@@ -348,6 +350,15 @@ class Scheduler:
         if m is None or m.rate <= 0 or len(m.observations) < 2:
             return None
         return m.predict(batch)
+
+    def predicted_step_s(self) -> float | None:
+        """The current split's predicted BSP step (its workers with a share), or None before every
+        one of them is measured."""
+        active = [w for w, b in self.sizes.items() if b > 0 and w in self.models]
+        ms = [self.models[w] for w in active]
+        if not ms or any(m.rate <= 0 for m in ms):
+            return None
+        return predicted_step_time([m.fixed for m in ms], [m.rate for m in ms], [self.sizes[w] for w in active])
 
     def shift_fixed(self, wid: int, delta_s: float, why: str, **floor: float) -> None:
         """``wid``'s fixed cost per step changed by a known ``delta_s`` (see ``WorkerModel.shift_fixed``)."""
@@ -442,7 +453,7 @@ class Scheduler:
         smallest = self._bounds(wids)[0][0]
         due = []
         for w in wids:
-            if w not in self.standby:
+            if w not in self.standby or w in self.busy:
                 continue
             extra = max(0.0, self.models[w].predict(smallest) - t_active)
             gap = max(PROBE_MIN_STEPS, math.ceil(extra / (PROBE_COST * t_active)))

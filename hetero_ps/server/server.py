@@ -45,11 +45,12 @@ from hetero_ps.server.divergence import DEFAULT_FACTOR, DivergenceWatch
 from hetero_ps.server.evaluation import Evaluator, Score, Snapshot
 from hetero_ps.server.loops.async_sgd import AsyncLoop
 from hetero_ps.server.loops.bsp import BSPLoop
-from hetero_ps.server.loops.local_sgd import LocalLoop
+from hetero_ps.server.loops.local_sgd import LocalLoop, needed_local_steps
 from hetero_ps.server.model_state import ModelState
 from hetero_ps.server.registry import WorkerHandle
 from hetero_ps.server.run_records import RunRecords
 from hetero_ps.server.scheduler import Decision, Scheduler
+from hetero_ps.server.streamed_update import Changes
 from hetero_ps.training import data, recipes
 from hetero_ps.wire import transport
 from hetero_ps.wire.messages import Bye, ControlWelcome, Heartbeat, Hello, Metrics, Push, Schedule, Welcome
@@ -77,7 +78,8 @@ class ServerConfig:
     divergence_factor: float = DEFAULT_FACTOR  # stop when the loss exceeds this × its start (0: never)
     stall_factor: float = 4.0  # BSP: a worker past this × its predicted step time...
     stall_floor_s: float = 2.0  # ...and past this many seconds is suspended; its samples go to the others
-    standby: bool = True  # BSP: a worker that would only lengthen every step sits it out (scheduler.py)
+    standby: bool = True  # BSP: a worker that would only lengthen every step sits it out (scheduler.py)...
+    standby_role: str = "local"  # ...and runs local rounds on its own slice ("local") or waits ("idle")
     checkpoint_every_steps: int = 0  # BSP: write experiments/NAME/checkpoint.pt every N steps (0: not by steps)...
     checkpoint_every_s: float = 0.0  # ...or when this many seconds have passed since the last one (0: not by time)
     tls: ssl.SSLContext | None = field(default=None, compare=False)  # wire.tls.server_context: every connection is TLS
@@ -500,13 +502,41 @@ class ParameterServer:
                         now - h.activity_since,
                     )
 
-    def apply_update(self, grad: torch.Tensor) -> bool:
+    def apply_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool:
         self._at_boundary = False
-        return self.state.apply(grad)
+        return self.state.apply(grad, changes)
 
-    def start_update(self, grad: torch.Tensor) -> bool:
+    def start_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool:
         self._at_boundary = False
-        return self.state.start_update(grad)
+        return self.state.start_update(grad, changes)
+
+    def apply_changes(self, changes: Changes) -> None:
+        self._at_boundary = False
+        self.state.apply_changes(changes)
+
+    @property
+    def standby_rounds(self) -> bool:
+        return self.cfg.standby_role == "local" and self.scheduler.allow_standby
+
+    def predicted_step_s(self) -> float | None:
+        return self.scheduler.predicted_step_s()
+
+    def round_for(self, h: WorkerHandle) -> tuple[int, int, float, float] | None:
+        """A standby worker's local round from its measured model: its batch per inner step (an equal
+        share of B), the H that keeps its fixed cost (its link) under a tenth of the round's compute,
+        the seconds of one inner step and of that fixed cost; None while it is not measured."""
+        m = self.scheduler.models.get(h.wid)
+        # Its compute rate: the join probe's (its BSP steps, at a share or two, cannot tell its rate
+        # from its link's cost), else the fitted one.
+        rate = m.rate_hint or m.rate if m is not None else 0.0
+        if m is None or rate <= 0 or m.fixed <= 0:
+            return None
+        batch = max(1, self.job.global_batch // len(self.ready_workers()))  # an equal share of B
+        steps, _ = needed_local_steps([(m.fixed, batch / rate)])
+        return batch, steps, batch / rate, m.fixed
+
+    def set_busy(self, wid: int, busy: bool) -> None:
+        (self.scheduler.busy.add if busy else self.scheduler.busy.discard)(wid)
 
     async def update_finished(self) -> float:
         return await self.state.update_finished()
@@ -522,10 +552,14 @@ class ParameterServer:
                 continue
             h.samples += a.sizes[wid]
             h.steps += 1
-            if a.local_steps:  # the model is of one inner step's compute; the link is paid once a round
+            transfer = r.encode_s + r.push_s + r.pull_s
+            if a.local_steps and self.job.sync == "local":  # one inner step's compute; the link is paid once a round
                 batch, steps = per_step(a, wid)
                 self.scheduler.observe(wid, batch, (r.compute_s + r.encode_s) / steps)
-                self._round_transfer[wid] = r.encode_s + r.push_s + r.pull_s
+                self._round_transfer[wid] = transfer
+            elif a.local_steps:  # a standby worker's round: what a BSP step of its would take (its link every step)
+                batch, steps = per_step(a, wid)
+                self.scheduler.observe(wid, batch, r.compute_s / steps + transfer)
             else:
                 self.scheduler.observe(wid, a.sizes[wid], r.compute_s + r.encode_s + r.push_s + r.pull_s)
         self._choose_codecs(a)

@@ -4,21 +4,26 @@ BSP's update is the master's serial stretch: every worker waits from its push un
 parameters arrive. Stepping the chunks in order on another thread (the kernels release the GIL) and
 sending chunk *i* to every worker as soon as it is stepped overlaps the optimizer with the broadcast,
 so that stretch costs about the longer of the two instead of their sum. The parameters of a chunk
-are final when its future resolves; nothing reads a chunk before that.
+are final when its future resolves; nothing reads a chunk before that. Parameter changes from
+local rounds (``changes``) are subtracted from each chunk right after it is stepped, in the same version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hetero_ps.server.chunked_step import ChunkedStep
 
+Changes = Sequence[tuple[np.ndarray, float]]  # (a parameter change Δ, its weight w): θ ← θ − w·Δ, after the step
+
 
 class StreamedUpdate:
-    def __init__(self, stepper: ChunkedStep, chunks: list[tuple[int, int]], grad: torch.Tensor):
+    def __init__(self, stepper: ChunkedStep, chunks: list[tuple[int, int]], grad: torch.Tensor, changes: Changes = ()):
         loop = asyncio.get_running_loop()
         self._ready = [loop.create_future() for _ in chunks]
         self.seconds = 0.0  # the stepping thread's time (the optimizer's share of the update)
@@ -29,6 +34,7 @@ class StreamedUpdate:
             t0 = time.perf_counter()
             for fut, (off, n) in zip(self._ready, chunks):
                 plan.chunk(off, n, grad_np[off : off + n])
+                subtract_changes(plan.param[off : off + n], changes, off)
                 loop.call_soon_threadsafe(_resolve, fut)
             plan.finish()
             self.seconds = time.perf_counter() - t0
@@ -44,6 +50,12 @@ class StreamedUpdate:
 
     async def finished(self) -> None:
         await self._task
+
+
+def subtract_changes(param: np.ndarray, changes: Changes, off: int = 0) -> None:
+    """``param -= w · Δ[off : off + len(param)]`` for each change (a standby worker's local round)."""
+    for delta, weight in changes:
+        param -= np.float32(weight) * delta[off : off + len(param)]
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -35,6 +35,7 @@ import torch
 from hetero_ps.observe.records import ServerTiming, StepRecord, WorkerTiming
 from hetero_ps.server.assignment import Assignment, WorkerLost
 from hetero_ps.server.loops.host import LoopHost
+from hetero_ps.server.loops.standby_rounds import Applied, StandbyRounds
 from hetero_ps.server.registry import WorkerHandle
 
 log = logging.getLogger("hetero_ps.server")
@@ -63,6 +64,7 @@ class BSPLoop:
         resumed = ps.resumed_loop or {}
         self.position = (int(resumed.get("epoch", 0)), int(resumed.get("offset", 0)))  # of the next step
         self._ahead: _Issued | None = None  # the next step, scheduled before the last update's broadcast
+        self.rounds = StandbyRounds(ps)  # standby workers' local rounds (standby_rounds.py)
 
     def checkpoint_state(self) -> dict[str, int]:
         return {"epoch": self.position[0], "offset": self.position[1]}
@@ -73,15 +75,21 @@ class BSPLoop:
         epoch, offset = self.position
         while ps.step < ps.total_steps:
             while offset < n and ps.step < ps.total_steps:
+                if self._ahead is None:  # (a step scheduled ahead holds the samples from here)
+                    offset = await self.rounds.give(epoch, offset)
                 total = min(ps.job.global_batch, n - offset)
                 after = offset + total
-                # The next step of this epoch may be scheduled ahead, beside this one's broadcast.
+                # The next step of this epoch may be scheduled ahead, beside this one's broadcast,
+                # unless a standby worker's round is to be given there first.
                 then = (epoch, after, min(ps.job.global_batch, n - after)) if after < n else None
+                if then is not None and self.rounds.plans(epoch, after):
+                    then = None
                 await self._step(epoch, offset, total, _constant(then) if ps.step + 1 < ps.total_steps else None)
                 offset = after
                 if offset < n:
                     self.position = (epoch, offset)
                     ps.update_done()
+            await self._finish_rounds(epoch)  # the epoch's evaluation sees all of its samples
             ps.end_epoch(epoch)
             epoch, offset = epoch + 1, 0
             self.position = (epoch, 0)
@@ -160,7 +168,10 @@ class BSPLoop:
         if not ps.ready_workers():
             log.warning("no workers left; waiting for one to join")
             await ps.wait_for_workers(1)
-        live = sorted(ps.ready_workers(), key=lambda h: h.rank)  # slices in rank order: reproducible
+        if not self.rounds.free(ps.ready_workers()):  # only workers on a local round are left
+            await self.rounds.wait_all()
+        # Slices in rank order (reproducible); a worker on a local round has its own samples already.
+        live = sorted(self.rounds.free(ps.ready_workers()), key=lambda h: h.rank)
         if not live:
             return None
         sizes = {w: b for w, b in self._split(live, total, step).items() if b}
@@ -189,9 +200,13 @@ class BSPLoop:
     async def _apply(self, a: Assignment, epoch: int, t0: float, t_agg: float, then: Then | None) -> None:
         ps = self.ps
         lr = a.lr if a.local_steps else ps.lr  # local steps: the inner optimizer's (the outer one's is fixed)
+        rounds = self.rounds.take_done()  # standby workers' rounds that are in: applied with this step
+        changes = StandbyRounds.changes(rounds)
         t_opt = time.perf_counter()
         # Overlapped: stepped chunk by chunk beside the sends below; else all of it before them.
-        applied = ps.start_update(a.acc) if ps.job.overlap else ps.apply_update(a.acc)
+        applied = ps.start_update(a.acc, changes) if ps.job.overlap else ps.apply_update(a.acc, changes)
+        if not applied and changes:
+            ps.apply_changes(changes)  # the step's gradient was not finite; the rounds' changes are
         optimizer_s = time.perf_counter() - t_opt
         if not applied:
             names = {h.wid: h.name for h in ps.ready_workers()}
@@ -204,6 +219,8 @@ class BSPLoop:
             ps.emit_event("nonfinite_gradient", workers=flagged)
         ps.step_lr()  # the update read its LR when it started
         ps.feed_scheduler(a)  # and codec choice: before the next schedule, which names each worker's push codec
+        for x in rounds:
+            ps.feed_scheduler(x.round.a)
         self._after_reports(a)
         nxt = then() if then is not None else None
         if nxt is not None and ps.job.overlap and ps.ready_workers():
@@ -220,6 +237,13 @@ class BSPLoop:
         t_end = time.perf_counter()
         step_s = t_end - t0
         loss = sum(r.loss * a.sizes[w] for w, r in a.reports.items()) / max(1, a.total)
+        workers = {
+            str(ps.rank_of(w)): WorkerTiming.from_report(
+                a.sizes[w], r.to_map(), a.early.get(w, 0), w in a.ahead, a.local_steps
+            )
+            for w, r in a.reports.items()
+        }
+        samples = a.total + sum(x.round.a.total for x in rounds)  # the rounds' samples entered this update
         ps.record_step(
             StepRecord(
                 step=a.step,
@@ -228,18 +252,56 @@ class BSPLoop:
                 loss=loss,
                 lr=lr,
                 version=ps.version,
-                samples=a.total,
+                samples=samples,
                 step_s=step_s,
-                samples_per_s=a.total / step_s,
+                samples_per_s=samples / step_s,
                 applied=applied,
                 staleness=0,
                 local_steps=a.local_steps,
                 server=ServerTiming(aggregate_s=t_agg - t0, optimizer_s=optimizer_s, broadcast_s=t_end - t_agg),
-                workers={
-                    str(ps.rank_of(w)): WorkerTiming.from_report(
-                        a.sizes[w], r.to_map(), a.early.get(w, 0), w in a.ahead
-                    )
-                    for w, r in a.reports.items()
-                },
+                workers={**workers, **self._round_timings(rounds)},
+            )
+        )
+
+    def _round_timings(self, rounds: list[Applied]) -> dict[str, WorkerTiming]:
+        return {
+            str(self.ps.rank_of(x.round.h.wid)): WorkerTiming.from_report(
+                x.round.a.total, x.round.a.reports[x.round.h.wid].to_map(), local_steps=x.round.a.local_steps
+            )
+            for x in rounds
+        }
+
+    async def _finish_rounds(self, epoch: int) -> None:
+        """Wait for the standby workers' rounds still out and apply them as an update of their own
+        (recorded as a step of their samples): the epoch ends with all of its samples trained."""
+        ps = self.ps
+        if not self.rounds.out:
+            return
+        t0 = time.perf_counter()
+        await self.rounds.wait_all()
+        rounds = self.rounds.take_done()
+        if not rounds:
+            return
+        ps.apply_changes(StandbyRounds.changes(rounds))
+        for x in rounds:
+            ps.feed_scheduler(x.round.a)
+        samples = sum(x.round.a.total for x in rounds)
+        step_s = max(1e-9, time.perf_counter() - t0)
+        reports = [(x.round.a.reports[x.round.h.wid], x.round.a.total) for x in rounds]
+        ps.record_step(
+            StepRecord(
+                step=ps.step,
+                epoch=epoch,
+                attempts=1,
+                loss=sum(r.loss * n for r, n in reports) / samples,
+                lr=ps.lr,
+                version=ps.version,
+                samples=samples,
+                step_s=step_s,
+                samples_per_s=samples / step_s,
+                applied=True,
+                staleness=max(x.staleness for x in rounds),
+                server=ServerTiming(aggregate_s=step_s, optimizer_s=0.0, broadcast_s=0.0),
+                workers=self._round_timings(rounds),
             )
         )

@@ -17,6 +17,7 @@ from hetero_ps.config import JobConfig
 from hetero_ps.observe.records import StepRecord
 from hetero_ps.server.assignment import Assignment
 from hetero_ps.server.registry import WorkerHandle
+from hetero_ps.server.streamed_update import Changes
 
 
 class LoopHost(Protocol):
@@ -46,6 +47,11 @@ class LoopHost(Protocol):
     def ready_workers(self) -> list[WorkerHandle]: ...
     def is_live(self, h: WorkerHandle) -> bool: ...
     def on_standby(self, h: WorkerHandle) -> bool: ...  # BSP: kept out of the steps by the scheduler
+    @property
+    def standby_rounds(self) -> bool: ...  # standby workers run local rounds (--standby-role local)
+    def round_for(self, h: WorkerHandle) -> tuple[int, int, float, float] | None: ...  # (b, H, step_s, transfer_s)
+    def predicted_step_s(self) -> float | None: ...  # the current split's predicted step
+    def set_busy(self, wid: int, busy: bool) -> None: ...  # on a local round: the scheduler does not probe it
     def rank_of(self, wid: int) -> int: ...
     async def wait_for_workers(self, n: int) -> None: ...
     def next_membership_change(self) -> asyncio.Task[Any]: ...
@@ -61,8 +67,10 @@ class LoopHost(Protocol):
     async def send_params(self, h: WorkerHandle) -> bool: ...  # False: lost on the way
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool: ...
     async def wait_done(self, a: Assignment, stalls: bool = False) -> None: ...  # raises WorkerLost (stalls: BSP)
-    def apply_update(self, grad: torch.Tensor) -> bool: ...  # False: non-finite, skipped
-    def start_update(self, grad: torch.Tensor) -> bool: ...  # the same, stepped beside the next send_params
+    # ``changes``: (Δ, w) of standby workers' local rounds, applied as θ −= w·Δ after the step
+    def apply_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool: ...  # False: non-finite, skipped
+    def start_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool: ...  # stepped beside send_params
+    def apply_changes(self, changes: Changes) -> None: ...  # only local rounds' changes: an update of their own
     async def update_finished(self) -> float: ...  # waits for start_update's stepping; its seconds
     def step_lr(self) -> None: ...
     def feed_scheduler(self, a: Assignment) -> None: ...  # measured times -> the model (and auto's codecs)
