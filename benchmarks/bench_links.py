@@ -17,8 +17,8 @@ balancing, one torch thread per worker. For each link rate and codec pair (push/
 Throughput is training samples/s over the steps after the first ``WARM`` (Σ samples / Σ step_s;
 ``auto`` rows skip ``WARM_AUTO``: its first three steps measure the link, and the scheduler settles
 the split, or puts a worker on standby, over the few after the switch; ``local steps`` rows,
-``--sync local`` with auto H and auto codecs, skip their first round, which measures the links, and
-run ``LOCAL_BATCHES`` global batches);
+``--sync local`` with auto H and auto codecs, skip their first two rounds, which measure the links,
+and run ``LOCAL_BATCHES`` global batches);
 bytes per step are the link worker's mean pushed and pulled bytes. Accuracy after a fixed sample
 budget does not depend on the link in BSP (the same samples, the same weighted sum), only on the
 codecs, so it is measured on loopback with two workers, ``ACC_EPOCHS`` epochs per codec pair: the
@@ -71,6 +71,7 @@ if FULL:
         CODECS = {k: v for k, v in CODECS.items() if k in os.environ["HETERO_PS_LINK_CODECS"].split(",")}
     WARM, MEASURED = 4, 8
     WARM_AUTO = 8  # auto measures the link in its first three steps, moves, and the split settles
+    MEASURED_AUTO = 120  # a worker on standby runs rounds of up to 64 steps: a window of several
     ACC_EPOCHS = 3
     ACC_LINK = 100.0  # Mbit/s: the second worker's link in the local-steps accuracy runs
 else:
@@ -82,12 +83,13 @@ else:
         "local steps": ("none", "none", "--sync", "local", "--local-steps", "2"),
     }
     WARM, MEASURED = 1, 3
-    WARM_AUTO = WARM
+    WARM_AUTO, MEASURED_AUTO = WARM, MEASURED
     ACC_EPOCHS = 0
     ACC_LINK = 0.0
 GLOBAL_BATCH = 64
-# --sync local rows: global batches per run (auto's first round of 4, then rounds of up to 64)
-LOCAL_BATCHES = 4 + 3 * 64 if FULL else 8
+# --sync local rows: global batches per run (auto's first round of 4, then rounds of up to 64, cut
+# at each epoch's end: 78 batches of synthetic_image)
+LOCAL_BATCHES = 5 * 78 if FULL else 8
 # A fixed codec pair whose push + pull alone takes longer than this per step is not run at that rate
 # (none at 20 Mbit/s: 34 s a step, 20 minutes for its three scenarios); auto is always run.
 MAX_TRANSFER_S = 8.0
@@ -137,9 +139,9 @@ def _run(tmp_path, label: str, codec: tuple[str, str], workers: list, epochs: in
     args = [*job, "--host", "0.0.0.0", "--world-size", str(len(workers) + 1), "--no-local-worker"]
     args += ["--compression", codec[0], "--pull-compression", codec[1], *codec[2:], "--experiment", "links"]
     warm = WARM_AUTO if "auto" in codec else WARM
-    batches = warm + MEASURED
-    if "local" in codec:  # a step is a round of H global batches: one round measures, then MEASURED rounds
-        warm, batches = 1, LOCAL_BATCHES
+    batches = warm + (MEASURED_AUTO if "auto" in codec else MEASURED)
+    if "local" in codec:  # a step is a round of H global batches: two rounds measure (auto H, auto codecs)
+        warm, batches = 2, LOCAL_BATCHES
     args += ["--epochs", str(epochs)] if epochs else ["--epochs", "50", "--max-steps", str(batches)]
     paced = []
     with LocalCluster(d, args) as c:

@@ -383,3 +383,33 @@ def test_a_standby_worker_runs_local_rounds_whose_changes_join_the_bsp_updates(t
         assert sum(s["samples"] for s in steps if s["epoch"] == epoch) == n
     epochs = read_jsonl(os.path.join(exp, "metrics", "epochs.jsonl"))
     assert epochs[-1]["eval_accuracy"] > 0.9, epochs
+
+
+@pytest.mark.slow
+def test_a_standby_worker_lost_mid_round_loses_only_that_round(tmp_path):
+    args = ["--world-size", "4", "--no-local-worker", "--model", "simple_cnn", "--dataset", "synthetic_image"]
+    args += ["--lr", "0.01", "--epochs", "30", "--global-batch-size", "64", "--no-dashboard", "--eval-samples", "200"]
+    args += ["--experiment", "gone", "--enable-load-balancing", "--load-balance-policy", "dynamic"]
+    workers = [["--rank", str(r), "--torch-threads", "1"] for r in (1, 2, 3)]
+    workers[2] += ["--simulate-bandwidth", "10"]
+    with LocalCluster(tmp_path, args, workers=workers) as c:
+        steps, events = metrics_path(tmp_path, "gone", "steps"), metrics_path(tmp_path, "gone", "events")
+        alive = lambda: still_running(c.server, lambda: c.output("server"))  # noqa: E731
+        wait_until(lambda: alive() and "(standby): a local round of" in c.output("server"), 240, what="a round")
+        os.killpg(c.workers[2].pid, signal.SIGKILL)  # mid-round: it computes for seconds
+        lost = wait_until(
+            lambda: alive() and find(read_jsonl(events, missing_ok=True), event="local_round", rank=3),
+            timeout=120,
+            what="rank 3's round ended",
+        )
+        at = wait_until(  # the step the round was lost in (recorded once it ends)
+            lambda: alive() and find(read_jsonl(steps), step=lost["step"]), 120, what="that step's record"
+        )
+        wait_until(  # its epoch is over: the next one has begun
+            lambda: alive() and any(s["epoch"] > at["epoch"] for s in read_jsonl(steps)), 240, what="its epoch's end"
+        )
+        records = read_jsonl(steps)
+    assert lost["outcome"] == "lost" and lost["samples"] > 0
+    n = len(data.load_datasets(JobConfig(dataset="synthetic_image"))[0])
+    assert sum(s["samples"] for s in records if s["epoch"] == at["epoch"]) == n - lost["samples"]
+    assert all("3" not in s["workers"] for s in records if s["step"] >= lost["step"])

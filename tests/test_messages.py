@@ -95,6 +95,8 @@ SAMPLES = {
             "compression": "topk:0.01",
             "discarded": 5,
             "ahead": True,
+            "local_steps": 16,
+            "lr": 0.01,
         },
     ),
     "PUSH": (
@@ -193,7 +195,7 @@ def test_a_field_of_the_wrong_type_is_named(cls, header):
             cls.from_header({**header, key: wrong})
 
 
-NEEDED_WITH = {("PARAMS", "base"): "delta"}  # PROTOCOL.md: "no", and "with `delta`" in its meaning
+NEEDED_WITH = {("PARAMS", "base"): "delta", ("SCHEDULE", "lr"): "local_steps"}  # PROTOCOL.md: "no", and "with `delta`" in its meaning
 
 
 def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():

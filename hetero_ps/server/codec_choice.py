@@ -56,6 +56,8 @@ MIN_SPAN_BYTES = 64 << 10  # a push span's bytes after its first chunk, to count
 LINK_BOUND = 1.5  # the span must be this many times the worker's encode time
 RECENT = 5  # the rate is the median of this many latest samples: one odd span moves nothing...
 MIN_SAMPLES = 3  # ...and the first decision waits for three, so one hiccup on a fast link is outvoted
+# (a --sync local round pushes the whole change once per H steps: its first push decides, or a slow
+# link would send two more rounds' changes uncompressed)
 
 
 is_auto = codecs.is_auto
@@ -69,8 +71,16 @@ def ladder_for(optimizer: str | None) -> tuple[str, ...]:
 class LinkChoice:
     """One worker's link rate estimate and the codecs chosen for it."""
 
-    def __init__(self, push: str, pull: str, chunks: list[tuple[int, int]], ladder: tuple[str, ...] = LADDER):
+    def __init__(
+        self,
+        push: str,
+        pull: str,
+        chunks: list[tuple[int, int]],
+        ladder: tuple[str, ...] = LADDER,
+        min_samples: int = MIN_SAMPLES,
+    ):
         self.push_auto, self.pull_auto = is_auto(push), is_auto(pull)
+        self.min_samples = min_samples  # rate samples before the first decision
         self.chunks = chunks
         self.ladder = ladder  # ladder_for(the job's optimizer)
         self.level = 0
@@ -131,7 +141,7 @@ class LinkChoice:
 
     def decide(self, compute_s: float) -> str:
         """Re-choose the level for a step of ``compute_s`` seconds of compute; the reason if it moved ('' if not)."""
-        if not self.auto or len(self.recent) < MIN_SAMPLES or not compute_s > 0:
+        if not self.auto or len(self.recent) < self.min_samples or not compute_s > 0:
             return ""
         levels = range(len(self.ladder))
         fits = [lv for lv in levels if self.transfer_s(lv) <= COMM_SHARE * compute_s]

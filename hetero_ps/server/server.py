@@ -567,7 +567,13 @@ class ParameterServer:
     def _link(self, h: WorkerHandle) -> codec_choice.LinkChoice:
         if h.link is None:
             ladder = codec_choice.ladder_for(self.job.optimizer)
-            h.link = codec_choice.LinkChoice(self.job.compression, self.job.pull_compression, self.state.chunks, ladder)
+            h.link = codec_choice.LinkChoice(
+                self.job.compression,
+                self.job.pull_compression,
+                self.state.chunks,
+                ladder,
+                min_samples=1 if self.job.sync == "local" else codec_choice.MIN_SAMPLES,
+            )
         return h.link
 
     def _choose_codecs(self, a: Assignment) -> None:
