@@ -195,7 +195,8 @@ def test_a_field_of_the_wrong_type_is_named(cls, header):
             cls.from_header({**header, key: wrong})
 
 
-NEEDED_WITH = {("PARAMS", "base"): "delta", ("SCHEDULE", "lr"): "local_steps"}  # PROTOCOL.md: "no", and "with `delta`" in its meaning
+# PROTOCOL.md: "no", and "with `delta`" (or `local_steps`) in its meaning
+NEEDED_WITH = {("PARAMS", "base"): "delta", ("SCHEDULE", "lr"): "local_steps"}
 
 
 def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():

@@ -150,7 +150,9 @@ class WorkerModel:
             return
         floor = max(floor_fixed_s, 1e-3)
         self.observations = [(b, max(t + delta_s, floor + b * floor_per_sample_s)) for b, t in self.observations]
-        self.fixed = max(0.0, self.fixed + delta_s)
+        # Never below the new transfer either: a fit from one batch size may have put the old transfer
+        # in the rate (fixed 0), and the shift would leave the link out of the model.
+        self.fixed = max(floor, self.fixed + delta_s)
         self.suspects = []
         self.changed, self.changed_why = True, why
         self._fit_rate()
