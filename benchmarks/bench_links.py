@@ -16,7 +16,8 @@ balancing, one torch thread per worker. For each link rate and codec pair (push/
 
 Throughput is training samples/s over the steps after the first ``WARM`` (Σ samples / Σ step_s;
 ``auto`` rows skip ``WARM_AUTO``: its first three steps measure the link, and the scheduler settles
-the split, or puts a worker on standby, over the few after the switch; ``local steps`` rows,
+the split, or puts a worker on standby, over the few after the switch, and measure ``MEASURED_AUTO``
+steps, long enough for a standby worker's local rounds to come in; ``local steps`` rows,
 ``--sync local`` with auto H and auto codecs, skip their first two rounds, which measure the links,
 and run ``LOCAL_BATCHES`` global batches);
 bytes per step are the link worker's mean pushed and pulled bytes. Accuracy after a fixed sample
