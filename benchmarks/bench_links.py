@@ -29,13 +29,15 @@ Quick mode (CI): a small model (simple_cnn tiny, digits), 100 Mbit/s, codecs non
 fast + slow scenario and the fast worker alone, a few steps each. Full mode
 (``HETERO_PS_BENCH_FULL=1``): everything above for 1000, 300, 100 and 20 Mbit/s
 (``HETERO_PS_LINK_RATES=100,20`` picks rates, ``HETERO_PS_LINK_CODECS=auto,none`` rows), writing
-``benchmarks/RESULTS_links.md`` and ``benchmarks/links.png``. ``auto`` is ``--compression auto
+``benchmarks/RESULTS_links.md``, ``benchmarks/links.png`` and the accuracy runs' loss curves
+(``benchmarks/links_curves.png``). ``auto`` is ``--compression auto
 --pull-compression auto``: each worker's codecs chosen by the master from its measured link
 (``server/codec_choice.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -54,6 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PARTIAL = ".partial" if os.environ.get("HETERO_PS_LINK_RATES") or os.environ.get("HETERO_PS_LINK_CODECS") else ""
 RESULTS = os.path.join(HERE, f"RESULTS_links{PARTIAL}.md")
 PLOT = os.path.join(HERE, f"links{PARTIAL}.png")
+CURVES = os.path.join(HERE, f"links_curves{PARTIAL}.png")
 
 if FULL:
     MODEL = ["--model", "simple_cnn", "--model-arg", "hidden=10240", "--dataset", "synthetic_image"]
@@ -193,7 +196,7 @@ def bench_links(tmp_path):
     t_start = time.monotonic()
     links = Links()
     kind = "paced (" + links.why_paced + ")" if links.why_paced else "tc tbf veth links"
-    rows, accuracy, measured, skipped = [], {}, {}, []
+    rows, accuracy, curves, measured, skipped = [], {}, {}, {}, []
     try:
         for rate in RATES:
             if not links.why_paced:
@@ -238,11 +241,14 @@ def bench_links(tmp_path):
             lm = _run(tmp_path, f"gpt2 {label}", codec, [None, far()], epochs=ACC_EPOCHS, job=GPT2_JOB)
             links.close()
             accuracy[label] = (acc.summary.get("final_eval_accuracy"), math.exp(lm.summary["eval"]["eval_loss"]))
+            curves[label] = (acc.steps, lm.steps)
     finally:
         links.close()
         if FULL and rows:  # what was measured is kept even if a later run failed
             write_results(rows, accuracy, measured, kind, skipped)
             plot(rows, PLOT)
+        if curves:
+            plot_curves(curves, CURVES)
     for rate, label, fast, _slow, pair, _both in rows:
         print(
             f"[bench]   {rate:g} Mbit/s {label}: fast+slow {pair.rate:.1f} samples/s = "
@@ -289,7 +295,7 @@ def write_results(rows: list, accuracy: dict, measured: dict, kind: str, skipped
         ]
         for k, (acc, ppl) in accuracy.items():
             lines.append(f"| {k} | {'n/a' if acc is None else f'{100 * acc:.1f} %'} | {ppl:.2f} |")
-        lines.append("")
+        lines += ["", f"![training loss against samples]({os.path.basename(CURVES)})", ""]
     lines += [f"![samples/s by codec and link]({os.path.basename(PLOT)})", ""]
     with open(RESULTS, "w") as f:
         f.write("\n".join(lines))
@@ -313,6 +319,26 @@ def plot(rows: list, path: str) -> None:
         ax.plot(xs, [mine[k][2].rate for k in here], "k_", markersize=18, label="fast alone")
         ax.set_xticks(list(xs), here, rotation=30, ha="right", fontsize=7)
         ax.set(title=f"{rate:g} Mbit/s", ylabel="samples/s")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    """Training loss against samples trained, per accuracy run: the MLP's and gpt2 tiny's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, which, title in zip(axes, (0, 1), ("MLP on synthetic_image", "gpt2 tiny on synthetic_text")):
+        for label, runs in curves.items():
+            steps = runs[which]
+            seen = list(itertools.accumulate(s["samples"] for s in steps))
+            ax.plot(seen, [s["loss"] for s in steps], label=label, linewidth=1)
+        ax.set(title=title, xlabel="samples trained", ylabel="training loss", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

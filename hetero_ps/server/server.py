@@ -467,22 +467,24 @@ class ParameterServer:
                 limits[wid] = max(self.cfg.stall_factor * predicted, self.cfg.stall_floor_s)
         return limits
 
-    async def wait_done(self, a: Assignment, stalls: bool = False) -> None:
+    async def wait_done(self, a: Assignment, stalls: bool = False, since: float | None = None) -> None:
         """Wait for an assignment; every ``straggler_warn_s`` say who we are waiting for.
 
         With ``stalls`` (BSP), a worker past its stall limit is suspended and the assignment fails
-        with ``WorkerLost``, so the step is redone by the others at once."""
+        with ``WorkerLost``, so the step is redone by the others at once. The limit counts from
+        ``since`` (``perf_counter`` time; the assignment's start by default)."""
         warned = time.perf_counter()
+        start = a.started if since is None else since
         while True:
             limits = self._stall_limits(a) if stalls else {}
-            elapsed = time.perf_counter() - a.started
+            elapsed = time.perf_counter() - start
             wait = self.cfg.straggler_warn_s - (time.perf_counter() - warned)
             if limits:
                 wait = min(wait, min(limits.values()) - elapsed)
             done, _ = await asyncio.wait({a.done}, timeout=max(0.01, wait))
             if done:
                 return a.done.result()
-            elapsed = time.perf_counter() - a.started
+            elapsed = time.perf_counter() - start
             for wid, limit in limits.items():
                 h = self.admission.registry.workers.get(wid)
                 if h is not None and elapsed >= limit and not a.worker_finished(wid):  # done meanwhile: fine

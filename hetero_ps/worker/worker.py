@@ -180,6 +180,7 @@ class Worker:
         self._pulled = asyncio.Event()  # set while no parameters are awaited
         self._pulled.set()
         self._inner: torch.optim.Optimizer | None = None  # --sync local: the inner optimizer
+        self._inner_build: asyncio.Future | None = None  # ...being built in the background
 
     async def run_and_rejoin(self) -> dict:
         """``run``; when the master goes away mid-job, rejoin it (with our rank) for ``reconnect_timeout``.
@@ -232,7 +233,7 @@ class Worker:
         self._prev = {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
         self._stepping, self._awaiting = None, None
         self._pulled.set()
-        self._inner = None
+        self._inner, self._inner_build = None, None
         self._batches = 0
         self.heartbeat_s = w.heartbeat_s
         self.job = JobConfig.from_wire(w.job)
@@ -297,6 +298,11 @@ class Worker:
         conn.set_payload_allocator(self._allocate)
         ready = Metrics(ready=True, probe=await self._calibrate(len(train_set)))
         await conn.send(MsgType.METRICS, ready.to_header())
+        if self.job.sync == "local" or (self.job.sync == "bsp" and self.job.load_balancing):
+            # Rounds of local steps (--sync local, or a BSP worker on standby) step the job's optimizer,
+            # and torch's first one imports torch._dynamo: 1.5 s, 4+ s on a loaded machine. Built now,
+            # beside the first steps, a first round does not spend that (and pass its stall limit).
+            self._inner_build = asyncio.ensure_future(asyncio.to_thread(inner_optimizer, self.job, self.flat))
         try:
             with self.progress.redirect_logging():
                 return await self._loop()
@@ -591,12 +597,13 @@ class Worker:
             await self._pulled.wait()
             if s.local_steps:  # the pull's time, as a step's forward waiting for it counts it below
                 self._prev["pull_s"] = max(self._prev["pull_s"], time.perf_counter() - t_wait)
+        inner = await self._inner_optimizer() if s.local_steps else None
         held = self.arrival.expecting  # forward may be held for parameters still on the wire...
         t0 = time.perf_counter()
         try:
-            if s.local_steps:  # --sync local: a round of inner steps; pushes the parameter change
+            if inner is not None:  # a round of local steps (--sync local, standby): pushes the parameter change
                 stats = await asyncio.to_thread(
-                    self.trainer.local_round, indices, s.local_steps, self._inner_optimizer(), float(s.lr or 0.0)
+                    self.trainer.local_round, indices, s.local_steps, inner, float(s.lr or 0.0)
                 )
                 if stats.nonfinite:
                     log.warning("step %d: a non-finite inner step; its round is not applied, optimizer reset", step)
@@ -658,10 +665,15 @@ class Worker:
             self._batches - 1, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count
         )
 
-    def _inner_optimizer(self) -> torch.optim.Optimizer:
-        """--sync local: this node's own optimizer, kept from round to round (DiLoCo's inner optimizer)."""
+    async def _inner_optimizer(self) -> torch.optim.Optimizer:
+        """Rounds of local steps: this node's own optimizer, kept from round to round (DiLoCo's inner
+        optimizer); the one built in the background since the node was ready, or a new one (after a
+        non-finite round) built off the event loop."""
         if self._inner is None:
-            self._inner = inner_optimizer(self.job, self.flat)
+            build, self._inner_build = self._inner_build, None
+            if build is None:
+                build = asyncio.ensure_future(asyncio.to_thread(inner_optimizer, self.job, self.flat))
+            self._inner = await build
         return self._inner
 
     def _arm_readiness(self, pushing: _Pushing) -> Callable[[], None]:

@@ -66,7 +66,9 @@ class LoopHost(Protocol):
 
     async def send_params(self, h: WorkerHandle) -> bool: ...  # False: lost on the way
     async def send_schedule(self, h: WorkerHandle, a: Assignment) -> bool: ...
-    async def wait_done(self, a: Assignment, stalls: bool = False) -> None: ...  # raises WorkerLost (stalls: BSP)
+    async def wait_done(  # raises WorkerLost (stalls: BSP)
+        self, a: Assignment, stalls: bool = False, since: float | None = None
+    ) -> None: ...
     # ``changes``: (Δ, w) of standby workers' local rounds, applied as θ −= w·Δ after the step
     def apply_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool: ...  # False: non-finite, skipped
     def start_update(self, grad: torch.Tensor, changes: Changes = ()) -> bool: ...  # stepped beside send_params

@@ -17,7 +17,8 @@ step's record, with the worker's timing (``local_steps`` H). A round is only giv
 back before the BSP steps reach the epoch's end; at the end the loop waits for the rounds still out
 (so an epoch's evaluation has all its samples) and applies them as an update of their own.
 
-A worker lost or stalled mid-round loses that round only (its samples go untrained). Each round ends
+A worker lost mid-round, or past its stall limit (counted from when the loop starts waiting for it),
+loses that round only (its samples go untrained). Each round ends
 in a ``local_round`` event (applied with its weight, lost, or non-finite). The round's report feeds
 the scheduler as a BSP step of the worker would have taken (its compute per inner step plus its
 transfer), so it comes back into the steps when its link allows, without probe steps.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +161,12 @@ class StandbyRounds:
         return [(x.round.a.acc.numpy(), x.weight) for x in applied]
 
     async def wait_all(self) -> None:
-        """Wait for every round out (a stalled worker is suspended and its round lost)."""
+        """Wait for every round out (a stalled worker is suspended and its round lost). The stall
+        limit counts from now, not from the round's start: what it bounds is how long the others wait
+        here, and a round that runs late under load (it was not waited for until now) still lands."""
+        since = time.perf_counter()
         for r in list(self.out.values()):
             try:
-                await self.ps.wait_done(r.a, stalls=True)
+                await self.ps.wait_done(r.a, stalls=True, since=since)
             except WorkerLost:  # take_done reports it
                 pass
