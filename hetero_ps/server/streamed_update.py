@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hetero_ps import kernels
 from hetero_ps.server.chunked_step import ChunkedStep
 
 Changes = Sequence[tuple[np.ndarray, float]]  # (a parameter change Δ, its weight w): θ ← θ − w·Δ, after the step
@@ -54,8 +55,8 @@ class StreamedUpdate:
 
 def subtract_changes(param: np.ndarray, changes: Changes, off: int = 0) -> None:
     """``param -= w · Δ[off : off + len(param)]`` for each change (a standby worker's local round)."""
-    for delta, weight in changes:
-        param -= np.float32(weight) * delta[off : off + len(param)]
+    for delta, weight in changes:  # the weighted-reduction kernel: in place, no temporary, GIL released
+        kernels.weighted_accumulate(param, delta[off : off + len(param)], -weight)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
