@@ -530,9 +530,9 @@ class ParameterServer:
         m = self.scheduler.models.get(h.wid)
         # Its compute rate: the join probe's (its BSP steps, at a share or two, cannot tell its rate
         # from its link's cost), else the fitted one.
-        rate = m.rate_hint or m.rate if m is not None else 0.0
-        if m is None or rate <= 0 or m.fixed <= 0:
+        if m is None or (m.rate_hint or m.rate) <= 0 or m.fixed <= 0:
             return None
+        rate = m.rate_hint or m.rate
         batch = max(1, self.job.global_batch // len(self.ready_workers()))  # an equal share of B
         steps, _ = needed_local_steps([(m.fixed, batch / rate)])
         return batch, steps, batch / rate, m.fixed
