@@ -265,7 +265,7 @@ def _torch_step(
 
 
 def bench_optimizer_sgd_momentum(data):
-    """The master's per-chunk step (server/chunked_step.py) vs torch's SGD-momentum on the same tensor."""
+    """The master's per-chunk step (kernels/chunked_step.py) vs torch's SGD-momentum on the same tensor."""
     g, p0 = data["g"], data["acc"]
     p, buf = p0.copy(), np.zeros(N, np.float32)
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -96,6 +96,7 @@ KEPT_SECTIONS = (
     ("<!-- convergence: begin -->", "<!-- convergence: end -->"),
     ("<!-- chaos: begin -->", "<!-- chaos: end -->"),
     ("<!-- overlap: begin -->", "<!-- overlap: end -->"),  # written by hand from bench_overlap/_dgc's output
+    ("<!-- planes: begin -->", "<!-- planes: end -->"),  # written by hand from bench_planes's output
 )
 
 

@@ -17,6 +17,11 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 SYNC_MODES = ("bsp", "ssp", "asp", "local")
 POLICIES = ("uniform", "proportional", "dynamic", "hybrid")
 STALENESS_SCALINGS = ("inverse", "sqrt", "none")
+# The data plane: the master's TCP (a parameter server), or torch.distributed collectives among the
+# workers (server/loops/collective.py). A collective plane all-reduces what these codecs make of a
+# gradient (as torch's DDP comm hooks do); the other codecs need the master to decode them.
+BACKENDS = ("tcp", "gloo", "nccl")
+COLLECTIVE_CODECS = ("none", "fp16", "bf16")
 # Push codecs that cannot serve --pull-compression: as a pull, PowerSGD would replace the parameters
 # by a low-rank approximation of them (it is not one of the delta-pull codecs, int8 and topk).
 PUSH_ONLY_CODECS = ("powersgd",)
@@ -66,6 +71,9 @@ class JobConfig:
     overlap: bool = True  # push chunks during backward, step and send the update chunk by chunk (BSP)
     momentum_correction: bool = False  # DGC: workers keep the momentum of top-k pushes; the master steps without
     eval_every_epoch: bool = True  # evaluate on the held-out split on the master each epoch
+    backend: str = "tcp"  # one of BACKENDS: where the gradients go (the control plane is always TCP)
+    collective_port: int = 0  # gloo/nccl: the port of the master's rendezvous store (set once it listens)
+    collective_timeout: float = 300.0  # gloo/nccl: a collective or group setup waits at most this long
 
     def __post_init__(self) -> None:
         pull = str(self.pull_compression).strip().lower().partition(":")[0]
@@ -78,6 +86,8 @@ class JobConfig:
 
         if self.sync == "local":
             self._check_local()
+        if self.backend != "tcp":
+            self._check_collective()
 
     @property
     def bulk_synchronous(self) -> bool:
@@ -100,6 +110,37 @@ class JobConfig:
                 "--sync local pushes each worker's parameter change after its inner steps; --momentum-correction "
                 "pushes a momentum velocity instead and cannot carry it: drop one of the two"
             )
+
+    @property
+    def collective(self) -> bool:
+        """The gradients go through torch.distributed collectives among the workers."""
+        return self.backend != "tcp"
+
+    def _check_collective(self) -> None:
+        """--backend gloo|nccl: BSP steps whose gradients are all-reduced (server/loops/collective.py)."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        fix = f"use --backend tcp for it, or drop it with --backend {self.backend}"
+        if self.sync != "bsp":
+            raise ConfigError(
+                f"--backend {self.backend} runs bulk-synchronous steps (every worker's gradient in one all-reduce); "
+                f"--sync {self.sync} needs the master to apply each worker's push on its own: {fix}"
+            )
+        spec = str(self.compression).strip().lower()
+        if spec not in COLLECTIVE_CODECS:
+            raise ConfigError(
+                f"--backend {self.backend} all-reduces the gradients as {'/'.join(COLLECTIVE_CODECS)} (as torch's DDP "
+                f"comm hooks do); --compression {self.compression} must be decoded by the master: {fix}"
+            )
+        if str(self.pull_compression).strip().lower() != "none":
+            raise ConfigError(
+                f"--backend {self.backend}: every worker steps its own copy of the model, so there are no pulls to "
+                f"compress (--pull-compression {self.pull_compression}): drop it"
+            )
+        if self.momentum_correction:
+            raise ConfigError(f"--momentum-correction corrects top-k pushes to the master: {fix}")
+        if not self.collective_timeout > 0:
+            raise ConfigError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
 
     def to_wire(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,8 +4,8 @@
 where every test skips. What runs on CUDA: the trainer's gradient against the CPU's, the kernels'
 refusal of device tensors, the hardware profile's GPU fields and NVML utilisation, a CUDA worker
 beside a CPU worker in one BSP job (the union-batch step, and both workers' throughput), and the
-profiler trace of a CUDA step. The gloo/nccl data plane does not exist yet (issue 14): its checks
-skip with that reason.
+profiler trace of a CUDA step, a CUDA worker beside a CPU worker on the gloo plane (the union-batch
+step, tcp vs gloo throughput), and an nccl plane with a GPU per member (skipped with fewer than two).
 """
 
 from __future__ import annotations
@@ -84,11 +84,8 @@ def _mixed(tmp_path, name: str, extra: list[str]) -> tuple[str, list[dict]]:
     return exp, read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
 
 
-def test_a_cuda_worker_and_a_cpu_worker_take_the_union_batch_step(tmp_path):
-    extra = ["--global-batch-size", "64", "--worker-batch-sizes", "1:24,2:40", "--max-steps", "1"]
-    extra += ["--optimizer", "sgd", "--lr", "0.5", "--lr-schedule", "constant"]
-    exp, steps = _mixed(tmp_path, "union", extra)
-    assert {r: w["batch"] for r, w in steps[0]["workers"].items()} == {"1": 24, "2": 40}
+def _assert_one_union_step(exp: str) -> None:
+    """The run's one SGD step (lr 0.5) equals one process's step on the first 64 samples."""
     job = JobConfig(model="simple_cnn", dataset="digits", global_batch=64, optimizer="sgd", lr=0.5)
     trainer, flat = _trainer("cpu")
     before = flat.params.clone()
@@ -98,6 +95,14 @@ def test_a_cuda_worker_and_a_cpu_worker_take_the_union_batch_step(tmp_path):
     trainer.model.load_state_dict(state.get("model", state))
     got = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-4)
+
+
+def test_a_cuda_worker_and_a_cpu_worker_take_the_union_batch_step(tmp_path):
+    extra = ["--global-batch-size", "64", "--worker-batch-sizes", "1:24,2:40", "--max-steps", "1"]
+    extra += ["--optimizer", "sgd", "--lr", "0.5", "--lr-schedule", "constant"]
+    exp, steps = _mixed(tmp_path, "union", extra)
+    assert {r: w["batch"] for r, w in steps[0]["workers"].items()} == {"1": 24, "2": 40}
+    _assert_one_union_step(exp)
 
 
 def test_a_mixed_job_balances_the_cuda_worker_and_the_dashboard_shows_its_gpu(tmp_path):
@@ -141,6 +146,38 @@ def test_a_cuda_step_is_profiled(tmp_path):
     _report("profiler", trace=os.path.basename(traces[0]), events=len(names))
 
 
-@pytest.mark.parametrize("backend", ["gloo", "nccl"])
-def test_the_collective_data_plane(backend):
-    pytest.skip(f"--backend {backend}: the torch.distributed data plane is not built yet (issue 14, parts 1-2)")
+def test_a_cuda_worker_and_a_cpu_worker_on_the_gloo_plane(tmp_path):
+    """--backend gloo with a CUDA worker (its gradient staged through host memory) beside a CPU one:
+    the union-batch step over the all-reduce, then the plane's throughput over 40 steps."""
+    extra = ["--global-batch-size", "64", "--worker-batch-sizes", "1:24,2:40", "--max-steps", "1"]
+    extra += ["--optimizer", "sgd", "--lr", "0.5", "--lr-schedule", "constant", "--backend", "gloo"]
+    exp, steps = _mixed(tmp_path, "gloo-union", extra)
+    assert {r: w["batch"] for r, w in steps[0]["workers"].items()} == {"1": 24, "2": 40}
+    _assert_one_union_step(exp)
+    rates = {}
+    for backend in ("tcp", "gloo"):
+        extra = ["--global-batch-size", "256", "--max-steps", "40", "--epochs", "10", "--backend", backend]
+        extra += ["--enable-load-balancing"]
+        _, steps = _mixed(tmp_path, f"rate-{backend}", extra)
+        late = steps[10:]
+        rates[backend] = sum(s["samples"] for s in late) / sum(s["step_s"] for s in late)
+    _report("mixed job (cuda + cpu): tcp vs gloo plane", samples_per_s=rates)
+
+
+def test_an_nccl_plane_with_a_gpu_per_member(tmp_path):
+    """--backend nccl: the master (rank 0, on cuda:0) and a worker on each other GPU."""
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip(
+            f"--backend nccl needs a GPU per member, the master's included (NCCL refuses two ranks on one GPU); "
+            f"this machine has {n}"
+        )
+    args = ["--world-size", str(n), "--no-local-worker", "--model", "simple_cnn", "--dataset", "digits"]
+    args += ["--experiment", "nccl", "--no-dashboard", "--max-steps", "30", "--backend", "nccl"]
+    workers = [["--rank", str(i), "--device", f"cuda:{i}"] for i in range(1, n)]
+    with LocalCluster(tmp_path, args, workers=workers) as c:
+        assert c.wait(timeout=300) == 0, c.output("server")[-3000:]
+        steps = read_jsonl(os.path.join(c.experiment_dir(), "metrics", "steps.jsonl"))
+    assert len(steps) == 30
+    late = steps[10:]
+    _report("nccl plane", ranks=n, samples_per_s=sum(s["samples"] for s in late) / sum(s["step_s"] for s in late))

@@ -22,8 +22,8 @@ from conftest import find, find_all, metrics_path, read_jsonl, still_running, wa
 
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import ConfigError, RemoteProtocolError
+from hetero_ps.kernels.chunked_step import ChunkedStep
 from hetero_ps.server.assignment import Assignment, per_step
-from hetero_ps.server.chunked_step import ChunkedStep
 from hetero_ps.server.cli import parse_local_steps
 from hetero_ps.server.loops.local_sgd import AUTO_MAX, needed_local_steps, next_local_steps
 from hetero_ps.testing import LocalCluster

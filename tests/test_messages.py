@@ -97,6 +97,9 @@ SAMPLES = {
             "ahead": True,
             "local_steps": 16,
             "lr": 0.01,
+            "group": 3,
+            "group_rank": 2,
+            "group_size": 4,
         },
     ),
     "PUSH": (
@@ -133,6 +136,8 @@ SAMPLES = {
             "cols": 32,
             "delta": True,
             "base": 6,
+            "state": "exp_avg",
+            "opt_step": 7,
         },
     ),
     "PULL": (Pull, {}),
@@ -195,8 +200,14 @@ def test_a_field_of_the_wrong_type_is_named(cls, header):
             cls.from_header({**header, key: wrong})
 
 
-# PROTOCOL.md: "no", and "with `delta`" (or `local_steps`) in its meaning
-NEEDED_WITH = {("PARAMS", "base"): "delta", ("SCHEDULE", "lr"): "local_steps"}
+# PROTOCOL.md: "no", and "with `delta`" (or `local_steps`, `group`, `state`) in its meaning
+NEEDED_WITH = {
+    ("PARAMS", "base"): ("delta",),
+    ("PARAMS", "opt_step"): ("state",),
+    ("SCHEDULE", "lr"): ("local_steps", "group"),
+    ("SCHEDULE", "group_rank"): ("group",),
+    ("SCHEDULE", "group_size"): ("group",),
+}
 
 
 def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():
@@ -216,10 +227,8 @@ def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():
             elif (name, key) in NEEDED_WITH:  # optional, but required when another key is set
                 with pytest.raises(RemoteProtocolError, match=rf"^{name}\.{key}: required field is missing"):
                     cls.from_header(rest)
-                assert (
-                    key
-                    not in cls.from_header({k: v for k, v in rest.items() if k != NEEDED_WITH[name, key]}).to_header()
-                )
+                alone = {k: v for k, v in rest.items() if k not in NEEDED_WITH[name, key]}
+                assert key not in cls.from_header(alone).to_header()
             else:
                 assert key not in cls.from_header(rest).to_header() or key == "probe"
 
@@ -227,6 +236,10 @@ def test_required_fields_are_the_documented_ones_and_a_missing_one_is_named():
 def test_ranges_and_sizes_are_checked():
     with pytest.raises(RemoteProtocolError, match=r"^SCHEDULE\.count: expected an int in \[0,"):
         Schedule.from_header({**SAMPLES["SCHEDULE"][1], "count": -1})
+    with pytest.raises(RemoteProtocolError, match=r"^SCHEDULE\.group_rank: expected an int in \[1, 3\]"):
+        Schedule.from_header({**SAMPLES["SCHEDULE"][1], "group_rank": 4})  # the master is 0; below the size
+    with pytest.raises(RemoteProtocolError, match=r"^PARAMS\.state: one of momentum_buffer, exp_avg, exp_avg_sq"):
+        Params.from_header({**SAMPLES["PARAMS"][1], "state": "params"})
     with pytest.raises(RemoteProtocolError, match=r"^SCHEDULE\.total: expected an int in \[1,"):
         Schedule.from_header({**SAMPLES["SCHEDULE"][1], "total": 0})
     with pytest.raises(RemoteProtocolError, match=r"^PUSH\.step: expected an int"):
@@ -295,13 +308,17 @@ def test_a_step_report_names_its_bad_field():
         StepReport.from_map({k: v for k, v in REPORT.items() if k != "bytes_in"})
     with pytest.raises(RemoteProtocolError, match=r"^METRICS\.report\.util: expected a map"):
         StepReport.from_map({**REPORT, "util": 3})
+    failed = {**REPORT, "collective_error": "rank 2 (node-b): all-reduce in group 3 failed: timed out"}
+    assert StepReport.from_map(failed).to_map() == failed
+    with pytest.raises(RemoteProtocolError, match=r"^METRICS\.report\.collective_error: expected a str"):
+        StepReport.from_map({**REPORT, "collective_error": 5})
 
 
 def test_protocol_doc_lists_exactly_the_fields_of_each_message():
     tables = _doc_tables()
     report_rows = tables.pop(REPORT_HEADING)
     assert [k for k, _, _ in report_rows] == [f for f in StepReport.__dataclass_fields__]
-    assert all(required for _, _, required in report_rows)
+    assert all(required for k, _, required in report_rows if k != "collective_error")
     assert set(tables) == set(SAMPLES), "every 5.2 heading has a sample here, and the other way round"
     by_class: dict[type, set[str]] = {}
     for heading, rows in tables.items():

@@ -16,7 +16,7 @@ import torch
 from conftest import async_test, read_jsonl
 
 from hetero_ps.config import JobConfig
-from hetero_ps.server.chunked_step import ChunkedStep
+from hetero_ps.kernels.chunked_step import ChunkedStep
 from hetero_ps.server.model_state import ModelState
 from hetero_ps.testing import LocalCluster
 from hetero_ps.training import data, models

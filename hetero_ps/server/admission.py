@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 import hetero_ps
 from hetero_ps.errors import HeteroPSError, RemoteError
 from hetero_ps.server.registry import Registry, WorkerHandle
@@ -22,6 +24,26 @@ from hetero_ps.server.scheduler import Scheduler
 from hetero_ps.wire.messages import Hello
 
 log = logging.getLogger("hetero_ps.server")
+
+
+def check_collective_member(backend: str, hello: Hello) -> None:
+    """On a collective plane every worker joins the same process groups: an nccl plane needs a GPU
+    on each, and torch.distributed needs one torch version across them."""
+    profile = hello.profile or {}
+    name = f"{hello.host or '?'} (rank {hello.rank if hello.rank is not None else '?'})"
+    if backend == "nccl" and not str(hello.device or "").startswith("cuda"):
+        raise RemoteError(
+            "backend_unsupported",
+            f"{name} runs on {hello.device or 'an unknown device'}, but --backend nccl needs every worker on a GPU: "
+            "start it with a GPU (--device cuda), or run the master with --backend gloo for a mix of CPUs and GPUs",
+        )
+    theirs = profile.get("torch")
+    if theirs is not None and theirs != torch.__version__:
+        raise RemoteError(
+            "version_mismatch",
+            f"{name} runs torch {theirs} but the master runs torch {torch.__version__}: the --backend {backend} "
+            "plane's collectives need one torch version on every node (install the same, or use --backend tcp)",
+        )
 
 
 class Admission:

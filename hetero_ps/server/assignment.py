@@ -31,6 +31,11 @@ class WorkerLost(Exception):
     """A worker left while work was assigned to it; that work must be redone by others."""
 
 
+class CollectiveFailed(WorkerLost):
+    """A collective plane's group could not be joined or its all-reduce failed: the step is redone
+    in a new group (by the same workers, unless one was lost)."""
+
+
 @dataclass
 class Assignment:
     step: int
@@ -48,6 +53,12 @@ class Assignment:
     local_steps: int = 0  # --sync local: inner steps each worker runs on its slice (0: a gradient step)
     lr: float = 0.0  # --sync local: the inner learning rate of this round
     pushed: set[int] = field(default_factory=set)  # wids that sent at least one chunk
+    # gloo/nccl (loops/collective.py): the step's membership epoch, its workers' ranks in that group
+    # and its size (the master is rank 0), and the master's part of the all-reduce
+    group: int | None = None
+    group_ranks: dict[int, int] = field(default_factory=dict)
+    group_size: int = 0
+    reduced: asyncio.Future[torch.Tensor] | None = None
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.perf_counter)
     acc_np: np.ndarray = field(init=False)
@@ -119,6 +130,11 @@ class Assignment:
         assignment fails with :class:`WorkerLost`."""
         if wid in self.sizes and not self.done.done():
             self.done.set_exception(WorkerLost(why))
+
+    def abort(self, exc: WorkerLost) -> None:
+        """Fail the whole assignment with ``exc`` (a collective failed: nobody's part counts)."""
+        if not self.done.done():
+            self.done.set_exception(exc)
 
     def drop(self, wid: int) -> bool:
         """Leave out ``wid``, which pushed nothing here, and weight the others by the samples that

@@ -19,7 +19,10 @@ import signal
 import sys
 import time
 
+import torch
+
 from hetero_ps.config import (
+    BACKENDS,
     LR_SCHEDULES,
     OPTIMIZERS,
     POLICIES,
@@ -114,8 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--backend",
         default="tcp",
-        choices=["tcp", "gloo", "nccl"],
-        help="accepted for the seed guide's scripts; hetero_ps always uses its own TCP transport",
+        choices=list(BACKENDS),
+        help="where the gradients go: tcp (default: through the master, any mix of links, every codec and "
+        "sync mode), gloo (torch.distributed all-reduce among the workers, CPUs and GPUs; BSP) or nccl "
+        "(the same on GPUs only, the master's included). The control plane is always the master's TCP",
+    )
+    g.add_argument(
+        "--collective-port",
+        type=int,
+        default=None,
+        help="gloo/nccl: the port of the master's rendezvous store (default MASTER_PORT + 1; open it too)",
+    )
+    g.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=300.0,
+        help="gloo/nccl: a group's setup or all-reduce fails after this many seconds (default 300); a lost "
+        "worker's group is abandoned at once, this only bounds a hang nobody noticed",
     )
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -401,7 +419,34 @@ def job_from_args(a: argparse.Namespace, trainers: int) -> JobConfig:
         chunk_bytes=max(4096, int(a.chunk_mb * 2**20)) // 4 * 4,
         overlap=a.overlap,
         momentum_correction=a.momentum_correction,
+        backend=a.backend,
+        collective_timeout=a.collective_timeout,
     )
+
+
+def check_collective_master(job: JobConfig, a: argparse.Namespace) -> int:
+    """--backend gloo|nccl on this node (the master is a member of every group): the store's port."""
+    if not job.collective:
+        return 0
+    from hetero_ps.wire.collective import backend_available
+
+    missing = backend_available(job.backend)
+    if missing:
+        raise ConfigError(f"--backend {job.backend} on the master: {missing}")
+    if job.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--backend nccl: the master takes part in every all-reduce (its copy of the model serves evaluation, "
+            "checkpoints and newcomers), and NCCL reduces on GPUs only; this node has no usable GPU. Run the master "
+            "on a GPU node, or use --backend gloo (CPUs and GPUs)"
+        )
+    if a.collective_port is None:
+        port = a.port + 1 if a.port else 0
+    else:
+        port = a.collective_port
+    check_port(port, "--collective-port")
+    if port and port == a.port:
+        raise ConfigError(f"--collective-port {port} is MASTER_PORT: the rendezvous store needs a port of its own")
+    return port
 
 
 def parse_local_steps(spec: str | None, sync: str) -> int:
@@ -487,6 +532,7 @@ async def run(a: argparse.Namespace) -> dict:
     if trainers < 1:
         raise ConfigError(f"WORLD_SIZE={a.world_size} with --no-local-worker leaves nobody to train")
     job = job_from_args(a, trainers)
+    collective_port = check_collective_master(job, a)
     fixed_sizes = parse_fixed_sizes(a.worker_batch_sizes, job.global_batch, trainers)  # before any folder exists
     every_steps, every_s = parse_checkpoint_every(a.checkpoint_every)
     check_resume(a)
@@ -520,6 +566,7 @@ async def run(a: argparse.Namespace) -> dict:
         standby_role=a.standby_role,
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
+        collective_port=collective_port,
         tls=server_tls,
     )
     sinks: list = []

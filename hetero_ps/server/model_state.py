@@ -19,13 +19,13 @@ import torch
 
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import ConfigError, RemoteError
+from hetero_ps.kernels.chunked_step import ChunkedStep
 from hetero_ps.server import codec_choice, pull_delta
-from hetero_ps.server.chunked_step import ChunkedStep
 from hetero_ps.server.streamed_update import Changes, StreamedUpdate, subtract_changes
 from hetero_ps.training import models, optim
 from hetero_ps.training.flat import FlatParams
 from hetero_ps.wire import codecs, protocol
-from hetero_ps.wire.messages import Push, chunk_layout, params_from_codec
+from hetero_ps.wire.messages import OPTIMIZER_STATES, Push, chunk_layout, params_from_codec
 from hetero_ps.wire.protocol import MsgType
 
 
@@ -164,6 +164,29 @@ class ModelState:
         parameters between two sends). Not while an update is being stepped: use ``params_frame``."""
         assert self.update is None, "an update is being stepped: its chunks go out with params_frame"
         return [self._frame(spec, i) for i in range(len(self.chunks))]
+
+    def optimizer_state_frames(self) -> list[Any]:
+        """The optimizer's state (momentum, Adam's moments and step) as PARAMS frames with ``state``:
+        a worker of a collective plane steps its own copy, which must start from the master's."""
+        state = self.optimizer.state.get(self.param, {})
+        step = state.get("step")
+        opt_step = int(step.item()) if isinstance(step, torch.Tensor) else int(step or 0)
+        frames = []
+        for name in OPTIMIZER_STATES:
+            buf = state.get(name)
+            if not isinstance(buf, torch.Tensor):
+                continue
+            values = buf.detach().numpy()
+            for i, (off, n) in enumerate(self.chunks):
+                fields, segments = self._codecs(self._encoders, "none")[i].encode(values[off : off + n])
+                header = dataclasses.replace(
+                    params_from_codec(fields, version=self.version, chunk=i, offset=off, numel=n, codec="none"),
+                    state=name,
+                    opt_step=opt_step,
+                )
+                copied = [bytes(memoryview(seg).cast("B")) for seg in segments]  # (sent later; the state moves on)
+                frames.append(protocol.encode_frame(MsgType.PARAMS, header.to_header(), copied))
+        return frames
 
     async def params_frame(self, spec: str, i: int) -> Any:
         """Chunk ``i`` of the current parameters as a PARAMS frame, once that chunk is stepped (BSP)."""

@@ -18,6 +18,7 @@ waiting for a step while naming stragglers, and the run's summary.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import ssl
@@ -38,13 +39,15 @@ from hetero_ps.errors import (
 )
 from hetero_ps.observe.records import EpochRecord, RunSummary, StepRecord
 from hetero_ps.server import checkpoint, codec_choice, pull_delta
-from hetero_ps.server.admission import Admission
-from hetero_ps.server.assignment import Assignment, per_step
+from hetero_ps.server.admission import Admission, check_collective_member
+from hetero_ps.server.assignment import Assignment, CollectiveFailed, per_step
+from hetero_ps.server.collective_plane import CollectivePlane
 from hetero_ps.server.control import ControlDesk
 from hetero_ps.server.divergence import DEFAULT_FACTOR, DivergenceWatch
 from hetero_ps.server.evaluation import Evaluator, Score, Snapshot
 from hetero_ps.server.loops.async_sgd import AsyncLoop
 from hetero_ps.server.loops.bsp import BSPLoop
+from hetero_ps.server.loops.collective import CollectiveLoop
 from hetero_ps.server.loops.local_sgd import LocalLoop, needed_local_steps
 from hetero_ps.server.model_state import ModelState
 from hetero_ps.server.registry import WorkerHandle
@@ -82,6 +85,7 @@ class ServerConfig:
     standby_role: str = "local"  # ...and runs local rounds on its own slice ("local") or waits ("idle")
     checkpoint_every_steps: int = 0  # BSP: write experiments/NAME/checkpoint.pt every N steps (0: not by steps)...
     checkpoint_every_s: float = 0.0  # ...or when this many seconds have passed since the last one (0: not by time)
+    collective_port: int = 0  # --backend gloo|nccl: the rendezvous store's port (0: any free one)
     tls: ssl.SSLContext | None = field(default=None, compare=False)  # wire.tls.server_context: every connection is TLS
 
 
@@ -111,7 +115,7 @@ class ParameterServer:
         )
         self.training = False
         self.divergence = DivergenceWatch(cfg.divergence_factor)
-        self.loop: BSPLoop | LocalLoop | AsyncLoop | None = None  # the step loop, once training started
+        self.loop: BSPLoop | LocalLoop | AsyncLoop | CollectiveLoop | None = None  # the step loop, once training
         self.resumed_loop: dict[str, Any] | None = None  # the loop's state from a checkpoint (resume)
         self._checkpointed = (time.monotonic(), 0)  # when, and at which step, the last checkpoint was
         self._at_boundary = False  # the state is whole (update_done, no update since)
@@ -129,6 +133,7 @@ class ParameterServer:
         self.control = ControlDesk(self.admission.registry, self.records.event, cfg.worker_timeout)
         self._server: Any = None
         self._round_transfer: dict[int, float] = {}  # wid -> its last local round's transfer (stall limits)
+        self.plane: CollectivePlane | None = None  # --backend gloo|nccl: the master's side of the plane
 
     # -- what cli.py and the views read ---------------------------------------------------------
     @property
@@ -149,6 +154,10 @@ class ParameterServer:
 
     # -- connections ------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.job.collective:  # its store's port goes out in the job, so it listens before anyone joins
+            self.plane = CollectivePlane(self.job, self.cfg.host, self.cfg.collective_port, self.state.chunks)
+            self.job = dataclasses.replace(self.job, collective_port=self.plane.port)
+            log.info("%s plane: rendezvous store on port %d", self.job.backend, self.plane.port)
         self._server = await transport.start_server(
             self.cfg.host,
             self.cfg.port,
@@ -175,6 +184,8 @@ class ParameterServer:
 
     async def close(self) -> None:
         self.evaluator.stop()
+        if self.plane is not None:
+            self.plane.close()
         if self._server:
             await self._server.close()
 
@@ -195,6 +206,8 @@ class ParameterServer:
         if hello.role == "control":
             conn.worker = None
             return ControlWelcome(workers=[h.rank for h in self.admission.registry.live()])
+        if self.job.collective:
+            check_collective_member(self.job.backend, hello)
         h = self.admission.admit(hello, conn)
         conn.worker = h
         conn.set_payload_allocator(self._push_allocator())
@@ -305,6 +318,8 @@ class ParameterServer:
         if a is None or m.report is None or not a.is_current(m.step, m.attempt) or h.wid not in a.sizes:
             return
         a.add_report(h.wid, m.report)
+        if m.report.collective_error:  # the step's group failed: redo it at once, in a new one
+            a.abort(CollectiveFailed(m.report.collective_error))
         self._link(h).on_report(a.step, a.attempt, m.report.encode_s)
         util = m.report.util
         self.records.worker_utilisation(
@@ -391,6 +406,10 @@ class ParameterServer:
                 else:  # BSP's update being stepped: each chunk as soon as it is done
                     for i in range(self.n_chunks):
                         await h.conn.send_frame(await self.state.params_frame(spec, i))
+                if self.job.collective:  # it steps its own copy: the optimizer's state goes with it
+                    await self.state.update_finished()
+                    for f in self.state.optimizer_state_frames():
+                        await h.conn.send_frame(f)
         except (TransportError, OSError) as exc:
             self.admission.lose(h, f"could not send parameters: {exc}")
             return False
@@ -436,7 +455,10 @@ class ParameterServer:
             discarded=discarded,
             ahead=h.wid in a.ahead and h.params_version != self.version,
             local_steps=a.local_steps,
-            lr=a.lr if a.local_steps else None,
+            lr=a.lr if a.local_steps or a.group is not None else None,
+            group=a.group,
+            group_rank=a.group_ranks.get(h.wid, 0),
+            group_size=a.group_size,
         ).to_header()
         h.batch = count
         h.assignment = a
@@ -465,6 +487,8 @@ class ParameterServer:
                 limits[wid] = UNMEASURED_STALL * self.cfg.worker_timeout
             else:
                 limits[wid] = max(self.cfg.stall_factor * predicted, self.cfg.stall_floor_s)
+        if a.group is not None and limits:  # an all-reduce ends for every member when the slowest's does
+            return dict.fromkeys(limits, max(limits.values()))
         return limits
 
     async def wait_done(self, a: Assignment, stalls: bool = False, since: float | None = None) -> None:
@@ -518,7 +542,8 @@ class ParameterServer:
 
     @property
     def standby_rounds(self) -> bool:
-        return self.cfg.standby_role == "local" and self.scheduler.allow_standby
+        # (a collective plane's workers step their own parameters: a round's change has nowhere to go)
+        return self.cfg.standby_role == "local" and self.scheduler.allow_standby and not self.job.collective
 
     def predicted_step_s(self) -> float | None:
         return self.scheduler.predicted_step_s()
@@ -777,8 +802,11 @@ class ParameterServer:
         await self.wait_for_workers(self.cfg.expected_workers)
         self.training = True
         self._train_started = time.perf_counter()
-        loops = {"bsp": BSPLoop, "local": LocalLoop}
-        self.loop = loops.get(self.job.sync, AsyncLoop)(self)
+        if self.plane is not None:
+            self.loop = CollectiveLoop(self, self.plane)
+        else:
+            loops = {"bsp": BSPLoop, "local": LocalLoop}
+            self.loop = loops.get(self.job.sync, AsyncLoop)(self)
         try:
             epochs = await self.loop.run()
         except TrainingDiverged:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hetero_ps import kernels
-from hetero_ps.server.chunked_step import ChunkedStep
+from hetero_ps.kernels.chunked_step import ChunkedStep
 
 Changes = Sequence[tuple[np.ndarray, float]]  # (a parameter change Δ, its weight w): θ ← θ − w·Δ, after the step
 

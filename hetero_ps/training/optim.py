@@ -3,7 +3,7 @@
 The server wraps ``FlatParams.params`` as one ``nn.Parameter`` (sharing its storage), sets its
 ``.grad`` to the aggregated gradient and calls ``optimizer.step()`` then ``scheduler.step()`` once
 per global step (the server steps it with its own kernels instead, on torch's optimizer state:
-``server/chunked_step.py``). One tensor means one fused update over all parameters.
+``kernels/chunked_step.py``). One tensor means one fused update over all parameters.
 
 Optimizers (``job.optimizer``):
 

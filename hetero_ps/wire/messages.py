@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Self, TypeVar
 
 import hetero_ps
@@ -53,6 +53,9 @@ MAC_BYTES = 32  # HMAC-SHA256
 CODEC_PARAM_KEYS = ("block", "k", "rank", "rows", "cols")
 _U64 = 2**64 - 1
 MAX_LOCAL_STEPS = 10_000  # SCHEDULE.local_steps: inner steps in one round (auto picks at most 64)
+MAX_GROUP = 4096  # SCHEDULE.group_size: members of a collective plane's process group
+# PARAMS.state: the optimizer state a worker of a collective plane steps beside its parameters
+OPTIMIZER_STATES = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 
 # -- field readers: each names MSG.field in its error ------------------------------------------------
@@ -108,6 +111,13 @@ def _str(h: Mapping[str, Any], msg: str, key: str) -> str:
 
 def _opt_str(h: Mapping[str, Any], msg: str, key: str) -> str | None:
     return None if h.get(key) is None else _str(h, msg, key)
+
+
+def _opt_choice(h: Mapping[str, Any], msg: str, key: str, choices: tuple[str, ...]) -> str | None:
+    v = _opt_str(h, msg, key)
+    if v is not None and v not in choices:
+        raise _fail(msg, key, f"one of {', '.join(choices)}", v)
+    return v
 
 
 def _bin(h: Mapping[str, Any], msg: str, key: str, size: int) -> bytes:
@@ -355,7 +365,10 @@ class Schedule(WireMessage):
     discarded: int | None = None  # BSP: an earlier step whose push from this worker was thrown away (aborted)
     ahead: bool = False  # the PARAMS of ``version`` follow this SCHEDULE (HELLO schedule_ahead)
     local_steps: int = 0  # --sync local: run the slice as this many inner steps, push the parameter change
-    lr: float | None = None  # --sync local: the inner optimizer's learning rate for this round
+    lr: float | None = None  # --sync local: the inner optimizer's LR for this round; gloo/nccl: the step's LR
+    group: int | None = None  # gloo/nccl: the membership epoch whose process group reduces this step
+    group_rank: int = 0  # ...this worker's rank in it (the master is 0)
+    group_size: int = 0  # ...its members, the master included
 
     def to_header(self) -> dict[str, Any]:
         h: dict[str, Any] = {
@@ -375,7 +388,10 @@ class Schedule(WireMessage):
             h["ahead"] = True
         if self.local_steps:
             h["local_steps"] = self.local_steps
+        if self.lr is not None:
             h["lr"] = self.lr
+        if self.group is not None:
+            h.update(group=self.group, group_rank=self.group_rank, group_size=self.group_size)
         return h
 
     @classmethod
@@ -395,8 +411,16 @@ class Schedule(WireMessage):
             local_steps=_opt_int(h, "SCHEDULE", "local_steps", 1, MAX_LOCAL_STEPS) or 0,
             lr=_opt_float(h, "SCHEDULE", "lr", 0.0),
         )
-        if s.local_steps and s.lr is None:
+        if (s.local_steps or "group" in h) and s.lr is None:
             raise _missing("SCHEDULE", "lr")
+        if "group" in h:  # a member's rank and the group's size come with it
+            size = _int(h, "SCHEDULE", "group_size", 2, MAX_GROUP)
+            s = replace(
+                s,
+                group=_int(h, "SCHEDULE", "group"),
+                group_rank=_int(h, "SCHEDULE", "group_rank", 1, size - 1),
+                group_size=size,
+            )
         return s
 
 
@@ -478,6 +502,8 @@ class Params(WireMessage):
     codec_fields: dict[str, int] = field(default_factory=dict)
     delta: bool = False
     base: int = -1
+    state: str | None = None  # gloo/nccl: this chunk is of the optimizer state OPTIMIZER_STATES[...], not θ
+    opt_step: int = 0  # ...with ``state``: the optimizer's step count (Adam's bias correction)
 
     def to_header(self) -> dict[str, Any]:
         return {
@@ -489,6 +515,7 @@ class Params(WireMessage):
             "codec_id": self.codec_id,
             **self.codec_fields,
             **({"delta": True, "base": self.base} if self.delta else {}),
+            **({"state": self.state, "opt_step": self.opt_step} if self.state is not None else {}),
         }
 
     def codec_header(self) -> dict[str, Any]:
@@ -509,6 +536,8 @@ class Params(WireMessage):
             codec_fields=_codec_fields(h, "PARAMS"),
             delta=delta,
             base=_int(h, "PARAMS", "base") if delta else -1,  # a change needs what it changes
+            state=_opt_choice(h, "PARAMS", "state", OPTIMIZER_STATES),
+            opt_step=_int(h, "PARAMS", "opt_step") if "state" in h else 0,
         )
 
 
@@ -580,9 +609,10 @@ class StepReport:
     pull_s: float
     bytes_in: int
     util: dict[str, Any]  # cpu_util, mem_bytes, gpu_util, gpu_mem_bytes (None when unknown)
+    collective_error: str | None = None  # gloo/nccl: why this step's all-reduce failed (None: it did not)
 
     def to_map(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _without_none([(f.name, getattr(self, f.name)) for f in fields(self)])
 
     @classmethod
     def from_map(cls, report: Mapping[str, Any], where: str = "METRICS.report") -> StepReport:
@@ -600,6 +630,7 @@ class StepReport:
             pull_s=_float(r, where, "pull_s", 0.0),
             bytes_in=_int(r, where, "bytes_in"),
             util=_map(r, where, "util"),
+            collective_error=_opt_str(r, where, "collective_error"),
         )
 
 

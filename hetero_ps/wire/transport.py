@@ -227,6 +227,14 @@ class Connection:
         return self._closed
 
     @property
+    def local_address(self) -> str:
+        """This end's IP address: the interface that reaches the peer (a collective plane binds there)."""
+        try:
+            return str(self._sock.getsockname()[0])
+        except OSError:
+            return ""
+
+    @property
     def authenticated(self) -> bool:
         return self._dec.authenticated
 

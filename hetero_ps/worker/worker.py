@@ -43,7 +43,8 @@ from hetero_ps.errors import (
 from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
 from hetero_ps.training.trainer import inner_optimizer
-from hetero_ps.wire import codecs, transport
+from hetero_ps.wire import codecs, collective, transport
+from hetero_ps.wire.collective import CollectiveError
 from hetero_ps.wire.messages import (
     Bye,
     Control,
@@ -59,6 +60,7 @@ from hetero_ps.wire.messages import (
 )
 from hetero_ps.wire.protocol import Message, MsgType, raise_if_error
 from hetero_ps.wire.tls import ClientTLS
+from hetero_ps.worker.collective_step import CollectiveMember
 from hetero_ps.worker.dgc import MomentumCorrection
 from hetero_ps.worker.overlap import ChunkReadiness, PullArrival
 from hetero_ps.worker.pacing import BandwidthPacer
@@ -179,6 +181,8 @@ class Worker:
         self._awaiting: int | None = None  # the parameter version that step waits for (PARAMS still to come)
         self._pulled = asyncio.Event()  # set while no parameters are awaited
         self._pulled.set()
+        self._step_group: int | None = None  # gloo/nccl: the group of the step in flight
+        self.member: CollectiveMember | None = None  # gloo/nccl: this node's part of the plane
         self._inner: torch.optim.Optimizer | None = None  # --sync local: the inner optimizer
         self._inner_build: asyncio.Future | None = None  # ...being built in the background
 
@@ -295,6 +299,21 @@ class Worker:
                 device=self.device,
             )
         self._setup_codecs()
+        self.member = None
+        if self.job.collective:
+            missing = collective.backend_available(self.job.backend)
+            if missing:
+                await conn.send_error("backend_unsupported", f"rank {self.rank} ({socket.gethostname()}): {missing}")
+                raise HeteroPSError(f"cannot join the {self.job.backend} plane: {missing}")
+            self.member = CollectiveMember(
+                self.job,
+                self.params_cpu,
+                self.chunks,
+                self.cfg.master_addr,
+                f"rank {self.rank} ({socket.gethostname()})",
+                w.total_steps,
+                self.device,
+            )
         conn.set_payload_allocator(self._allocate)
         ready = Metrics(ready=True, probe=await self._calibrate(len(train_set)))
         await conn.send(MsgType.METRICS, ready.to_header())
@@ -308,6 +327,8 @@ class Worker:
                 return await self._loop()
         finally:
             self.progress.close()
+            if self.member is not None:
+                self.member.close()
 
     async def _recv_from_master(self, conn: transport.Connection) -> Message:
         """The next message; a master silent for four heartbeat periods is gone (cable pulled, host
@@ -390,7 +411,7 @@ class Worker:
     def _allocate(self, msg_type, header, nbytes):
         """Uncompressed parameter chunks land straight in the parameter buffer (zero copy), unless a
         step is computing on the parameters and does not wait for these (the loop holds them back)."""
-        if msg_type != MsgType.PARAMS or header.get("codec") != "none":
+        if msg_type != MsgType.PARAMS or header.get("codec") != "none" or header.get("state") is not None:
             return None
         if self._stepping is not None and header.get("version") != self._awaiting:
             return None
@@ -424,6 +445,8 @@ class Worker:
                         )
                 elif t == MsgType.SCHEDULE:
                     s = await self._parse(Schedule, msg.header)
+                    if self.member is not None and s.group != self._step_group:
+                        await self._cancel_step()  # its group was abandoned: its all-reduce will never end well
                     await self._finish_step()
                     self._begin_step(s)
                 elif t == MsgType.CONTROL:
@@ -464,6 +487,7 @@ class Worker:
             self._awaiting = s.version
             self._pulled.clear()
             self.arrival.expect()
+        self._step_group = s.group
         self._stepping = asyncio.ensure_future(self._on_schedule(s))
 
     async def _finish_step(self) -> None:
@@ -494,6 +518,11 @@ class Worker:
         off, numel = p.offset, p.numel
         if p.chunk >= len(self.chunks) or self.chunks[p.chunk] != (off, numel):
             raise ConfigError(f"master sent a parameter chunk {p.chunk} ({off}+{numel}) this node does not have")
+        if self.member is not None:  # a collective plane: full parameters (and the optimizer's state)
+            if p.state is not None:
+                self.member.load_state(p, segments[0])
+                return
+            self.member.drop_pending()
         if p.delta:  # the change since what we hold: added, exactly as the master added it to our replica
             if p.base != getattr(self, "version", -1):
                 raise ConfigError(
@@ -575,6 +604,9 @@ class Worker:
         except ValueError as exc:
             await conn.send_error("bad_schedule", f"rank {self.rank}: {exc}")
             raise ConfigError(f"the master scheduled samples this node does not have: {exc}") from exc
+        if self.member is not None:
+            await self._collective_step(s, indices)
+            return
         if s.discarded is not None:
             self._take_back(s.discarded, step)
         if self._carry is not None and step != self._carry_step:
@@ -664,6 +696,76 @@ class Worker:
         self.progress.update(
             self._batches - 1, s.epoch, stats.loss, count / max(1e-9, compute_s + encode_s + push_s), count
         )
+
+    async def _collective_step(self, s: Schedule, indices) -> None:
+        """One step on a collective plane (worker/collective_step.py): settle the last step's update,
+        compute, all-reduce the scaled gradient in the step's group, report."""
+        conn, member = self.conn, self.member
+        assert conn is not None and member is not None, "a collective plane's steps come once connected"
+        if s.group is None or s.lr is None:
+            await conn.send_error("protocol_error", f"rank {self.rank}: SCHEDULE.group: required on a collective plane")
+            raise RemoteProtocolError("SCHEDULE.group: required on a collective plane")
+        t_wait = time.perf_counter()
+        applied = await asyncio.to_thread(member.settle, s)
+        if applied:
+            self.version = getattr(self, "version", 0) + 1
+            if self.device != "cpu":
+                self.flat.params.copy_(self.params_cpu, non_blocking=False)
+        if getattr(self, "version", -1) != s.version:
+            held = getattr(self, "version", None)
+            msg = f"rank {self.rank} holds parameter version {held}, the step is on {s.version}"
+            await conn.send_error("out_of_step", msg)
+            raise ConfigError(f"out of step with the master: {msg}")
+        error = None
+        try:
+            group = member.group if not member.needs_group(s) else None
+            if group is None:
+                group = await collective.in_thread(lambda: member.join(s, conn.local_address), "hetero_ps-join")
+        except (CollectiveError, ConfigError) as exc:
+            error, group = str(exc), None
+        self._prev["wait_s"] = time.perf_counter() - t_wait  # (settling the last update: an optimizer step)
+        t0 = time.perf_counter()
+        stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
+        compute_s = time.perf_counter() - t0
+        if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
+            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
+            compute_s *= self.slowdown
+        cost = None
+        if group is not None:
+            grad = self.flat.grads
+            if self.device != "cpu" and member.backend == "gloo":
+                self.grads_cpu.copy_(grad)
+                grad = self.grads_cpu
+            try:
+                total, cost = await collective.in_thread(
+                    lambda: member.reduce(group, grad, s.count / s.total, self.device), "hetero_ps-reduce"
+                )
+                member.keep(s.step, total, float(s.lr))
+            except CollectiveError as exc:
+                error = str(exc)
+        if error:
+            log.warning("step %d: %s", s.step, error)
+        prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
+        report = StepReport(
+            loss=float(stats.loss),
+            samples=stats.count,
+            compute_s=compute_s,
+            encode_s=cost.cast_s if cost else 0.0,
+            push_s=cost.reduce_s if cost else 0.0,  # with its wait for the slowest member (the master splits them)
+            bytes_out=cost.nbytes if cost else 0,
+            nonfinite=bool(stats.nonfinite),
+            version=s.version,
+            wait_s=prev["wait_s"],
+            pull_s=prev["pull_s"],
+            bytes_in=prev["bytes_in"] + (cost.nbytes if cost else 0),
+            util=self._utilisation(),
+            collective_error=error,
+        )
+        await conn.send(MsgType.METRICS, Metrics(step=s.step, attempt=s.attempt, report=report).to_header())
+        self.steps_done += 1
+        self.samples_done += s.count
+        self._batches = s.step + 1
+        self.progress.update(s.step, s.epoch, stats.loss, s.count / max(1e-9, compute_s), s.count)
 
     async def _inner_optimizer(self) -> torch.optim.Optimizer:
         """Rounds of local steps: this node's own optimizer, kept from round to round (DiLoCo's inner

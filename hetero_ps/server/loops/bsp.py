@@ -57,6 +57,8 @@ class _Issued:
 
 
 class BSPLoop:
+    schedules_ahead = True  # with the job's overlap: the next step's schedules go out before the broadcast
+
     def __init__(self, ps: LoopHost):
         self.ps = ps
         # Two gradient buffers: step s + 1 may accumulate while step s's update still reads its own.
@@ -121,6 +123,7 @@ class BSPLoop:
                     if a.done.done():
                         a.done.result()  # raises WorkerLost if someone left while we were sending
                     await ps.wait_done(a, stalls=True)
+                    await self._complete(issued)
                     break
                 except WorkerLost as exc:
                     if self._salvage(issued, exc):
@@ -144,6 +147,13 @@ class BSPLoop:
     def _salvage(self, issued: _Issued, exc: WorkerLost) -> bool:
         """Whether the step goes on without the workers it lost (a BSP step never does: it is redone)."""
         return False
+
+    async def _complete(self, issued: _Issued) -> None:
+        """Every report (and push) of the step is in; raises WorkerLost if the step must be redone."""
+
+    def _owed_chunks(self) -> int:
+        """Gradient chunks each worker of a step pushes to the master."""
+        return self.ps.n_chunks
 
     def _split(self, live: list[WorkerHandle], total: int, step: int) -> dict[int, int]:
         """Samples per worker (wid -> count) for a step of ``total`` samples."""
@@ -176,8 +186,9 @@ class BSPLoop:
             return None
         sizes = {w: b for w, b in self._split(live, total, step).items() if b}
         acc.zero_()
+        owed = self._owed_chunks()
         a = Assignment.for_sizes(
-            step=step, attempt=attempt, total=total, sizes=sizes, n_chunks=ps.n_chunks, acc=acc, version=ps.version
+            step=step, attempt=attempt, total=total, sizes=sizes, n_chunks=owed, acc=acc, version=ps.version
         )
         self._shape(a, epoch, offset)
         issued = _Issued(a, [h for h in live if h.wid in sizes])
@@ -223,7 +234,7 @@ class BSPLoop:
             ps.feed_scheduler(x.round.a)
         self._after_reports(a)
         nxt = then() if then is not None else None
-        if nxt is not None and ps.job.overlap and ps.ready_workers():
+        if nxt is not None and ps.job.overlap and self.schedules_ahead and ps.ready_workers():
             # The next step's schedules go out first: its workers start while the parameters arrive.
             self._ahead = await self._issue(a.step + 1, 0, *nxt, self.accs[(a.step + 1) % 2], ahead=True)
         # To the workers of the next step: one on standby would hold up the step with a pull it does not need.

@@ -1,4 +1,4 @@
-"""The master's optimizer step, one range of the flat parameter at a time, on the native kernels.
+"""The optimizer step, one range of the flat parameter at a time, on the native kernels.
 
 ``optim.build_optimizer`` makes a torch optimizer over the one flat parameter; this steps it with
 ``kernels.sgd_step`` / ``kernels.adam_step`` instead of ``optimizer.step()`` (Nesterov SGD, the outer
