@@ -20,7 +20,7 @@ from conftest import find_all, read_jsonl, wait_until
 
 from hetero_ps.config import JobConfig
 from hetero_ps.errors import ConfigError, RemoteError
-from hetero_ps.testing import LocalCluster
+from hetero_ps.testing import LocalCluster, netlinks
 from hetero_ps.wire import collective
 from hetero_ps.wire.messages import Hello
 
@@ -278,13 +278,97 @@ def test_the_master_refuses_an_impossible_collective_job_at_start(tmp_path):
     assert "--backend gloo runs bulk-synchronous steps" in _refused(tmp_path, _job_args("gloo", "--sync", "asp"))
 
 
-def test_a_missing_interface_on_one_worker_stops_the_run_with_its_name(tmp_path):
-    """A worker whose GLOO_SOCKET_IFNAME names no interface cannot join any group: after a few redone
-    attempts the master stops with that worker's error (not a hang, and not at the timeout)."""
-    args = _job_args("gloo", "--max-steps", "3", "--experiment", "badif")
+def test_a_worker_naming_a_missing_interface_leaves_with_its_reason_and_the_run_goes_on(tmp_path):
+    """A worker whose GLOO_SOCKET_IFNAME names no interface cannot take part: it tells the master why
+    (naming itself, the interface and the fix) and exits; the other worker trains the job alone."""
+    args = _job_args("gloo", "--max-steps", "6", "--experiment", "badif")
     with LocalCluster(tmp_path, args, workers=[["--rank", "1"]]) as c:
-        c.add_worker(["--rank", "2"], env={**c.env, "GLOO_SOCKET_IFNAME": "nosuch0"})
-        assert c.wait(timeout=120) != 0
-        out = c.output("server")
+        bad = c.add_worker(["--rank", "2"], env={**c.env, "GLOO_SOCKET_IFNAME": "nosuch0"})
+        assert c.wait(timeout=180) == 0, c.output("server")[-3000:]
+        assert bad.wait(timeout=60) != 0
+        out, theirs = c.output("server"), c.output("worker1")
+        exp = c.experiment_dir()
+    why = "GLOO_SOCKET_IFNAME=nosuch0: that interface does not exist on this node"
+    assert "collective_setup_failed" in out and "rank 2" in out and why in out, out[-3000:]
+    assert why in theirs
+    steps = read_jsonl(os.path.join(exp, "metrics", "steps.jsonl"))
+    assert sorted(r["step"] for r in steps) == list(range(6))
+
+
+# -- interfaces: two network namespaces joined by a veth pair -------------------------------------------
+
+NETNS = netlinks.unavailable()
+needs_netns = pytest.mark.skipif(bool(NETNS), reason=NETNS or "network namespaces available")
+
+
+@needs_netns
+def test_each_node_binds_its_groups_to_the_interface_it_names(tmp_path):
+    """The master and one worker here, another worker in a namespace behind a veth pair: each binds
+    its groups to the interface its GLOO_SOCKET_IFNAME names, and they train together."""
+    with netlinks.Link() as link:
+        args = _job_args("gloo", "--max-steps", "3", "--experiment", "ifaces", "--host", "0.0.0.0")
+        with LocalCluster(tmp_path, args, workers=[], env={"GLOO_SOCKET_IFNAME": link.host_dev}) as c:
+            c.add_worker(["--rank", "1", "--master-addr", link.outer])
+            c.add_worker(["--rank", "2"], env={**c.env, "GLOO_SOCKET_IFNAME": link.ns_dev}, link=link)
+            assert c.wait(timeout=180) == 0, c.output("server")[-3000:]
+            here, there = c.output("worker0"), c.output("worker1")
+    assert f"bound to {link.outer} (GLOO_SOCKET_IFNAME={link.host_dev})" in here, here[-2000:]
+    assert f"bound to {link.inner} (GLOO_SOCKET_IFNAME={link.ns_dev})" in there, there[-2000:]
+
+
+@needs_netns
+def test_an_interface_the_others_cannot_reach_is_a_clear_error_not_a_hang(tmp_path):
+    """The namespace's worker names an interface that exists but that nobody can reach (one end of a
+    veth pair inside its namespace, on a subnet of its own): its groups cannot form, and the run stops
+    within a few collective timeouts with an error that names that interface and its address."""
+    with netlinks.Link() as link:
+        n = link.ns_dev[4:]
+        dummy, addr = f"hpsx{n}", f"10.199.{int(n) % 250}.1"
+        for cmd in (
+            ["ip", "link", "add", dummy, "type", "veth", "peer", "name", f"hpsy{n}"],
+            ["ip", "addr", "add", f"{addr}/24", "dev", dummy],
+            ["ip", "link", "set", dummy, "up"],
+            ["ip", "link", "set", f"hpsy{n}", "up"],
+        ):
+            subprocess.run(link.command(cmd), check=True, capture_output=True, timeout=30)
+        args = _job_args("gloo", "--max-steps", "3", "--experiment", "unreachable", "--host", "0.0.0.0")
+        args[args.index("--collective-timeout") + 1] = "6"
+        with LocalCluster(tmp_path, args, workers=[]) as c:
+            c.add_worker(["--rank", "1", "--master-addr", link.outer])
+            c.add_worker(["--rank", "2"], env={**c.env, "GLOO_SOCKET_IFNAME": dummy}, link=link)
+            assert c.wait(timeout=150) != 0
+            out = c.output("server")
     assert "the gloo plane failed 3 times in a row with no worker lost" in out, out[-3000:]
-    assert "rank 2" in out and "GLOO_SOCKET_IFNAME=nosuch0: that interface does not exist" in out
+    assert "rank 2 (" in out and f"at {addr} (GLOO_SOCKET_IFNAME={dummy})" in out, out[-3000:]
+
+
+def test_a_reduction_launches_chunks_in_descending_order_as_backward_finishes_them():
+    """Every member must launch its all-reduces in one order (the master's: descending): a chunk is
+    launched once it and every chunk after it are final, the rest when backward is over."""
+    from hetero_ps.wire.collective import Group
+    from hetero_ps.worker.collective_step import Reduction
+
+    launched = []
+
+    class Work:
+        def wait(self, timeout):
+            return True
+
+    class FakeGroup:
+        def allreduce(self, tensors):
+            launched.append(tensors[0].clone())
+            tensors[0].mul_(3)  # three members with the same values
+            return Work()
+
+    grad = torch.arange(8, dtype=torch.float32)
+    chunks = [(0, 2), (2, 2), (4, 2), (6, 2)]
+    r = Reduction(Group(1, 1, 3, FakeGroup(), "127.0.0.1 (lo)"), grad, 0.5, chunks, torch.float32, 5.0, "rank 1")
+    r.on_ready(3)
+    r.on_ready(1)  # waits for 2
+    assert [t.tolist() for t in launched] == [[3.0, 3.5]]
+    r.on_ready(2)
+    assert [t.tolist() for t in launched] == [[3.0, 3.5], [2.0, 2.5], [1.0, 1.5]]
+    total, cost = r.finish()  # chunk 0 was never reported ready (no gradient): launched now
+    assert [t.tolist() for t in launched][-1] == [0.0, 0.5] and r.launched_early == 3
+    assert total.tolist() == (grad * 0.5 * 3).tolist()
+    assert cost.nbytes == int(2 * 2 / 3 * 4 * 8)

@@ -70,7 +70,7 @@ class CollectivePlane:
         loop = asyncio.get_running_loop()
 
         async def reduce() -> torch.Tensor:
-            group = await joining
+            group = await asyncio.shield(joining)  # (a cancelled step must not cancel the group's joining)
             bufs = [torch.zeros(n, dtype=dtype, device=self.device) for _, n in self.chunks]
             await collective.in_thread(
                 lambda: collective.allreduce_sum(group, bufs, self.timeout, "the master"),

@@ -29,6 +29,7 @@ from hetero_ps.errors import ConfigError
 
 CAST = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the codecs a plane reduces
 IFNAME_VARS = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}
+BOUND_KEY = "hetero_ps_bound"  # under a group's prefix: where each member binds ("<node> at <addr> (<how>)")
 
 T = TypeVar("T")
 
@@ -177,8 +178,12 @@ def open_group(
     ``timeout`` s). ``node`` names this member in errors."""
     import torch.distributed as dist
 
-    addr, how = bind_address(backend, local_addr)
+    try:
+        addr, how = bind_address(backend, local_addr)
+    except ConfigError as exc:
+        raise ConfigError(f"{node}: {exc}") from None
     prefixed = dist.PrefixStore(f"hetero_ps/{epoch}", store)
+    prefixed.set(f"{BOUND_KEY}/{rank}", f"{node} at {addr} ({how})")  # for the others' error messages
     delta = datetime.timedelta(seconds=timeout)
     try:
         if backend == "nccl":
@@ -188,24 +193,43 @@ def open_group(
     except (RuntimeError, OSError, ValueError) as exc:
         raise CollectiveError(
             f"{node}: could not join group {epoch} ({size} members) from {addr} ({how}) within {timeout:.0f} s: "
-            f"{_first_line(exc)}. Check that every node's {IFNAME_VARS[backend]} names an interface the "
-            "others can reach, and that their firewalls let them connect to each other"
+            f"{_first_line(exc)}. Its members: {'; '.join(_bindings(prefixed, size))}. Check that every node's "
+            f"{IFNAME_VARS[backend]} names an interface the others can reach, and that their firewalls let them "
+            "connect to each other"
         ) from None
     return Group(epoch, rank, size, pg, f"{addr} ({how})")
 
 
+def _bindings(store: Any, size: int) -> list[str]:
+    """Where each member of a group said it binds (what a failed join's message names)."""
+    out = []
+    for r in range(size):
+        key = f"{BOUND_KEY}/{r}"
+        try:
+            out.append(store.get(key).decode() if store.check([key]) else f"rank {r} had not arrived")
+        except (RuntimeError, OSError):
+            out.append(f"rank {r}: unknown (the store did not answer)")
+    return out
+
+
 def allreduce_sum(group: Group, chunks: Sequence[torch.Tensor], timeout: float, node: str) -> None:
-    """Sum each tensor of ``chunks`` over the group, in place (launched together, in this order on
-    every member); a CollectiveError naming ``node`` and the group when it fails or times out."""
+    """Sum each tensor of ``chunks`` (the job's chunks, in chunk order) over the group, in place.
+    Every member launches them in *descending* chunk order, the order backward finishes them (a
+    worker launches each as soon as it is final: ``worker/collective_step.py``)."""
     try:
-        works = [group.pg.allreduce([c]) for c in chunks]
+        works = [group.pg.allreduce([c]) for c in reversed(chunks)]
         for w in works:
             w.wait(datetime.timedelta(seconds=timeout))
     except (RuntimeError, OSError) as exc:
-        raise CollectiveError(
-            f"{node}: all-reduce in group {group.epoch} (rank {group.rank} of {group.size}, bound to {group.bound}) "
-            f"failed: {_first_line(exc)}"
-        ) from None
+        raise failure(group, node, exc) from None
+
+
+def failure(group: Group, node: str, exc: BaseException) -> CollectiveError:
+    """What failed, where: ``node``'s all-reduce in ``group``, and torch's reason."""
+    return CollectiveError(
+        f"{node}: all-reduce in group {group.epoch} (rank {group.rank} of {group.size}, bound to {group.bound}) "
+        f"failed: {_first_line(exc)}"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

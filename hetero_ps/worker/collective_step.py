@@ -14,7 +14,9 @@ CPU); nccl reduces on the device.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from hetero_ps.errors import ConfigError
 from hetero_ps.kernels.chunked_step import ChunkedStep
 from hetero_ps.training import optim
 from hetero_ps.wire import collective
-from hetero_ps.wire.collective import CollectiveError, Group
+from hetero_ps.wire.collective import Group
 from hetero_ps.wire.messages import Params, Schedule
 
 log = logging.getLogger("hetero_ps.worker")
@@ -83,7 +85,9 @@ class CollectiveMember:
         return self.group is None or self.group.epoch != s.group
 
     def join(self, s: Schedule, local_addr: str) -> Group:
-        """Join the group ``s`` names, leaving the last one (blocks: run it on a thread)."""
+        """Join the group ``s`` names, leaving the last one (blocks: run it on a thread). ConfigError:
+        this node cannot take part at all (no such interface, the store unreachable); CollectiveError:
+        the group did not form (a member missing or unreachable: the master redoes the step)."""
         assert s.group is not None, "a collective plane's SCHEDULE names its group"
         if self.group is not None:
             self.group.abandon()
@@ -92,13 +96,21 @@ class CollectiveMember:
             try:
                 store = collective.connect_store(self.master_addr, self.job.collective_port, STORE_CONNECT_S)
             except ConfigError as exc:
-                raise CollectiveError(f"{self.node}: {exc}") from None
+                raise ConfigError(f"{self.node}: {exc}") from None
             store.set_timeout(_delta(self.timeout))
             self._store = store
         if self.backend == "nccl":  # NCCL's communicator lives on this thread's current device
             torch.cuda.set_device(torch.device(self.device))
         self.group = collective.open_group(
             self._store, self.backend, s.group, s.group_rank, s.group_size, local_addr, self.timeout, self.node
+        )
+        log.info(
+            "joined %s group %d as rank %d of %d, bound to %s",
+            self.backend,
+            s.group,
+            s.group_rank,
+            s.group_size,
+            self.group.bound,
         )
         return self.group
 
@@ -108,20 +120,11 @@ class CollectiveMember:
             self.group = None
 
     # -- one step -------------------------------------------------------------------------------
-    def reduce(self, group: Group, grad: torch.Tensor, scale: float, device: str) -> tuple[torch.Tensor, Reduced]:
-        """``Σ_i scale_i · grad_i`` over the group (blocks: run it on a thread). ``grad`` is this node's
-        mean gradient (on the CPU for gloo, on ``device`` for nccl); the sum comes back in fp32 on the CPU,
-        a tensor of its own (an abandoned all-reduce may still write into its buffers)."""
-        t0 = time.perf_counter()
+    def reduction(self, group: Group, grad: torch.Tensor, scale: float) -> Reduction:
+        """This step's all-reduce of ``scale · grad`` (on the CPU for gloo, on the device for nccl):
+        fed chunk by chunk from backward (``on_ready``), or all at once by ``finish``."""
         dtype = collective.CAST[self.job.compression]
-        on = device if self.backend == "nccl" else "cpu"
-        bufs = [(grad[off : off + n].to(on) * scale).to(dtype) for off, n in self.chunks]
-        t1 = time.perf_counter()
-        collective.allreduce_sum(group, bufs, self.timeout, self.node)
-        t2 = time.perf_counter()
-        total = torch.cat([b.float().cpu() for b in bufs]) if len(bufs) > 1 else bufs[0].float().cpu()
-        nbytes = int(2 * (group.size - 1) / group.size * sum(b.numel() * b.element_size() for b in bufs))
-        return total, Reduced(cast_s=(t1 - t0) + (time.perf_counter() - t2), reduce_s=t2 - t1, nbytes=nbytes)
+        return Reduction(group, grad, scale, self.chunks, dtype, self.timeout, self.node)
 
     def keep(self, step: int, total: torch.Tensor, lr: float) -> None:
         self.pending = Pending(step, total, lr)
@@ -157,7 +160,74 @@ class CollectiveMember:
             state["step"] = torch.tensor(float(p.opt_step))
 
 
-def _delta(seconds: float) -> Any:
-    import datetime
+class Reduction:
+    """One step's all-reduce, a chunk at a time in descending chunk order (the master's order too),
+    each launched as soon as it and every chunk after it are final: backward finishes the last layers
+    first, so on the CPU most of the all-reduce runs while backward goes on (DDP's buckets, in order).
+    Each chunk is scaled into a buffer of its own (an abandoned all-reduce may still write into it)."""
 
+    def __init__(
+        self,
+        group: Group,
+        grad: torch.Tensor,
+        scale: float,
+        chunks: list[tuple[int, int]],
+        dtype: torch.dtype,
+        timeout: float,
+        node: str,
+    ):
+        self.group, self.grad, self.scale, self.chunks = group, grad, scale, chunks
+        self.dtype, self.timeout, self.node = dtype, timeout, node
+        self._ready = [False] * len(chunks)
+        self._next = len(chunks) - 1  # the next chunk to launch
+        self._bufs: list[torch.Tensor | None] = [None] * len(chunks)
+        self._works: list[Any] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.launched_early = 0  # chunks launched while backward ran
+
+    def on_ready(self, chunk: int) -> None:
+        """Chunk ``chunk``'s gradient is final (called from backward's thread)."""
+        with self._lock:
+            self._ready[chunk] = True
+            self._launch(early=True)
+
+    def _launch(self, early: bool) -> None:
+        while self._error is None and self._next >= 0 and self._ready[self._next]:
+            i = self._next
+            off, n = self.chunks[i]
+            buf = (self.grad[off : off + n] * self.scale).to(self.dtype)
+            self._bufs[i] = buf
+            try:
+                self._works.append(self.group.pg.allreduce([buf]))
+            except (RuntimeError, OSError) as exc:  # (never into backward: finish() raises it)
+                self._error = exc
+                return
+            self.launched_early += early
+            self._next -= 1
+
+    def finish(self) -> tuple[torch.Tensor, Reduced]:
+        """Launch what is left, wait for all of it (blocks: run it on a thread); the sum in fp32 on the
+        CPU, and what it cost; CollectiveError naming this node and the group when it failed."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self._ready = [True] * len(self.chunks)
+            self._launch(early=False)
+        t1 = time.perf_counter()
+        try:
+            if self._error is not None:
+                raise self._error
+            for w in self._works:
+                w.wait(datetime.timedelta(seconds=self.timeout))
+        except (RuntimeError, OSError) as exc:
+            raise collective.failure(self.group, self.node, exc) from None
+        t2 = time.perf_counter()
+        bufs = [b for b in self._bufs if b is not None]
+        total = torch.cat([b.float().cpu() for b in bufs]) if len(bufs) > 1 else bufs[0].float().cpu()
+        size = self.group.size
+        nbytes = int(2 * (size - 1) / size * sum(b.numel() * b.element_size() for b in bufs))
+        return total, Reduced(cast_s=(t1 - t0) + (time.perf_counter() - t2), reduce_s=t2 - t1, nbytes=nbytes)
+
+
+def _delta(seconds: float) -> Any:
     return datetime.timedelta(seconds=seconds)

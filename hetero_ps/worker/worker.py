@@ -44,7 +44,7 @@ from hetero_ps.observe.profiling import StepProfiler
 from hetero_ps.observe.progress import Progress
 from hetero_ps.training.trainer import inner_optimizer
 from hetero_ps.wire import codecs, collective, transport
-from hetero_ps.wire.collective import CollectiveError
+from hetero_ps.wire.collective import CollectiveError, Group
 from hetero_ps.wire.messages import (
     Bye,
     Control,
@@ -518,6 +518,8 @@ class Worker:
         off, numel = p.offset, p.numel
         if p.chunk >= len(self.chunks) or self.chunks[p.chunk] != (off, numel):
             raise ConfigError(f"master sent a parameter chunk {p.chunk} ({off}+{numel}) this node does not have")
+        if p.state is not None and self.member is None:
+            raise RemoteProtocolError("PARAMS.state: optimizer state is sent only on a collective plane")
         if self.member is not None:  # a collective plane: full parameters (and the optimizer's state)
             if p.state is not None:
                 self.member.load_state(p, segments[0])
@@ -699,15 +701,54 @@ class Worker:
 
     async def _collective_step(self, s: Schedule, indices) -> None:
         """One step on a collective plane (worker/collective_step.py): settle the last step's update,
-        compute, all-reduce the scaled gradient in the step's group, report."""
+        join the step's group, compute (each chunk's all-reduce starting as backward finishes it on the
+        CPU), finish the all-reduce, report. A group it cannot join is reported at once."""
+        conn, member = self.conn, self.member
+        assert conn is not None and member is not None, "a collective plane's steps come once connected"
+        t_wait = time.perf_counter()
+        group, error = await self._settle_and_join(s)
+        self._prev["wait_s"] = time.perf_counter() - t_wait  # (settling the last update: an optimizer step)
+        if group is None:
+            log.warning("step %d: %s", s.step, error)
+            await self._report_collective(s, None, 0.0, None, error)
+            return
+        staged = self.device != "cpu" and member.backend == "gloo"  # (a GPU's gradient goes through host memory)
+        reduction = member.reduction(group, self.grads_cpu if staged else self.flat.grads, s.count / s.total)
+        arm = None
+        if self.device == "cpu" and self.job.overlap:
+
+            def arm() -> None:  # each chunk's all-reduce starts as soon as backward has finished it
+                self.readiness.arm(reduction.on_ready)
+
+        t0 = time.perf_counter()
+        try:
+            stats = await asyncio.to_thread(self.trainer.compute_gradient, indices, arm)
+        finally:
+            self.readiness.disarm()
+        compute_s = time.perf_counter() - t0
+        if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
+            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
+            compute_s *= self.slowdown
+        if staged:
+            self.grads_cpu.copy_(self.flat.grads)
+        cost = None
+        try:
+            total, cost = await collective.in_thread(reduction.finish, "hetero_ps-reduce")
+            member.keep(s.step, total, s.lr or 0.0)  # (_settle_and_join checked it is there)
+        except CollectiveError as exc:
+            error = str(exc)
+            log.warning("step %d: %s", s.step, error)
+        await self._report_collective(s, stats, compute_s, cost, error)
+
+    async def _settle_and_join(self, s: Schedule) -> tuple[Group | None, str | None]:
+        """Apply (or drop) the last step's update as ``s`` says, check we hold ``s.version``, and be
+        in ``s``'s group: ``(group, None)``, or ``(None, why not)``."""
         conn, member = self.conn, self.member
         assert conn is not None and member is not None, "a collective plane's steps come once connected"
         if s.group is None or s.lr is None:
             await conn.send_error("protocol_error", f"rank {self.rank}: SCHEDULE.group: required on a collective plane")
             raise RemoteProtocolError("SCHEDULE.group: required on a collective plane")
-        t_wait = time.perf_counter()
-        applied = await asyncio.to_thread(member.settle, s)
-        if applied:
+        if await asyncio.to_thread(member.settle, s):
             self.version = getattr(self, "version", 0) + 1
             if self.device != "cpu":
                 self.flat.params.copy_(self.params_cpu, non_blocking=False)
@@ -716,52 +757,40 @@ class Worker:
             msg = f"rank {self.rank} holds parameter version {held}, the step is on {s.version}"
             await conn.send_error("out_of_step", msg)
             raise ConfigError(f"out of step with the master: {msg}")
-        error = None
+        if not member.needs_group(s):
+            return member.group, None
         try:
-            group = member.group if not member.needs_group(s) else None
-            if group is None:
-                group = await collective.in_thread(lambda: member.join(s, conn.local_address), "hetero_ps-join")
-        except (CollectiveError, ConfigError) as exc:
-            error, group = str(exc), None
-        self._prev["wait_s"] = time.perf_counter() - t_wait  # (settling the last update: an optimizer step)
-        t0 = time.perf_counter()
-        stats = await asyncio.to_thread(self.trainer.compute_gradient, indices)
-        compute_s = time.perf_counter() - t0
-        if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
-            await asyncio.sleep(compute_s * (self.slowdown - 1.0))
-            compute_s *= self.slowdown
-        cost = None
-        if group is not None:
-            grad = self.flat.grads
-            if self.device != "cpu" and member.backend == "gloo":
-                self.grads_cpu.copy_(grad)
-                grad = self.grads_cpu
-            try:
-                total, cost = await collective.in_thread(
-                    lambda: member.reduce(group, grad, s.count / s.total, self.device), "hetero_ps-reduce"
-                )
-                member.keep(s.step, total, float(s.lr))
-            except CollectiveError as exc:
-                error = str(exc)
-        if error:
-            log.warning("step %d: %s", s.step, error)
+            return await collective.in_thread(lambda: member.join(s, conn.local_address), "hetero_ps-join"), None
+        except CollectiveError as exc:
+            return None, str(exc)
+        except ConfigError as exc:  # this node cannot take part: say why and leave; the others go on
+            await conn.send_error("collective_setup_failed", str(exc))
+            raise HeteroPSError(f"cannot join the {member.backend} plane: {exc}") from None
+
+    async def _report_collective(self, s: Schedule, stats, compute_s: float, cost, error: str | None) -> None:
+        """The METRICS of a collective step (``stats`` None: it never computed, its group failed)."""
+        conn = self.conn
+        assert conn is not None, "reports go out once connected"
         prev, self._prev = self._prev, {"push_s": 0.0, "wait_s": 0.0, "pull_s": 0.0, "bytes_in": 0}
+        nbytes = cost.nbytes if cost else 0
         report = StepReport(
-            loss=float(stats.loss),
-            samples=stats.count,
+            loss=float(stats.loss) if stats else float("nan"),
+            samples=stats.count if stats else 0,
             compute_s=compute_s,
             encode_s=cost.cast_s if cost else 0.0,
             push_s=cost.reduce_s if cost else 0.0,  # with its wait for the slowest member (the master splits them)
-            bytes_out=cost.nbytes if cost else 0,
-            nonfinite=bool(stats.nonfinite),
+            bytes_out=nbytes,
+            nonfinite=bool(stats.nonfinite) if stats else False,
             version=s.version,
             wait_s=prev["wait_s"],
             pull_s=prev["pull_s"],
-            bytes_in=prev["bytes_in"] + (cost.nbytes if cost else 0),
+            bytes_in=prev["bytes_in"] + nbytes,
             util=self._utilisation(),
             collective_error=error,
         )
         await conn.send(MsgType.METRICS, Metrics(step=s.step, attempt=s.attempt, report=report).to_header())
+        if stats is None:
+            return
         self.steps_done += 1
         self.samples_done += s.count
         self._batches = s.step + 1
