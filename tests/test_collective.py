@@ -372,3 +372,18 @@ def test_a_reduction_launches_chunks_in_descending_order_as_backward_finishes_th
     assert [t.tolist() for t in launched][-1] == [0.0, 0.5] and r.launched_early == 3
     assert total.tolist() == (grad * 0.5 * 3).tolist()
     assert cost.nbytes == int(2 * 2 / 3 * 4 * 8)
+
+
+def test_nccl_keeps_the_masters_own_worker_off_the_masters_gpu(monkeypatch):
+    """NCCL refuses two members on one GPU: the master's member is on cuda:0, so its local worker
+    goes to cuda:1, or the start is refused with the fix when there is no second GPU."""
+    from hetero_ps.server.cli import nccl_local_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"NCCL refuses two members on one GPU.*--no-local-worker"):
+        nccl_local_device("auto")
+    with pytest.raises(ConfigError, match=r"the master's own worker is on the CPU"):
+        nccl_local_device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert nccl_local_device("auto") == "cuda:1"
+    assert nccl_local_device("cuda:3") == "cuda:3"

@@ -439,6 +439,8 @@ def check_collective_master(job: JobConfig, a: argparse.Namespace) -> int:
             "checkpoints and newcomers), and NCCL reduces on GPUs only; this node has no usable GPU. Run the master "
             "on a GPU node, or use --backend gloo (CPUs and GPUs)"
         )
+    if job.backend == "nccl" and not a.no_local_worker:
+        a.local_device = nccl_local_device(a.local_device)
     if a.collective_port is None:
         port = a.port + 1 if a.port else 0
     else:
@@ -447,6 +449,23 @@ def check_collective_master(job: JobConfig, a: argparse.Namespace) -> int:
     if port and port == a.port:
         raise ConfigError(f"--collective-port {port} is MASTER_PORT: the rendezvous store needs a port of its own")
     return port
+
+
+def nccl_local_device(asked: str) -> str:
+    """The device of the master's own worker on an nccl plane: not cuda:0, where the master's member
+    of every group is (NCCL refuses two members on one GPU), and not the CPU."""
+    fix = "give it another GPU (--local-device cuda:N) or run the master without it (--no-local-worker)"
+    if asked == "cpu":
+        raise ConfigError(f"--backend nccl reduces on GPUs, and the master's own worker is on the CPU: {fix}")
+    if asked in ("auto", "cuda", "cuda:0"):
+        if torch.cuda.device_count() < 2:
+            raise ConfigError(
+                "--backend nccl: the master's member of every group is on cuda:0 and NCCL refuses two members "
+                f"on one GPU, and this node has one GPU for the master and its own worker: {fix}"
+            )
+        log.info("--backend nccl: the master's own worker runs on cuda:1 (the master's member is on cuda:0)")
+        return "cuda:1"
+    return asked
 
 
 def parse_local_steps(spec: str | None, sync: str) -> int:
