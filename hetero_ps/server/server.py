@@ -475,7 +475,9 @@ class ParameterServer:
         ``max(stall_factor × its predicted time, stall_floor_s)``. A worker not measured yet (new,
         or back from a suspension) gets ``UNMEASURED_STALL × worker_timeout``: generous, but a
         compute thread that hangs while its worker keeps sending heartbeats never holds the job forever."""
-        if self.cfg.stall_factor <= 0:
+        if self.cfg.stall_factor <= 0 or a.group is not None:
+            # (a collective step: nobody reports before the all-reduce ends, so a stall cannot be told
+            # from its victims; a silent worker is lost after --worker-timeout, a hung one times out)
             return {}
         limits = {}
         for wid in a.waiting_for():
@@ -487,8 +489,6 @@ class ParameterServer:
                 limits[wid] = UNMEASURED_STALL * self.cfg.worker_timeout
             else:
                 limits[wid] = max(self.cfg.stall_factor * predicted, self.cfg.stall_floor_s)
-        if a.group is not None and limits:  # an all-reduce ends for every member when the slowest's does
-            return dict.fromkeys(limits, max(limits.values()))
         return limits
 
     async def wait_done(self, a: Assignment, stalls: bool = False, since: float | None = None) -> None:

@@ -29,6 +29,7 @@ from hetero_ps.errors import ConfigError
 
 CAST = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the codecs a plane reduces
 IFNAME_VARS = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}
+_CHOSEN: dict[str, str] = {}  # the variables this process set itself (the user's are never changed)
 BOUND_KEY = "hetero_ps_bound"  # under a group's prefix: where each member binds ("<node> at <addr> (<how>)")
 
 T = TypeVar("T")
@@ -57,7 +58,9 @@ def in_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
         try:
             value, ok = fn(), True
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            value, ok = exc, False
+            # Without its frames: they hold the group, whose last reference must not be dropped on the
+            # event loop (a gloo group's destructor waits for collectives still blocked in it).
+            value, ok = exc.with_traceback(None), False
         try:
             loop.call_soon_threadsafe(settle, ok, value)
         except RuntimeError:
@@ -108,11 +111,11 @@ def bind_address(backend: str, local_addr: str) -> tuple[str, str]:
     that variable for torch to read; ``how`` says which, for error messages."""
     var = IFNAME_VARS[backend]
     name = os.environ.get(var, "").strip()
-    if name:
+    if name and _CHOSEN.get(var) != name:
         return interface_address(name, var), f"{var}={name}"
     found = interface_of(local_addr)
     if found:
-        os.environ[var] = found  # torch binds to the interface this variable names
+        os.environ[var] = _CHOSEN[var] = found  # torch binds to the interface this variable names
         return local_addr, f"{found}, the control connection's interface"
     return local_addr, "the control connection's address"
 
@@ -164,7 +167,9 @@ class Group:
     bound: str  # the address it bound to, and how it was chosen
 
     def abandon(self) -> None:
-        """Stop using it: a collective still blocked in it fails now instead of at its timeout."""
+        """Stop using it. NCCL aborts its communicator (a collective blocked in it fails now); gloo
+        has no abort (torch's does nothing there): its collectives end at their timeout, on their own
+        threads, and nobody waits for them."""
         try:
             self.pg.abort()
         except Exception:  # noqa: BLE001 - best effort; its collectives still time out
@@ -183,10 +188,13 @@ def open_group(
     except ConfigError as exc:
         raise ConfigError(f"{node}: {exc}") from None
     prefixed = dist.PrefixStore(f"hetero_ps/{epoch}", store)
-    prefixed.set(f"{BOUND_KEY}/{rank}", f"{node} at {addr} ({how})")  # for the others' error messages
     delta = datetime.timedelta(seconds=timeout)
     try:
+        prefixed.set(f"{BOUND_KEY}/{rank}", f"{node} at {addr} ({how})")  # for the others' error messages
         if backend == "nccl":
+            # A failed or timed-out collective raises in wait() (the step is redone) instead of its
+            # watchdog tearing the process down (torch's default): the master is in every group.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             pg: Any = dist.ProcessGroupNCCL(prefixed, rank, size, delta)  # type: ignore[arg-type]  # (its timeout overload)
         else:
             pg = dist.ProcessGroupGloo(prefixed, rank, size, delta)

@@ -29,7 +29,7 @@ from hetero_ps.errors import ConfigError
 from hetero_ps.kernels.chunked_step import ChunkedStep
 from hetero_ps.training import optim
 from hetero_ps.wire import collective
-from hetero_ps.wire.collective import Group
+from hetero_ps.wire.collective import CollectiveError, Group
 from hetero_ps.wire.messages import Params, Schedule
 
 log = logging.getLogger("hetero_ps.worker")
@@ -79,40 +79,47 @@ class CollectiveMember:
         self.group: Group | None = None
         self.pending: Pending | None = None
         self._store: Any = None
+        self._store_lock = threading.Lock()
 
     # -- the group ------------------------------------------------------------------------------
     def needs_group(self, s: Schedule) -> bool:
         return self.group is None or self.group.epoch != s.group
 
     def join(self, s: Schedule, local_addr: str) -> Group:
-        """Join the group ``s`` names, leaving the last one (blocks: run it on a thread). ConfigError:
-        this node cannot take part at all (no such interface, the store unreachable); CollectiveError:
-        the group did not form (a member missing or unreachable: the master redoes the step)."""
+        """Join the group ``s`` names (blocks: run it on a thread; the caller makes it ``self.group``
+        if it still wants it). ConfigError: this node cannot take part at all (no such interface, the
+        store unreachable); CollectiveError: the group did not form (a member missing or unreachable:
+        the master redoes the step)."""
         assert s.group is not None, "a collective plane's SCHEDULE names its group"
-        if self.group is not None:
-            self.group.abandon()
-            self.group = None
-        if self._store is None:
-            try:
-                store = collective.connect_store(self.master_addr, self.job.collective_port, STORE_CONNECT_S)
-            except ConfigError as exc:
-                raise ConfigError(f"{self.node}: {exc}") from None
-            store.set_timeout(_delta(self.timeout))
-            self._store = store
+        with self._store_lock:  # (a join given up may still be running on another thread)
+            if self._store is None:
+                try:
+                    store = collective.connect_store(self.master_addr, self.job.collective_port, STORE_CONNECT_S)
+                except ConfigError as exc:
+                    raise ConfigError(f"{self.node}: {exc}") from None
+                store.set_timeout(_delta(self.timeout))
+                self._store = store
+            store = self._store
         if self.backend == "nccl":  # NCCL's communicator lives on this thread's current device
             torch.cuda.set_device(torch.device(self.device))
-        self.group = collective.open_group(
-            self._store, self.backend, s.group, s.group_rank, s.group_size, local_addr, self.timeout, self.node
-        )
-        log.info(
-            "joined %s group %d as rank %d of %d, bound to %s",
-            self.backend,
-            s.group,
-            s.group_rank,
-            s.group_size,
-            self.group.bound,
-        )
-        return self.group
+        try:
+            group = collective.open_group(
+                store, self.backend, s.group, s.group_rank, s.group_size, local_addr, self.timeout, self.node
+            )
+        except CollectiveError:
+            with self._store_lock:  # its connection may be what broke: the next join makes a new one
+                if self._store is store:
+                    self._store = None
+            raise
+        log.info("joined %s group %d as rank %d of %d, bound to %s", self.backend, s.group, s.group_rank,
+                 s.group_size, group.bound)  # fmt: skip
+        return group
+
+    def use(self, group: Group | None) -> None:
+        """Make ``group`` this node's group, leaving the one before."""
+        if self.group is not None and self.group is not group:
+            self.group.abandon()
+        self.group = group
 
     def close(self) -> None:
         if self.group is not None:
@@ -129,12 +136,13 @@ class CollectiveMember:
     def keep(self, step: int, total: torch.Tensor, lr: float) -> None:
         self.pending = Pending(step, total, lr)
 
-    def settle(self, s: Schedule) -> bool | None:
-        """Before step ``s``: apply the pending update if ``s`` comes after it (the master committed it:
-        True if it was finite and applied, False if skipped as the master skipped it), or drop it (a
-        redo of its step); None when nothing was pending. Blocks: run it on a thread."""
+    def settle(self, s: Schedule, held: int) -> bool | None:
+        """Before step ``s``: apply the pending update if the master committed it — ``s`` is a later
+        step on the next version (True; False if the sum was not finite: the master skipped it too) —
+        or drop it: a redo of its step, or a version that did not move (the step was redone without
+        this node and skipped). None when nothing was applied. Blocks: run it on a thread."""
         pending, self.pending = self.pending, None
-        if pending is None or s.step <= pending.step:
+        if pending is None or s.step <= pending.step or s.version != held + 1:
             return None
         if not optim.all_finite(pending.grad):
             return False  # the master skipped it too: the same sum, the same check

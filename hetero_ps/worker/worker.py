@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import numpy as np
 import psutil
@@ -72,6 +72,7 @@ from hetero_ps.worker.profile import (
 )
 
 log = logging.getLogger("hetero_ps.worker")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ class Worker:
         self._awaiting: int | None = None  # the parameter version that step waits for (PARAMS still to come)
         self._pulled = asyncio.Event()  # set while no parameters are awaited
         self._pulled.set()
-        self._step_group: int | None = None  # gloo/nccl: the group of the step in flight
+        self._step_group: int | None = None  # gloo/nccl: the group of the step in flight...
+        self._step_abandoned = asyncio.Event()  # ...set when the master gave that group up
         self.member: CollectiveMember | None = None  # gloo/nccl: this node's part of the plane
         self._inner: torch.optim.Optimizer | None = None  # --sync local: the inner optimizer
         self._inner_build: asyncio.Future | None = None  # ...being built in the background
@@ -437,6 +439,8 @@ class Worker:
                 if t == MsgType.PARAMS:
                     p = await self._parse(Params, msg.header)
                     if self._stepping is not None and p.version != self._awaiting:
+                        if self.member is not None:  # a collective step still out was given up: new parameters
+                            self._step_abandoned.set()
                         await self._finish_step()  # not the step's own parameters: not while it computes
                     self._on_params(p, msg.segments)
                     if self.pacer is not None:  # a simulated slow link: the pull takes its time
@@ -446,7 +450,7 @@ class Worker:
                 elif t == MsgType.SCHEDULE:
                     s = await self._parse(Schedule, msg.header)
                     if self.member is not None and s.group != self._step_group:
-                        await self._cancel_step()  # its group was abandoned: its all-reduce will never end well
+                        self._step_abandoned.set()  # its group was given up: stop waiting for it (below)
                     await self._finish_step()
                     self._begin_step(s)
                 elif t == MsgType.CONTROL:
@@ -488,6 +492,7 @@ class Worker:
             self._pulled.clear()
             self.arrival.expect()
         self._step_group = s.group
+        self._step_abandoned = asyncio.Event()
         self._stepping = asyncio.ensure_future(self._on_schedule(s))
 
     async def _finish_step(self) -> None:
@@ -709,8 +714,9 @@ class Worker:
         group, error = await self._settle_and_join(s)
         self._prev["wait_s"] = time.perf_counter() - t_wait  # (settling the last update: an optimizer step)
         if group is None:
-            log.warning("step %d: %s", s.step, error)
-            await self._report_collective(s, None, 0.0, None, error)
+            if error is not None:  # (None: the master gave this group up meanwhile: nothing to say)
+                log.warning("step %d: %s", s.step, error)
+                await self._report_collective(s, None, 0.0, None, error)
             return
         staged = self.device != "cpu" and member.backend == "gloo"  # (a GPU's gradient goes through host memory)
         reduction = member.reduction(group, self.grads_cpu if staged else self.flat.grads, s.count / s.total)
@@ -729,11 +735,16 @@ class Worker:
         if self.slowdown > 1.0:  # a slower machine, simulated: stretch the compute time
             await asyncio.sleep(compute_s * (self.slowdown - 1.0))
             compute_s *= self.slowdown
+        if self._step_abandoned.is_set():
+            return  # the group was given up while we computed: the redo's SCHEDULE is next
         if staged:
             self.grads_cpu.copy_(self.flat.grads)
         cost = None
         try:
-            total, cost = await collective.in_thread(reduction.finish, "hetero_ps-reduce")
+            result = await self._unless_abandoned(collective.in_thread(reduction.finish, "hetero_ps-reduce"))
+            if result is None:
+                return
+            total, cost = result
             member.keep(s.step, total, s.lr or 0.0)  # (_settle_and_join checked it is there)
         except CollectiveError as exc:
             error = str(exc)
@@ -748,7 +759,7 @@ class Worker:
         if s.group is None or s.lr is None:
             await conn.send_error("protocol_error", f"rank {self.rank}: SCHEDULE.group: required on a collective plane")
             raise RemoteProtocolError("SCHEDULE.group: required on a collective plane")
-        if await asyncio.to_thread(member.settle, s):
+        if await asyncio.to_thread(member.settle, s, getattr(self, "version", -1)):
             self.version = getattr(self, "version", 0) + 1
             if self.device != "cpu":
                 self.flat.params.copy_(self.params_cpu, non_blocking=False)
@@ -759,13 +770,34 @@ class Worker:
             raise ConfigError(f"out of step with the master: {msg}")
         if not member.needs_group(s):
             return member.group, None
+        member.use(None)  # (the last group is over: this step names another)
+        joining = collective.in_thread(lambda: member.join(s, conn.local_address), "hetero_ps-join")
         try:
-            return await collective.in_thread(lambda: member.join(s, conn.local_address), "hetero_ps-join"), None
+            group = await self._unless_abandoned(joining)
         except CollectiveError as exc:
             return None, str(exc)
         except ConfigError as exc:  # this node cannot take part: say why and leave; the others go on
             await conn.send_error("collective_setup_failed", str(exc))
             raise HeteroPSError(f"cannot join the {member.backend} plane: {exc}") from None
+        if group is None:  # given up: a group it still forms is left at once
+            joining.add_done_callback(_abandon_joined)
+        member.use(group)
+        return group, None  # (None, None): the master gave the group up meanwhile
+
+    async def _unless_abandoned(self, fut: asyncio.Future[_T]) -> _T | None:
+        """The result of ``fut`` (a join or an all-reduce on its own thread), or None as soon as the
+        master gives the step's group up: the thread may stay blocked in it until its
+        timeout, but this node goes on (its compute and optimizer threads are always awaited: they end)."""
+        gave_up: asyncio.Future[object] = asyncio.ensure_future(self._step_abandoned.wait())
+        waiting: set[asyncio.Future[object]] = {fut, gave_up}  # type: ignore[arg-type]  # (either ends the wait)
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gave_up.cancel()
+        if fut.done():
+            return fut.result()
+        fut.add_done_callback(_retrieved)
+        return None
 
     async def _report_collective(self, s: Schedule, stats, compute_s: float, cost, error: str | None) -> None:
         """The METRICS of a collective step (``stats`` None: it never computed, its group failed)."""
@@ -927,6 +959,17 @@ class Worker:
             except Exception:  # needs NVML; the memory figure is still right
                 pass
         return u
+
+
+def _abandon_joined(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().abandon()
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """A future nobody awaits any more: its failure is expected, not to be logged as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _same_buffer(view: memoryview, arr: np.ndarray, off: int) -> bool:

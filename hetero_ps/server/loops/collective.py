@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 
 import torch
@@ -31,6 +32,7 @@ from hetero_ps.server.assignment import Assignment, CollectiveFailed, WorkerLost
 from hetero_ps.server.collective_plane import CollectiveError, CollectivePlane
 from hetero_ps.server.loops.bsp import BSPLoop, _Issued
 from hetero_ps.server.loops.host import LoopHost
+from hetero_ps.server.registry import WorkerHandle
 
 log = logging.getLogger("hetero_ps.server")
 
@@ -53,9 +55,7 @@ class CollectiveLoop(BSPLoop):
         """Name the step's group (a new epoch if its workers changed) and start the master's part."""
         ps = self.ps
         workers = sorted((h for h in ps.ready_workers() if h.wid in a.sizes), key=lambda h: h.rank)
-        a.group, a.group_ranks, a.group_size = self.plane.membership(
-            [h.wid for h in workers], workers[0].conn.local_address if workers else ""
-        )
+        a.group, a.group_ranks, a.group_size = self.plane.membership([h.wid for h in workers], _reachable(workers))
         a.lr = ps.lr
         a.reduced = reduced = self.plane.start_reduce()
 
@@ -100,6 +100,14 @@ class CollectiveLoop(BSPLoop):
         for h in self.ps.ready_workers():
             if h.wid in a.sizes:
                 h.params_version = self.ps.version
+
+
+def _reachable(workers: list[WorkerHandle]) -> str:
+    """The master's address its group binds to: this end of a connection from another host if there
+    is one (its own worker connects over loopback, which remote members could not reach)."""
+    addrs = [h.conn.local_address for h in workers]
+    remote = [x for x in addrs if x and not ipaddress.ip_address(x).is_loopback]
+    return (remote or addrs or [""])[0]
 
 
 def _split_wait_from_link(a: Assignment) -> None:
